@@ -1,0 +1,123 @@
+"""Applier: local Kinesis stream -> conditional writes to the local table (last writer wins).
+
+Independent keys are applied concurrently; the records of one key are applied in order.
+A record that cannot be decoded goes to the dead-letter queue with the reason; the page goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from replicatord.aws import Aws
+from replicatord.config import Conflict, Tuning
+from replicatord.conflict import delete_condition, mark_condition, put_condition
+from replicatord.dlq import DeadLetterQueue
+from replicatord.errors import ConditionFailed
+from replicatord.metrics import Metrics
+from replicatord.records import RecordError, ReplicationRecord, decode_record, partition_key, same_key_runs
+from replicatord.shards import run_together
+
+log = logging.getLogger(__name__)
+
+# How often a replicated delete retries when the item changed between marking and deleting.
+DELETE_ATTEMPTS = 3
+
+
+class Applier:
+    def __init__(
+        self,
+        aws: Aws,
+        pair: str,
+        table: str,
+        stats_table: str,
+        conflict: Conflict,
+        tuning: Tuning,
+        dlq: DeadLetterQueue,
+        metrics: Metrics,
+    ) -> None:
+        self.aws = aws
+        self.pair = pair
+        self.table = table
+        self.stats_table = stats_table
+        self.conflict = conflict
+        self.dlq = dlq
+        self.metrics = metrics
+        self.limit = asyncio.Semaphore(tuning.apply_concurrency)
+
+    async def process(self, shard_id: str, records: list[dict[str, Any]]) -> None:
+        decoded: list[tuple[str, ReplicationRecord]] = []
+        for kinesis_record in records:
+            data: bytes = kinesis_record["Data"]
+            try:
+                record = decode_record(data)
+                if record.pair != self.pair:
+                    raise RecordError(f"record of pair {record.pair!r} on the stream of pair {self.pair!r}")
+            except RecordError as exc:
+                self.metrics.errors.labels("applier", "bad_record").inc()
+                await self.dlq.send(self.pair, "applier", "bad_record", str(exc), data)
+                continue
+            decoded.append((partition_key(record.keys), record))
+        applied = [0]
+        await run_together(self._apply_key(run, applied) for run in same_key_runs(decoded).values())
+        if applied[0]:
+            await self.aws.call(
+                "dynamodb", "update_item", TableName=self.stats_table,
+                Key={"PK": {"S": "replicated_count"}}, UpdateExpression="ADD cnt :n",
+                ExpressionAttributeValues={":n": {"N": str(applied[0])}},
+            )
+
+    async def _apply_key(self, records: list[ReplicationRecord], applied: list[int]) -> None:
+        async with self.limit:
+            for record in records:
+                done = await (self._put(record) if record.op == "PUT" else self._delete(record))
+                if done:
+                    applied[0] += 1
+                    self.metrics.records_applied.labels(self.pair, record.op).inc()
+                    self.metrics.latency.labels(self.pair).observe(
+                        max(0.0, time.time() - record.approximate_creation_time)
+                    )
+                else:
+                    self.metrics.records_stale.labels(self.pair).inc()
+
+    async def _put(self, record: ReplicationRecord) -> bool:
+        condition = put_condition(record.keys, record.version, self.conflict)
+        try:
+            await self.aws.call(
+                "dynamodb", "put_item", TableName=self.table, Item=record.image,
+                ConditionExpression=condition.expression,
+                ExpressionAttributeNames=condition.names,
+                ExpressionAttributeValues=condition.values,
+            )
+        except ConditionFailed:
+            return False
+        return True
+
+    async def _delete(self, record: ReplicationRecord) -> bool:
+        """Mark the item with the delete's version (so the forwarder knows this REMOVE), then delete it."""
+        mark = mark_condition(record.keys, record.version, self.conflict)
+        remove = delete_condition(record.version, self.conflict)
+        for _ in range(DELETE_ATTEMPTS):
+            try:
+                await self.aws.call(
+                    "dynamodb", "update_item", TableName=self.table, Key=record.keys,
+                    UpdateExpression="SET #m = :m",
+                    ConditionExpression=mark.expression,
+                    ExpressionAttributeNames=mark.names,
+                    ExpressionAttributeValues=mark.values,
+                )
+            except ConditionFailed:
+                return False  # absent, or holds a newer version
+            try:
+                await self.aws.call(
+                    "dynamodb", "delete_item", TableName=self.table, Key=record.keys,
+                    ConditionExpression=remove.expression,
+                    ExpressionAttributeNames=remove.names,
+                    ExpressionAttributeValues=remove.values,
+                )
+            except ConditionFailed:
+                continue  # an application write replaced the item in between: decide again
+            return True
+        return False

@@ -1,0 +1,127 @@
+"""AWS clients: the local region's (default credential chain) and each peer's Kinesis.
+
+A peer's Kinesis client uses the peer partition's key pair, read from SSM Parameter Store in
+the local region, and the peer's proxy. The local region's credentials never go to a peer.
+Every call goes through `Aws.call`, which times it and maps its errors (errors.classify).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import AsyncExitStack
+from typing import Any
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+
+from replicatord.config import Settings
+from replicatord.errors import AWS_ERRORS, NotFound, ReplicatorError, classify
+from replicatord.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+LOCAL_SERVICES = ("dynamodb", "dynamodbstreams", "kinesis", "sqs", "ssm")
+
+
+class StartupError(Exception):
+    """A fatal problem found before any task starts; the message is one line."""
+
+
+def peer_credential_names(prefix: str) -> tuple[str, str]:
+    return f"{prefix}AccessKey", f"{prefix}SecretKey"
+
+
+class Aws:
+    """Owns the aiobotocore clients of one daemon. Use as an async context manager."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._stack = AsyncExitStack()
+        self._session = get_session()
+        self.local: dict[str, Any] = {}
+        self.peers: dict[str, Any] = {}
+
+    def _config(self, proxy: str | None = None) -> AioConfig:
+        tuning = self.settings.topology.tuning
+        return AioConfig(
+            connect_timeout=min(5.0, tuning.aws_timeout_s),
+            read_timeout=tuning.aws_timeout_s,
+            retries={"mode": "standard", "max_attempts": 3},
+            proxies={"http": proxy, "https": proxy} if proxy else None,
+            max_pool_connections=64,
+        )
+
+    async def __aenter__(self) -> Aws:
+        me = self.settings.me
+        for service in LOCAL_SERVICES:
+            self.local[service] = await self._stack.enter_async_context(
+                self._session.create_client(
+                    service,  # type: ignore[call-overload]
+                    region_name=self.settings.region,
+                    endpoint_url=me.endpoint_url,
+                    config=self._config(),
+                )
+            )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+    async def open_peer(self, peer: str) -> Any:
+        """Kinesis client for `peer`, with its key pair from SSM and its proxy."""
+        target = self.settings.topology.regions[peer]
+        if target.credentials is None:
+            raise StartupError(
+                f"regions.{peer}.credentials: missing; a daemon in {self.settings.region} needs an "
+                f"ssm_prefix to authenticate in {peer}"
+            )
+        access_name, secret_name = peer_credential_names(target.credentials.ssm_prefix)
+        access_key = await self.read_parameter(access_name, decrypt=False)
+        secret_key = await self.read_parameter(secret_name, decrypt=True)
+        client = await self._stack.enter_async_context(
+            self._session.create_client(
+                "kinesis",
+                region_name=peer,
+                endpoint_url=target.endpoint_url,
+                aws_access_key_id=access_key,
+                aws_secret_access_key=secret_key,
+                config=self._config(target.proxy),
+            )
+        )
+        self.peers[peer] = client
+        log.info(
+            "peer %s: kinesis via %s, credentials from SSM %s* in %s",
+            peer,
+            target.proxy or "direct connection",
+            target.credentials.ssm_prefix,
+            self.settings.region,
+        )
+        return client
+
+    async def read_parameter(self, name: str, decrypt: bool) -> str:
+        try:
+            result = await self.call("ssm", "get_parameter", Name=name, WithDecryption=decrypt)
+        except NotFound:
+            raise StartupError(
+                f"SSM parameter {name} not found in {self.settings.region}: store the peer's key pair "
+                "with 'replicatord provision --store-peer-credentials'"
+            ) from None
+        except ReplicatorError as exc:
+            raise StartupError(f"SSM parameter {name} in {self.settings.region}: {exc}") from None
+        value = result["Parameter"]["Value"]
+        if not isinstance(value, str) or not value:
+            raise StartupError(f"SSM parameter {name} in {self.settings.region} is empty")
+        return value
+
+    async def call(self, service: str, operation: str, *, client: Any = None, **kwargs: Any) -> Any:
+        """Call `operation` on the local `service` client (or `client`); raise ReplicatorError."""
+        target = client if client is not None else self.local[service]
+        started = time.monotonic()
+        try:
+            return await getattr(target, operation)(**kwargs)
+        except AWS_ERRORS as exc:
+            raise classify(exc) from exc
+        finally:
+            self.metrics.aws_request.labels(service, operation).observe(time.monotonic() - started)

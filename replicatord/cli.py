@@ -1,0 +1,190 @@
+"""The `replicatord` command: run, check-config, provision, load, demo.
+
+Every user error ends as one line on stderr and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable
+
+from replicatord.aws import StartupError
+from replicatord.config import ConfigError, Settings, Topology, load_topology, resolve_settings
+
+log = logging.getLogger("replicatord")
+
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+EXIT_STARTUP = 4
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # botocore logs credentials lookups and request bodies at debug; keep it quiet.
+    for noisy in ("botocore", "aiobotocore", "aiohttp.access", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _add_config(parser: argparse.ArgumentParser, region: bool = True) -> None:
+    parser.add_argument("--config", "-c", required=True, help="topology YAML file")
+    if region:
+        parser.add_argument("--region", help="this daemon's region (or REPLICATORD_REGION)")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    topology = load_topology(args.config)
+    return resolve_settings(
+        topology,
+        args.region,
+        getattr(args, "instance_id", None),
+        getattr(args, "metrics_listen", None),
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from replicatord.daemon import Daemon
+
+    settings = _settings(args)
+    try:
+        import uvloop
+
+        runner: Callable[..., object] = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency; asyncio works without it
+        runner = asyncio.run
+    runner(Daemon(settings).run())
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    print(describe_plan(settings))
+    return 0
+
+
+def describe_plan(settings: Settings) -> str:
+    """The resolved plan for one region, as `check-config` prints it."""
+    t: Topology = settings.topology
+    me = settings.me
+    lines = [
+        f"region {settings.region} (instance {settings.instance_id})",
+        f"  AWS endpoint: {me.endpoint_url or 'default for ' + settings.region}",
+        "  local credentials: default chain (instance profile)",
+        f"  lease table: {me.lease_table}; stats: {me.stats_table}, {me.loader_stats_table}",
+        f"  dead-letter queue: {me.dead_letter_queue}",
+        f"  metrics: http://{settings.metrics_host}:{settings.metrics_port}/metrics (/healthz, /readyz)",
+        f"  conflict: timestamp {t.conflict.timestamp_attribute!r}, region {t.conflict.region_attribute!r}, "
+        f"delete marker {t.conflict.marker_attribute!r}",
+    ]
+    for peer in settings.peers:
+        target = t.regions[peer]
+        creds = (
+            f"SSM {target.credentials.ssm_prefix}AccessKey + {target.credentials.ssm_prefix}SecretKey "
+            f"(SecureString) in {settings.region}"
+            if target.credentials
+            else "MISSING (regions." + peer + ".credentials)"
+        )
+        lines += [
+            f"  peer {peer}:",
+            f"    endpoint: {target.endpoint_url or 'default for ' + peer}",
+            f"    proxy: {target.proxy or 'none (direct)'}",
+            f"    credentials: {creds}",
+        ]
+    for pair in t.pairs:
+        lines.append(f"  pair {pair.name}:")
+        lines.append(
+            f"    forwarder: DynamoDB stream of {pair.tables[settings.region]} -> "
+            + ", ".join(f"Kinesis {pair.streams[p]} ({p})" for p in settings.peers)
+        )
+        lines.append(f"    applier: Kinesis {pair.streams[settings.region]} -> table {pair.tables[settings.region]}")
+    return "\n".join(lines)
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from replicatord.tools.provision import provision
+
+    topology = load_topology(args.config)
+    return provision(topology, regions=args.only_region, store_peer_credentials=args.store_peer_credentials)
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from replicatord.tools import load
+
+    return load.run(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from replicatord.tools.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="replicatord", description=__doc__)
+    parser.add_argument("--log-level", default="info", help="debug, info, warning, error")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the daemon for one region")
+    _add_config(run)
+    run.add_argument("--instance-id", help="lease owner name (or REPLICATORD_INSTANCE_ID; default host-pid)")
+    run.add_argument("--metrics-listen", help="HOST:PORT for /metrics (or REPLICATORD_METRICS_LISTEN)")
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check-config", help="validate the topology and print one region's plan")
+    _add_config(check)
+    check.add_argument("--metrics-listen")
+    check.set_defaults(func=cmd_check_config)
+
+    prov = sub.add_parser("provision", help="create tables, streams, queues and the lease table (idempotent)")
+    _add_config(prov, region=False)
+    prov.add_argument("--only-region", action="append", help="provision only this region (repeatable)")
+    prov.add_argument(
+        "--store-peer-credentials",
+        nargs=2,
+        metavar=("IN_REGION", "FOR_PEER"),
+        help="store FOR_PEER's access key pair in SSM of IN_REGION; the pair is read from "
+        "REPLICATORD_PEER_ACCESS_KEY_ID/REPLICATORD_PEER_SECRET_ACCESS_KEY or from stdin (two lines)",
+    )
+    prov.set_defaults(func=cmd_provision)
+
+    from replicatord.tools import load
+
+    ld = sub.add_parser("load", help="write test items (compatible with the sample's load_items.py)")
+    load.add_arguments(ld)
+    ld.set_defaults(func=cmd_load)
+
+    demo = sub.add_parser("demo", help="two emulated regions, two daemons, load both ways, verify")
+    demo.add_argument("--items", type=int, default=1000, help="items loaded into each region")
+    demo.add_argument("--processes", type=int, default=2, help="loader processes per region")
+    demo.add_argument("--timeout", type=float, default=180.0, help="seconds to converge after the load")
+    demo.add_argument("--workdir", default=".demo", help="logs and generated config go here")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        for line in exc.lines:
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""The topology file (DESIGN.md §2): one YAML file for every host, validated by pydantic.
+
+Every problem is reported as one line naming the field path and the reason
+(`ConfigError`), before any task starts.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+KeyType = Literal["S", "N", "B"]
+
+
+class ConfigError(Exception):
+    """A topology file or per-process setting that cannot be used. One line per problem."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Credentials(_Model):
+    """How a daemon in another region authenticates in this one.
+
+    `<ssm_prefix>AccessKey` (String) and `<ssm_prefix>SecretKey` (SecureString) are read from
+    SSM Parameter Store in the caller's own region. Secret values never appear in this file.
+    """
+
+    ssm_prefix: Annotated[str, Field(min_length=1, pattern=r"^/")]
+
+
+class Region(_Model):
+    endpoint_url: str | None = None
+    credentials: Credentials | None = None
+    proxy: str | None = None
+    lease_table: str = "replicatord_leases"
+    stats_table: str = "replicator_stats"
+    loader_stats_table: str = "loader_stats"
+    dead_letter_queue: str
+
+
+class Pair(_Model):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    tables: dict[str, str]
+    streams: dict[str, str]
+    # Key schema, hash key first then an optional range key (used by `provision`; the daemon
+    # reads the real schema from DescribeTable).
+    key: dict[str, KeyType] = Field(default_factory=lambda: {"PK": "S"})
+    kinesis_shards: Annotated[int, Field(ge=1, le=500)] = 1
+
+    @model_validator(mode="after")
+    def _key_size(self) -> Pair:
+        if not 1 <= len(self.key) <= 2:
+            raise ValueError("key: one hash key and at most one range key")
+        return self
+
+
+class Conflict(_Model):
+    timestamp_attribute: str = "last_update_timestamp"
+    region_attribute: str = "last_updater_region"
+    # Set on an item by replicatord just before it deletes it, so that the forwarder knows the
+    # REMOVE is not an application delete (DESIGN.md §4).
+    marker_attribute: str = "replicatord:deleting"
+    # What the forwarder does with a local change whose image lacks the version attributes.
+    missing_version: Literal["dead_letter"] = "dead_letter"
+
+
+class Metrics(_Model):
+    listen: str = "0.0.0.0:9108"
+
+
+class Tuning(_Model):
+    """Timings and sizes; units are in the names."""
+
+    poll_interval_ms: Annotated[int, Field(ge=10, le=10_000)] = 250
+    get_records_limit: Annotated[int, Field(ge=1, le=1000)] = 1000
+    apply_concurrency: Annotated[int, Field(ge=1, le=1024)] = 32
+    shard_refresh_s: Annotated[float, Field(gt=0)] = 10.0
+    drain_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    backoff_base_ms: Annotated[int, Field(ge=1)] = 100
+    backoff_max_ms: Annotated[int, Field(ge=1)] = 5_000
+    aws_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+
+
+class Topology(_Model):
+    regions: dict[str, Region]
+    pairs: Annotated[list[Pair], Field(min_length=1)]
+    conflict: Conflict = Conflict()
+    metrics: Metrics = Metrics()
+    tuning: Tuning = Tuning()
+
+    @model_validator(mode="after")
+    def _pairs_cover_regions(self) -> Topology:
+        if len(self.regions) < 2:
+            raise ValueError("regions: at least two regions are needed")
+        names = set(self.regions)
+        seen: set[str] = set()
+        for i, pair in enumerate(self.pairs):
+            if pair.name in seen:
+                raise ValueError(f"pairs[{i}].name: duplicate pair name {pair.name!r}")
+            seen.add(pair.name)
+            for field in ("tables", "streams"):
+                got = set(getattr(pair, field))
+                if got != names:
+                    missing = sorted(names - got)
+                    extra = sorted(got - names)
+                    why = f"missing {missing}" if missing else f"unknown regions {extra}"
+                    raise ValueError(f"pairs[{i}].{field}: must name every region ({why})")
+        return self
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def parse_topology(text: str, source: str = "<config>") -> Topology:
+    """Parse and validate a topology document; raise ConfigError with one line per problem."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([f"{source}: invalid YAML{where}: {problem}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: expected a mapping at the top level"])
+    try:
+        return Topology.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            loc = _format_loc(tuple(err["loc"]))
+            if msg.startswith(("pairs[", "regions:")):
+                lines.append(f"{source}: {msg}")
+            elif err["type"] == "extra_forbidden":
+                lines.append(f"{source}: {loc}: unknown key")
+            else:
+                lines.append(f"{source}: {loc}: {msg}")
+        raise ConfigError(lines) from None
+
+
+def load_topology(path: str | Path) -> Topology:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    return parse_topology(text, str(path))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Per-process settings: flags first, then the environment, then the shared file."""
+
+    topology: Topology
+    region: str
+    instance_id: str
+    metrics_host: str
+    metrics_port: int
+
+    @property
+    def me(self) -> Region:
+        return self.topology.regions[self.region]
+
+    @property
+    def peers(self) -> list[str]:
+        return [name for name in self.topology.regions if name != self.region]
+
+
+def parse_listen(value: str, what: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError([f"{what}: expected HOST:PORT, got {value!r}"])
+    return host, int(port)
+
+
+def resolve_settings(
+    topology: Topology,
+    region: str | None,
+    instance_id: str | None = None,
+    metrics_listen: str | None = None,
+) -> Settings:
+    region = region or os.environ.get("REPLICATORD_REGION")
+    if not region:
+        raise ConfigError(["--region: missing (or set REPLICATORD_REGION)"])
+    if region not in topology.regions:
+        known = ", ".join(sorted(topology.regions))
+        raise ConfigError([f"--region: {region!r} is not in the topology (regions: {known})"])
+    instance_id = (
+        instance_id or os.environ.get("REPLICATORD_INSTANCE_ID") or f"{socket.gethostname()}-{os.getpid()}"
+    )
+    listen = metrics_listen or os.environ.get("REPLICATORD_METRICS_LISTEN")
+    if listen:
+        host, port = parse_listen(listen, "--metrics-listen")
+    else:
+        host, port = parse_listen(topology.metrics.listen, "metrics.listen")
+    return Settings(topology, region, instance_id, host, port)

@@ -1,0 +1,119 @@
+"""Last writer wins (DESIGN.md §4): versions, the apply decision and its DynamoDB conditions.
+
+A version is (timestamp, operation, region), compared in that order: the application's
+timestamp as a number, then DELETE above PUT, then the region name. Equal versions are the
+same change, so applying one twice is a no-op. The condition expressions below are the
+DynamoDB form of `decide_apply`; tests check that both agree.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any, NamedTuple
+
+from replicatord.config import Conflict
+
+PUT = 0
+DELETE = 1
+OP_NAMES = {PUT: "PUT", DELETE: "DELETE"}
+OPS = {name: op for op, name in OP_NAMES.items()}
+
+Item = dict[str, Any]
+"""An item or key in DynamoDB JSON as botocore gives it ({"PK": {"S": "x"}}, B as bytes)."""
+
+
+class Version(NamedTuple):
+    timestamp: Decimal
+    op: int
+    region: str
+
+    def encode(self) -> str:
+        """Canonical text form, used as the delete marker's value."""
+        return json.dumps([str(self.timestamp), OP_NAMES[self.op], self.region], separators=(",", ":"))
+
+
+def parse_timestamp(value: str) -> Decimal | None:
+    try:
+        ts = Decimal(value)
+    except InvalidOperation:
+        return None
+    return ts if ts.is_finite() else None
+
+
+def version_of(image: Item | None, conflict: Conflict) -> Version | None:
+    """The PUT version an item image carries, or None when it lacks the version attributes."""
+    if not image:
+        return None
+    ts = image.get(conflict.timestamp_attribute)
+    region = image.get(conflict.region_attribute)
+    if not isinstance(ts, dict) or "N" not in ts or not isinstance(region, dict) or "S" not in region:
+        return None
+    timestamp = parse_timestamp(ts["N"])
+    if timestamp is None:
+        return None
+    return Version(timestamp, PUT, region["S"])
+
+
+def delete_version(removed: Item | None, approximate_time: Decimal, region: str, conflict: Conflict) -> Version:
+    """Version of an application delete: it beats the version it removed (DESIGN.md §4)."""
+    removed_version = version_of(removed, conflict)
+    timestamp = approximate_time
+    if removed_version is not None and removed_version.timestamp > timestamp:
+        timestamp = removed_version.timestamp
+    return Version(timestamp, DELETE, region)
+
+
+def decide_apply(local: Version | None, local_exists: bool, incoming: Version) -> bool:
+    """Whether an incoming change replaces the local item.
+
+    `local` is the local item's version (None when it has no version attributes: any
+    versioned change beats it). A PUT applies iff the item is absent or older; a DELETE
+    applies iff the item is present and not newer (a delete of an absent item is a no-op).
+    """
+    if not local_exists:
+        return incoming.op == PUT
+    if local is None:
+        return True
+    return local < incoming
+
+
+@dataclass(frozen=True)
+class WriteCondition:
+    expression: str
+    names: dict[str, str]
+    values: Item
+
+
+def put_condition(keys: Item, incoming: Version, conflict: Conflict) -> WriteCondition:
+    """Condition for a replicated PUT: absent, unversioned, older, or same time and lower region."""
+    hash_key = next(iter(keys))
+    return WriteCondition(
+        "attribute_not_exists(#k) OR attribute_not_exists(#ts) OR #ts < :ts"
+        " OR (#ts = :ts AND #rg < :rg)",
+        {"#k": hash_key, "#ts": conflict.timestamp_attribute, "#rg": conflict.region_attribute},
+        {":ts": {"N": str(incoming.timestamp)}, ":rg": {"S": incoming.region}},
+    )
+
+
+def mark_condition(keys: Item, incoming: Version, conflict: Conflict) -> WriteCondition:
+    """Condition to mark an item for a replicated DELETE: present and not newer than the delete.
+
+    Items are PUT versions and DELETE ranks above PUT, so "not newer" is timestamp <= delete's.
+    """
+    hash_key = next(iter(keys))
+    return WriteCondition(
+        "attribute_exists(#k) AND (attribute_not_exists(#ts) OR #ts <= :ts)",
+        {"#k": hash_key, "#ts": conflict.timestamp_attribute, "#m": conflict.marker_attribute},
+        {":ts": {"N": str(incoming.timestamp)}, ":m": {"S": incoming.encode()}},
+    )
+
+
+def delete_condition(incoming: Version, conflict: Conflict) -> WriteCondition:
+    """Condition to delete an item this daemon marked: the marker is still the delete's."""
+    return WriteCondition(
+        "#m = :m",
+        {"#m": conflict.marker_attribute},
+        {":m": {"S": incoming.encode()}},
+    )

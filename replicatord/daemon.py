@@ -1,0 +1,250 @@
+"""The daemon: startup() -> main_loop() -> shutdown(), as in uvicorn's server.
+
+startup() checks everything it needs (tables, streams, queue, SSM parameters) and fails with
+one line before any task starts. Signal handlers only set the stop event. On stop, every
+shard worker finishes or abandons its page, checkpoints and releases its lease, bounded by
+`tuning.drain_timeout_s`; what is still running then is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from replicatord.applier import Applier
+from replicatord.aws import Aws, StartupError
+from replicatord.config import Settings
+from replicatord.dlq import DeadLetterQueue
+from replicatord.errors import NotFound, ReplicatorError
+from replicatord.forwarder import Forwarder
+from replicatord.leases import LeaseTable
+from replicatord.metrics import Metrics
+from replicatord.shards import DynamoStreamSource, KinesisSource, Pipeline, poll
+
+log = logging.getLogger(__name__)
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about readiness, the watchdog and stopping; no-op elsewhere."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(address)
+            sock.sendall(message.encode())
+        except OSError as exc:
+            log.warning("cannot notify systemd: %s", exc)
+
+
+@dataclass(frozen=True)
+class PairPlan:
+    name: str
+    table: str
+    stream_arn: str
+    kinesis_stream: str
+
+
+class Daemon:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.stop = asyncio.Event()
+        self.aws = Aws(settings, self.metrics)
+        self.pipelines: list[Pipeline] = []
+        self.started = False
+        self._runner: web.AppRunner | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop.set)
+        async with self.aws:
+            await self.startup()
+            try:
+                await self.main_loop()
+            finally:
+                await self.shutdown()
+
+    async def startup(self) -> None:
+        s = self.settings
+        me = s.me
+        topology = s.topology
+        queue_url = await self._queue_url(me.dead_letter_queue)
+        dlq = DeadLetterQueue(self.aws, queue_url, self.metrics)
+        await self._require_table(me.lease_table, "lease table")
+        await self._require_table(me.stats_table, "stats table")
+        leases = LeaseTable(self.aws, me.lease_table)
+        peer_clients = {peer: await self.aws.open_peer(peer) for peer in s.peers}
+        for pair in topology.pairs:
+            plan = await self._plan_pair(pair.name, pair.tables[s.region], pair.streams[s.region])
+            peers = {peer: (peer_clients[peer], pair.streams[peer]) for peer in s.peers}
+            forwarder = Forwarder(self.aws, pair.name, peers, topology.conflict, topology.tuning, dlq,
+                                  self.metrics, self.stop)
+            applier = Applier(self.aws, pair.name, plan.table, me.stats_table, topology.conflict,
+                              topology.tuning, dlq, self.metrics)
+            for source, processor in (
+                (DynamoStreamSource(self.aws, plan.table, plan.stream_arn), forwarder),
+                (KinesisSource(self.aws, plan.kinesis_stream), applier),
+            ):
+                self.pipelines.append(Pipeline(pair.name, source, processor, leases, s.instance_id,
+                                               topology.tuning, self.metrics, self.stop))
+        for peer in s.peers:
+            # Not fatal: the peer may come back; readiness and the metric say it is not there.
+            self.metrics.peer_reachable.labels(peer).set(0)
+        await self._serve_http()
+        self.metrics.up.set(1)
+        self.started = True
+        sd_notify("READY=1")
+        log.info("replicatord %s in %s: %d pairs, peers %s", s.instance_id, s.region,
+                 len(topology.pairs), ", ".join(s.peers))
+
+    async def main_loop(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            for pipeline in self.pipelines:
+                group.create_task(pipeline.run(), name=f"{pipeline.source.pipeline}/{pipeline.pair}")
+            group.create_task(self._watchdog(), name="watchdog")
+            group.create_task(self._probe_peers(), name="probe-peers")
+            await self.stop.wait()
+            sd_notify("STOPPING=1")
+            log.info("stopping: draining in-flight pages (at most %.0fs)",
+                     self.settings.topology.tuning.drain_timeout_s)
+            drain = asyncio.gather(*(t for t in asyncio.all_tasks() if t.get_name().startswith(("forwarder", "applier"))))
+            try:
+                await asyncio.wait_for(asyncio.shield(drain), self.settings.topology.tuning.drain_timeout_s)
+            except TimeoutError:
+                log.warning("drain took longer than %.0fs: cancelling what is left",
+                            self.settings.topology.tuning.drain_timeout_s)
+                drain.cancel()
+
+    async def shutdown(self) -> None:
+        self.metrics.up.set(0)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        log.info("stopped")
+
+    # -- startup checks ----------------------------------------------------------------------
+
+    async def _queue_url(self, name: str) -> str:
+        try:
+            result = await self.aws.call("sqs", "get_queue_url", QueueName=name)
+        except NotFound:
+            raise StartupError(
+                f"dead-letter queue {name!r} not found in {self.settings.region} (run 'replicatord provision')"
+            ) from None
+        except ReplicatorError as exc:
+            raise StartupError(f"dead-letter queue {name!r} in {self.settings.region}: {exc}") from None
+        return str(result["QueueUrl"])
+
+    async def _require_table(self, table: str, what: str) -> dict[str, Any]:
+        try:
+            result = await self.aws.call("dynamodb", "describe_table", TableName=table)
+        except NotFound:
+            raise StartupError(
+                f"{what} {table!r} not found in {self.settings.region} (run 'replicatord provision')"
+            ) from None
+        except ReplicatorError as exc:
+            raise StartupError(f"{what} {table!r} in {self.settings.region}: {exc}") from None
+        return dict(result["Table"])
+
+    async def _plan_pair(self, pair: str, table: str, kinesis_stream: str) -> PairPlan:
+        desc = await self._require_table(table, f"pair {pair}: table")
+        spec = desc.get("StreamSpecification") or {}
+        arn = desc.get("LatestStreamArn")
+        if not spec.get("StreamEnabled") or not arn:
+            raise StartupError(f"pair {pair}: table {table!r} has no DynamoDB stream enabled (NEW_AND_OLD_IMAGES)")
+        if spec.get("StreamViewType") != "NEW_AND_OLD_IMAGES":
+            raise StartupError(
+                f"pair {pair}: table {table!r} stream view type is {spec.get('StreamViewType')}, "
+                "replicatord needs NEW_AND_OLD_IMAGES"
+            )
+        try:
+            await self.aws.call("kinesis", "describe_stream_summary", StreamName=kinesis_stream)
+        except NotFound:
+            raise StartupError(
+                f"pair {pair}: Kinesis stream {kinesis_stream!r} not found in {self.settings.region} "
+                "(run 'replicatord provision')"
+            ) from None
+        except ReplicatorError as exc:
+            raise StartupError(f"pair {pair}: Kinesis stream {kinesis_stream!r}: {exc}") from None
+        return PairPlan(pair, table, str(arn), kinesis_stream)
+
+    # -- background duties -------------------------------------------------------------------
+
+    async def _watchdog(self) -> None:
+        usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+        if not usec:
+            return
+        async for _ in poll(usec / 2_000_000, self.stop):
+            sd_notify("WATCHDOG=1")
+
+    async def _probe_peers(self) -> None:
+        """Keep `replicatord_peer_reachable` true even when nothing is being forwarded."""
+        topology = self.settings.topology
+        async for _ in poll(topology.tuning.shard_refresh_s, self.stop):
+            for peer, client in self.aws.peers.items():
+                stream = topology.pairs[0].streams[peer]
+                try:
+                    await self.aws.call("kinesis", "describe_stream_summary", client=client, StreamName=stream)
+                except ReplicatorError as exc:
+                    self.metrics.peer_reachable.labels(peer).set(0)
+                    self.metrics.errors.labels("forwarder", exc.kind).inc()
+                    log.warning("peer %s: Kinesis stream %s not reachable: %s", peer, stream, exc)
+                else:
+                    self.metrics.peer_reachable.labels(peer).set(1)
+
+    # -- HTTP: /metrics, /healthz, /readyz ---------------------------------------------------
+
+    def ready(self) -> tuple[bool, str]:
+        if not self.started or self.stop.is_set():
+            return False, "not running"
+        idle = [f"{p.source.pipeline}/{p.pair}" for p in self.pipelines if not p.held]
+        if idle:
+            return False, "no shard leases: " + ", ".join(idle)
+        down = [peer for peer in self.settings.peers
+                if self.metrics.peer_reachable.labels(peer)._value.get() != 1]  # noqa: SLF001
+        if down:
+            return False, "peer unreachable: " + ", ".join(down)
+        return True, "ready"
+
+    async def _serve_http(self) -> None:
+        async def metrics(_: web.Request) -> web.Response:
+            body = generate_latest(self.metrics.registry)
+            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        async def healthz(_: web.Request) -> web.Response:
+            return web.Response(text="ok\n")
+
+        async def readyz(_: web.Request) -> web.Response:
+            ok, why = self.ready()
+            return web.Response(text=why + "\n", status=200 if ok else 503)
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.settings.metrics_host, self.settings.metrics_port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(
+                f"metrics: cannot listen on {self.settings.metrics_host}:{self.settings.metrics_port}: "
+                f"{exc.strerror}"
+            ) from None
+        server = site._server  # noqa: SLF001 - aiohttp keeps the bound socket here
+        port = server.sockets[0].getsockname()[1] if server is not None and server.sockets else 0
+        log.info("metrics listening on %s:%d (/metrics, /healthz, /readyz)", self.settings.metrics_host, port)

@@ -1,0 +1,133 @@
+"""The one place that maps AWS errors to typed exceptions with a `retriable` flag."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, HTTPClientError
+
+
+class ReplicatorError(Exception):
+    """Base of the typed errors; `kind` labels the errors metric."""
+
+    retriable = False
+    kind = "error"
+
+
+class Throttled(ReplicatorError):
+    retriable = True
+    kind = "throttled"
+
+
+class ExpiredIterator(ReplicatorError):
+    """The shard iterator expired (or the emulator rejected it): get a new one from the checkpoint."""
+
+    retriable = True
+    kind = "expired_iterator"
+
+
+class TrimmedData(ReplicatorError):
+    """The checkpoint is older than the stream's retention: records were lost to trimming."""
+
+    kind = "trimmed_data"
+
+
+class NotFound(ReplicatorError):
+    kind = "not_found"
+
+
+class ConditionFailed(ReplicatorError):
+    kind = "condition_failed"
+
+
+class AccessDenied(ReplicatorError):
+    kind = "access_denied"
+
+
+class Transient(ReplicatorError):
+    """A server-side failure worth retrying (5xx, internal failure)."""
+
+    retriable = True
+    kind = "transient"
+
+
+class Unreachable(ReplicatorError):
+    """No answer from the endpoint or the proxy: network, DNS, timeout."""
+
+    retriable = True
+    kind = "unreachable"
+
+
+class InvalidRequest(ReplicatorError):
+    kind = "invalid_request"
+
+
+class LeaseLost(ReplicatorError):
+    """Another instance owns the lease now (fencing): stop working on that shard."""
+
+    kind = "lease_lost"
+
+
+_CODES: dict[str, type[ReplicatorError]] = {
+    "ProvisionedThroughputExceededException": Throttled,
+    "ThrottlingException": Throttled,
+    "Throttling": Throttled,
+    "RequestLimitExceeded": Throttled,
+    "LimitExceededException": Throttled,
+    "KMSThrottlingException": Throttled,
+    "ExpiredIteratorException": ExpiredIterator,
+    "TrimmedDataAccessException": TrimmedData,
+    "ResourceNotFoundException": NotFound,
+    "ParameterNotFound": NotFound,
+    "AWS.SimpleQueueService.NonExistentQueue": NotFound,
+    "QueueDoesNotExist": NotFound,
+    "ConditionalCheckFailedException": ConditionFailed,
+    "AccessDeniedException": AccessDenied,
+    "AccessDenied": AccessDenied,
+    "UnrecognizedClientException": AccessDenied,
+    "InvalidSignatureException": AccessDenied,
+    "ExpiredTokenException": AccessDenied,
+    "InternalServerError": Transient,
+    "InternalFailure": Transient,
+    "InternalError": Transient,
+    "ServiceUnavailable": Transient,
+    "KMSInternalException": Transient,
+    "ValidationException": InvalidRequest,
+    "InvalidArgumentException": InvalidRequest,
+}
+
+
+def classify(exc: BaseException) -> ReplicatorError:
+    """Map an exception raised by an AWS call to its typed error (the cause is kept)."""
+    if isinstance(exc, ReplicatorError):
+        return exc
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        message = str(error.get("Message", "")) or code
+        cls = _CODES.get(code)
+        if cls is None and code == "TransactionCanceledException":
+            reasons = exc.response.get("CancellationReasons") or []
+            codes = {r.get("Code") for r in reasons}
+            cls = ConditionFailed if "ConditionalCheckFailed" in codes else Transient
+        if cls is None:
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            # The emulator answers a bad iterator with HTTP 500 (DESIGN.md §7); a new iterator
+            # from the checkpoint is the right move for both.
+            cls = Transient if status >= 500 else InvalidRequest
+        typed: ReplicatorError = cls(f"{code}: {message}")
+    elif isinstance(exc, ConnectionError | HTTPClientError | aiohttp.ClientError | OSError):
+        typed = Unreachable(str(exc) or type(exc).__name__)
+    elif isinstance(exc, asyncio.TimeoutError):
+        typed = Unreachable("request timed out")
+    elif isinstance(exc, BotoCoreError):
+        typed = Transient(str(exc))
+    else:
+        return ReplicatorError(f"{type(exc).__name__}: {exc}")
+    typed.__cause__ = exc
+    return typed
+
+
+AWS_ERRORS = (ClientError, BotoCoreError, aiohttp.ClientError, OSError, asyncio.TimeoutError)
+"""What an AWS call may raise; `classify` maps each to a ReplicatorError."""

@@ -1,0 +1,96 @@
+"""Prometheus metrics (DESIGN.md §6) behind one object with an injectable registry.
+
+Labels have bounded cardinality: pair, pipeline, peer, reason, kind, type, service,
+operation. Never shard ids or item keys.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.up = Gauge("replicatord_up", "1 while the daemon runs", registry=r)
+        self.records_read = Counter(
+            "replicatord_records_read_total", "Stream records read", ["pair", "pipeline"], registry=r
+        )
+        self.records_forwarded = Counter(
+            "replicatord_records_forwarded_total",
+            "Local changes put on a peer's Kinesis stream",
+            ["pair", "peer"],
+            registry=r,
+        )
+        self.records_skipped = Counter(
+            "replicatord_records_skipped_total",
+            "Stream records the forwarder did not forward, by reason",
+            ["pair", "reason"],
+            registry=r,
+        )
+        self.records_applied = Counter(
+            "replicatord_records_applied_total",
+            "Replicated changes written to the local table",
+            ["pair", "op"],
+            registry=r,
+        )
+        self.records_stale = Counter(
+            "replicatord_records_stale_total",
+            "Replicated changes not applied: the local item holds an equal or newer version",
+            ["pair"],
+            registry=r,
+        )
+        self.conflicts = Counter(
+            "replicatord_conflicts_total", "Conflicts repaired, by kind", ["kind"], registry=r
+        )
+        self.errors = Counter(
+            "replicatord_errors_total", "Errors, by pipeline and type", ["pipeline", "type"], registry=r
+        )
+        self.iterator_age = Gauge(
+            "replicatord_iterator_age_seconds",
+            "Age of the newest record read, max over this instance's shards",
+            ["pair", "pipeline"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "replicatord_replication_latency_seconds",
+            "Source change (stream ApproximateCreationDateTime) to applied in this region",
+            ["pair"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.leases_held = Gauge(
+            "replicatord_leases_held", "Shard leases held", ["pipeline"], registry=r
+        )
+        self.lease_takeovers = Counter(
+            "replicatord_lease_takeovers_total", "Leases taken from another owner", ["pipeline"], registry=r
+        )
+        self.dlq_sent = Counter(
+            "replicatord_dlq_sent_total", "Records sent to the dead-letter queue", ["pair", "reason"], registry=r
+        )
+        self.aws_request = Histogram(
+            "replicatord_aws_request_duration_seconds",
+            "AWS API call durations",
+            ["service", "operation"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.peer_reachable = Gauge(
+            "replicatord_peer_reachable", "1 if the last call to the peer succeeded", ["peer"], registry=r
+        )
+        # Iterator age is a max over shards; the shard-level values stay here, not in labels.
+        self._ages: dict[tuple[str, str], dict[str, float]] = {}
+
+    def set_iterator_age(self, pair: str, pipeline: str, shard: str, age_s: float) -> None:
+        ages = self._ages.setdefault((pair, pipeline), {})
+        ages[shard] = max(age_s, 0.0)
+        self.iterator_age.labels(pair, pipeline).set(max(ages.values()))
+
+    def forget_shard(self, pair: str, pipeline: str, shard: str) -> None:
+        ages = self._ages.get((pair, pipeline), {})
+        ages.pop(shard, None)
+        self.iterator_age.labels(pair, pipeline).set(max(ages.values(), default=0.0))

@@ -1,0 +1,382 @@
+"""Reading stream shards: DynamoDB Streams and Kinesis behind one interface, a worker per shard.
+
+A `ShardWorker` reads one shard from its checkpoint, hands each page of records to the
+pipeline's processor, and checkpoints only after the processor succeeded, so a crash replays
+at most the page in flight (at-least-once; apply is idempotent). A `Pipeline` lists the
+stream's shards, starts a worker for each ready shard (parents finished first) and restarts
+none that end by themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from replicatord.aws import Aws
+from replicatord.config import Tuning
+from replicatord.errors import ExpiredIterator, LeaseLost, ReplicatorError, TrimmedData, Transient
+from replicatord.leases import FINISHED, Lease, LeaseTable, lease_key
+from replicatord.metrics import Metrics
+from replicatord.records import creation_seconds
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Abandoned(Exception):
+    """Shutdown came while a page was still failing: it is left to be replayed from the checkpoint."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    id: str
+    parent_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Page:
+    records: list[dict[str, Any]]
+    next_iterator: str | None
+
+
+def ready_shards(shards: Sequence[Shard], finished: set[str]) -> list[Shard]:
+    """Shards that may be read now: every parent still listed has been read to its end.
+
+    A parent that is no longer listed was trimmed from the stream and cannot hold back its
+    children (its records are gone either way).
+    """
+    listed = {s.id for s in shards}
+    return [
+        s for s in shards if s.id not in finished and all(p in finished or p not in listed for p in s.parent_ids)
+    ]
+
+
+def backoff_s(attempt: int, tuning: Tuning) -> float:
+    """Capped exponential backoff with full jitter."""
+    cap = min(tuning.backoff_max_ms, tuning.backoff_base_ms * 2 ** min(attempt, 20)) / 1000
+    return random.uniform(cap / 2, cap)
+
+
+async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait `seconds` or until `stop` is set; True if stopping."""
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
+async def run_together(coroutines: Iterable[Coroutine[Any, Any, None]]) -> None:
+    """Run concurrently; if any fails, cancel the rest and raise its error itself (no group)."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            for coroutine in coroutines:
+                group.create_task(coroutine)
+    except BaseExceptionGroup as failed:
+        first: BaseException = failed
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
+
+
+async def poll(interval_s: float, stop: asyncio.Event) -> AsyncIterator[None]:
+    """Drift-free ticks every `interval_s` until `stop` is set (arq's `poll`)."""
+    loop = asyncio.get_running_loop()
+    next_at = loop.time()
+    while not stop.is_set():
+        yield
+        next_at += interval_s
+        if await sleep_or_stop(stop, max(0.0, next_at - loop.time())):
+            return
+
+
+class StreamSource(Protocol):
+    pipeline: str
+    stream: str  # a name for lease keys and logs
+
+    async def list_shards(self) -> list[Shard]: ...
+    async def get_iterator(self, shard_id: str, after: str | None) -> str: ...
+    async def get_records(self, iterator: str, limit: int) -> Page: ...
+    def sequence_number(self, record: dict[str, Any]) -> str: ...
+    def created_s(self, record: dict[str, Any]) -> float: ...
+
+
+class DynamoStreamSource:
+    pipeline = "forwarder"
+
+    def __init__(self, aws: Aws, table: str, stream_arn: str) -> None:
+        self.aws = aws
+        self.stream = table
+        self.arn = stream_arn
+
+    async def list_shards(self) -> list[Shard]:
+        shards: list[Shard] = []
+        kwargs: dict[str, Any] = {"StreamArn": self.arn}
+        while True:
+            result = await self.aws.call("dynamodbstreams", "describe_stream", **kwargs)
+            desc = result["StreamDescription"]
+            for s in desc.get("Shards", []):
+                parent = s.get("ParentShardId")
+                shards.append(Shard(s["ShardId"], (parent,) if parent else ()))
+            last = desc.get("LastEvaluatedShardId")
+            if not last:
+                return shards
+            kwargs["ExclusiveStartShardId"] = last
+
+    async def get_iterator(self, shard_id: str, after: str | None) -> str:
+        kwargs: dict[str, Any] = {"StreamArn": self.arn, "ShardId": shard_id}
+        if after:
+            kwargs.update(ShardIteratorType="AFTER_SEQUENCE_NUMBER", SequenceNumber=after)
+        else:
+            kwargs.update(ShardIteratorType="TRIM_HORIZON")
+        result = await self.aws.call("dynamodbstreams", "get_shard_iterator", **kwargs)
+        return str(result["ShardIterator"])
+
+    async def get_records(self, iterator: str, limit: int) -> Page:
+        result = await self.aws.call(
+            "dynamodbstreams", "get_records", ShardIterator=iterator, Limit=min(limit, 1000)
+        )
+        return Page(result.get("Records", []), result.get("NextShardIterator"))
+
+    def sequence_number(self, record: dict[str, Any]) -> str:
+        return str(record["dynamodb"]["SequenceNumber"])
+
+    def created_s(self, record: dict[str, Any]) -> float:
+        return float(creation_seconds(record["dynamodb"]["ApproximateCreationDateTime"]))
+
+
+class KinesisSource:
+    pipeline = "applier"
+
+    def __init__(self, aws: Aws, stream: str) -> None:
+        self.aws = aws
+        self.stream = stream
+
+    async def list_shards(self) -> list[Shard]:
+        shards: list[Shard] = []
+        kwargs: dict[str, Any] = {"StreamName": self.stream}
+        while True:
+            result = await self.aws.call("kinesis", "list_shards", **kwargs)
+            for s in result.get("Shards", []):
+                parents = tuple(p for p in (s.get("ParentShardId"), s.get("AdjacentParentShardId")) if p)
+                shards.append(Shard(s["ShardId"], parents))
+            token = result.get("NextToken")
+            if not token:
+                return shards
+            kwargs = {"NextToken": token}
+
+    async def get_iterator(self, shard_id: str, after: str | None) -> str:
+        kwargs: dict[str, Any] = {"StreamName": self.stream, "ShardId": shard_id}
+        if after:
+            kwargs.update(ShardIteratorType="AFTER_SEQUENCE_NUMBER", StartingSequenceNumber=after)
+        else:
+            kwargs.update(ShardIteratorType="TRIM_HORIZON")
+        result = await self.aws.call("kinesis", "get_shard_iterator", **kwargs)
+        return str(result["ShardIterator"])
+
+    async def get_records(self, iterator: str, limit: int) -> Page:
+        result = await self.aws.call("kinesis", "get_records", ShardIterator=iterator, Limit=limit)
+        return Page(result.get("Records", []), result.get("NextShardIterator"))
+
+    def sequence_number(self, record: dict[str, Any]) -> str:
+        return str(record["SequenceNumber"])
+
+    def created_s(self, record: dict[str, Any]) -> float:
+        return float(creation_seconds(record["ApproximateArrivalTimestamp"]))
+
+
+class Processor(Protocol):
+    async def process(self, shard_id: str, records: list[dict[str, Any]]) -> None:
+        """Deliver every record downstream or raise; the page is retried until it succeeds."""
+        ...
+
+
+class ShardWorker:
+    def __init__(
+        self,
+        pair: str,
+        source: StreamSource,
+        processor: Processor,
+        leases: LeaseTable,
+        lease: Lease,
+        tuning: Tuning,
+        metrics: Metrics,
+        stop: asyncio.Event,
+    ) -> None:
+        self.pair = pair
+        self.source = source
+        self.processor = processor
+        self.leases = leases
+        self.lease = lease
+        self.tuning = tuning
+        self.metrics = metrics
+        self.stop = stop
+        self.shard_id = lease.key.rsplit("/", 1)[1]
+
+    async def run(self) -> bool:
+        """Read the shard until stopped or its end; True if it was read to the end."""
+        pipeline = self.source.pipeline
+        iterator: str | None = None
+        failures = 0
+        idle_s = self.tuning.poll_interval_ms / 1000
+        try:
+            while not self.stop.is_set():
+                try:
+                    if iterator is None:
+                        iterator = await self.source.get_iterator(self.shard_id, self.lease.checkpoint)
+                    page = await self.source.get_records(iterator, self.tuning.get_records_limit)
+                    if page.records:
+                        await self._deliver(page.records)
+                    if page.next_iterator is None:
+                        self.lease = await self.leases.checkpoint(self.lease, None, finished=True)
+                        log.info("%s %s: shard %s read to its end", pipeline, self.pair, self.shard_id)
+                        return True
+                    iterator = page.next_iterator
+                    failures = 0
+                    if not page.records:
+                        self.metrics.set_iterator_age(self.pair, pipeline, self.shard_id, 0.0)
+                        await sleep_or_stop(self.stop, idle_s)
+                except (ExpiredIterator, Transient) as exc:
+                    # A fresh iterator from the checkpoint: the old one expired or was refused.
+                    self.metrics.errors.labels(pipeline, exc.kind).inc()
+                    log.info("%s %s: shard %s: %s; new iterator from checkpoint",
+                             pipeline, self.pair, self.shard_id, exc)
+                    iterator = None
+                    failures += 1
+                    await sleep_or_stop(self.stop, backoff_s(failures, self.tuning))
+                except TrimmedData as exc:
+                    self.metrics.errors.labels(pipeline, exc.kind).inc()
+                    log.error(
+                        "%s %s: shard %s: checkpoint %s is older than the stream's retention; records "
+                        "were trimmed before they were replicated: run 'replicatord verify --repair' or "
+                        "'replicatord backfill' for this pair. Reading on from the oldest record.",
+                        pipeline, self.pair, self.shard_id, self.lease.checkpoint,
+                    )
+                    self.lease = await self.leases.checkpoint(self.lease, None)
+                    self.lease = Lease(self.lease.key, self.lease.owner, self.lease.counter, None,
+                                       self.lease.parents, self.lease.state)
+                    iterator = None
+                except LeaseLost:
+                    raise
+                except ReplicatorError as exc:
+                    self.metrics.errors.labels(pipeline, exc.kind).inc()
+                    failures += 1
+                    log.warning("%s %s: shard %s: %s (retry %d)", pipeline, self.pair, self.shard_id, exc, failures)
+                    await sleep_or_stop(self.stop, backoff_s(failures, self.tuning))
+        except LeaseLost as exc:
+            self.metrics.errors.labels(pipeline, exc.kind).inc()
+            log.warning("%s %s: shard %s: %s; stopping this shard", pipeline, self.pair, self.shard_id, exc)
+            return False
+        except Abandoned:
+            log.info("%s %s: shard %s: page in flight abandoned at shutdown; it will be replayed",
+                     pipeline, self.pair, self.shard_id)
+        finally:
+            self.metrics.forget_shard(self.pair, pipeline, self.shard_id)
+        # Stopping: hand the lease back so another instance can take it at once.
+        try:
+            await asyncio.shield(self.leases.release(self.lease))
+        except ReplicatorError as exc:
+            log.warning("%s %s: shard %s: cannot release lease: %s", pipeline, self.pair, self.shard_id, exc)
+        return False
+
+    async def _deliver(self, records: list[dict[str, Any]]) -> None:
+        """Process a page until it succeeds, then checkpoint past it. Abandon it on stop."""
+        pipeline = self.source.pipeline
+        self.metrics.records_read.labels(self.pair, pipeline).inc(len(records))
+        newest = self.source.created_s(records[-1])
+        self.metrics.set_iterator_age(self.pair, pipeline, self.shard_id, time.time() - newest)
+        attempt = 0
+        while True:
+            try:
+                await self.processor.process(self.shard_id, records)
+                break
+            except LeaseLost:
+                raise
+            except ReplicatorError as exc:
+                attempt += 1
+                self.metrics.errors.labels(pipeline, exc.kind).inc()
+                log.warning("%s %s: shard %s: page of %d records failed: %s (retry %d)",
+                            pipeline, self.pair, self.shard_id, len(records), exc, attempt)
+                if await sleep_or_stop(self.stop, backoff_s(attempt, self.tuning)):
+                    raise Abandoned from None
+        last = self.source.sequence_number(records[-1])
+        # The checkpoint write must not be torn by a cancellation during shutdown.
+        self.lease = await asyncio.shield(self.leases.checkpoint(self.lease, last))
+
+
+class Pipeline:
+    """All shards of one stream for one pair: discover, start workers in lineage order."""
+
+    def __init__(
+        self,
+        pair: str,
+        source: StreamSource,
+        processor: Processor,
+        leases: LeaseTable,
+        owner: str,
+        tuning: Tuning,
+        metrics: Metrics,
+        stop: asyncio.Event,
+    ) -> None:
+        self.pair = pair
+        self.source = source
+        self.processor = processor
+        self.leases = leases
+        self.owner = owner
+        self.tuning = tuning
+        self.metrics = metrics
+        self.stop = stop
+        self.held: dict[str, Lease] = {}
+
+    def _key(self, shard_id: str) -> str:
+        return lease_key(self.source.pipeline, self.source.stream, shard_id)
+
+    async def run(self) -> None:
+        prefix = self._key("")
+        finished = {
+            lease.key.rsplit("/", 1)[1] for lease in await self.leases.scan(prefix) if lease.state == FINISHED
+        }
+        running: dict[str, asyncio.Task[bool]] = {}
+        gauge = self.metrics.leases_held.labels(self.source.pipeline)
+        loop = asyncio.get_running_loop()
+        list_at = 0.0
+        try:
+            async with asyncio.TaskGroup() as group:
+                async for _ in poll(1.0, self.stop):
+                    changed = False
+                    for shard_id, task in list(running.items()):
+                        if task.done():
+                            del running[shard_id]
+                            self.held.pop(shard_id, None)
+                            changed = True
+                            if task.result():
+                                finished.add(shard_id)
+                    if not changed and loop.time() < list_at:
+                        continue
+                    list_at = loop.time() + self.tuning.shard_refresh_s
+                    try:
+                        shards = await self.source.list_shards()
+                    except ReplicatorError as exc:
+                        self.metrics.errors.labels(self.source.pipeline, exc.kind).inc()
+                        log.warning("%s %s: cannot list shards: %s", self.source.pipeline, self.pair, exc)
+                        continue
+                    for shard in ready_shards(shards, finished):
+                        if shard.id in running:
+                            continue
+                        lease = await self.leases.take(self._key(shard.id), self.owner, shard.parent_ids)
+                        self.held[shard.id] = lease
+                        worker = ShardWorker(
+                            self.pair, self.source, self.processor, self.leases, lease,
+                            self.tuning, self.metrics, self.stop,
+                        )
+                        running[shard.id] = group.create_task(worker.run(), name=f"{self._key(shard.id)}")
+                        log.info("%s %s: reading shard %s from %s", self.source.pipeline, self.pair,
+                                 shard.id, lease.checkpoint or "the oldest record")
+                    gauge.set(len(running))
+        finally:
+            gauge.set(0)

@@ -1,0 +1,163 @@
+"""Local AWS: one moto server process per region, on loopback (DESIGN.md §7).
+
+One process per region because moto servers inside one Python process share state. Each
+server handles one request at a time (no threads): moto's Kinesis loses records under
+concurrent PutRecords, and serializing its requests is the cure.
+
+    python -m replicatord.tools.emulators serve --port 5101          # one region, foreground
+    python -m replicatord.tools.emulators start --dir .aws-local cn-north-1=5101 ap-southeast-1=5102
+    python -m replicatord.tools.emulators stop --dir .aws-local
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+LOCAL_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",  # the emulator's fixed dummy value, not a secret
+    "AWS_SESSION_TOKEN": "testing",
+}
+
+
+def serve(host: str, port: int) -> None:
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import run_simple
+
+    def _exit(signum: int, frame: FrameType | None) -> None:
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, _exit)
+    signal.signal(signal.SIGINT, _exit)
+    app = DomainDispatcherApplication(create_backend_app)
+    run_simple(host, port, app, threaded=False, request_handler=MotoRequestHandler)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_listening(host: str, port: int, deadline_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"emulator on port {port} exited with status {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"emulator on {host}:{port} did not start within {deadline_s:.0f}s")
+
+
+@dataclass
+class Emulator:
+    region: str
+    port: int
+    process: subprocess.Popen[bytes]
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def start(ports: Mapping[str, int], log_dir: Path | None = None) -> dict[str, Emulator]:
+    """Start one emulator per region and wait until each accepts connections."""
+    started: dict[str, Emulator] = {}
+    try:
+        for region, port in ports.items():
+            out: int | object = subprocess.DEVNULL
+            if log_dir is not None:
+                log_dir.mkdir(parents=True, exist_ok=True)
+                out = (log_dir / f"moto-{region}.log").open("ab")
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "replicatord.tools.emulators", "serve", "--port", str(port)],
+                stdout=out,  # type: ignore[arg-type]
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **LOCAL_CREDENTIALS},
+            )
+            started[region] = Emulator(region, port, proc)
+        for emulator in started.values():
+            wait_listening("127.0.0.1", emulator.port, 30, emulator.process)
+    except BaseException:
+        stop(started.values())
+        raise
+    return started
+
+
+def stop(emulators: Iterator[Emulator] | object) -> None:
+    procs = [e.process for e in emulators]  # type: ignore[attr-defined]
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def running(ports: Mapping[str, int], log_dir: Path | None = None) -> Iterator[dict[str, Emulator]]:
+    emulators = start(ports, log_dir)
+    try:
+        yield emulators
+    finally:
+        stop(emulators.values())
+
+
+def _parse_region_ports(values: list[str]) -> dict[str, int]:
+    ports = {}
+    for value in values:
+        region, sep, port = value.partition("=")
+        if not sep or not port.isdigit():
+            raise SystemExit(f"error: expected REGION=PORT, got {value!r}")
+        ports[region] = int(port)
+    return ports
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m replicatord.tools.emulators")
+    sub = parser.add_subparsers(dest="command", required=True)
+    srv = sub.add_parser("serve", help="one emulator in the foreground")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, required=True)
+    st = sub.add_parser("start", help="one emulator per REGION=PORT, in the background")
+    st.add_argument("--dir", default=".aws-local", help="pid and log files")
+    st.add_argument("regions", nargs="+", metavar="REGION=PORT")
+    sp = sub.add_parser("stop", help="stop what 'start' started")
+    sp.add_argument("--dir", default=".aws-local")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        serve(args.host, args.port)
+        return 0
+    workdir = Path(args.dir)
+    if args.command == "start":
+        emulators = start(_parse_region_ports(args.regions), workdir)
+        for e in emulators.values():
+            (workdir / f"moto-{e.region}.pid").write_text(str(e.process.pid))
+            print(f"{e.region}: {e.endpoint_url} (pid {e.process.pid})")
+        return 0
+    for pidfile in sorted(workdir.glob("moto-*.pid")):
+        pid = int(pidfile.read_text())
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        pidfile.unlink()
+        print(f"stopped {pidfile.stem} (pid {pid})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""`replicatord provision`: create, idempotently, everything the daemons need in every region.
+
+Per region: each pair's table (stream NEW_AND_OLD_IMAGES, on-demand) and Kinesis stream, the
+stats tables with their counters at 0, the lease table and the dead-letter queue. A second run
+changes nothing and says so. Peer credentials are never read from the YAML: they come from
+the environment or stdin and go to SSM (the secret as a SecureString).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from replicatord.aws import StartupError, peer_credential_names
+from replicatord.config import Topology
+from replicatord.leases import LEASE_KEY
+
+STATS_COUNTERS = {"stats_table": "replicated_count", "loader_stats_table": "loaded_count"}
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+class RegionProvisioner:
+    def __init__(self, topology: Topology, region: str, report: Callable[[str], None]) -> None:
+        self.topology = topology
+        self.region = region
+        self.config = topology.regions[region]
+        self.report = report
+        self.changes = 0
+        session = boto3.session.Session(region_name=region)
+        cfg = Config(retries={"mode": "standard", "max_attempts": 5})
+        self.ddb: Any = session.client("dynamodb", endpoint_url=self.config.endpoint_url, config=cfg)
+        self.kinesis: Any = session.client("kinesis", endpoint_url=self.config.endpoint_url, config=cfg)
+        self.sqs: Any = session.client("sqs", endpoint_url=self.config.endpoint_url, config=cfg)
+        self.ssm: Any = session.client("ssm", endpoint_url=self.config.endpoint_url, config=cfg)
+
+    def _did(self, what: str) -> None:
+        self.changes += 1
+        self.report(f"{self.region}: {what}")
+
+    def table(self, name: str, key: dict[str, str], stream: bool) -> None:
+        try:
+            desc = self.ddb.describe_table(TableName=name)["Table"]
+        except ClientError as exc:
+            if _code(exc) != "ResourceNotFoundException":
+                raise
+        else:
+            spec = desc.get("StreamSpecification") or {}
+            if stream and not (spec.get("StreamEnabled") and spec.get("StreamViewType") == "NEW_AND_OLD_IMAGES"):
+                if spec.get("StreamEnabled"):
+                    raise StartupError(
+                        f"{self.region}: table {name} streams {spec.get('StreamViewType')}; replicatord needs "
+                        "NEW_AND_OLD_IMAGES (disable the stream, then run provision again)"
+                    )
+                self.ddb.update_table(
+                    TableName=name,
+                    StreamSpecification={"StreamEnabled": True, "StreamViewType": "NEW_AND_OLD_IMAGES"},
+                )
+                self._did(f"enabled the NEW_AND_OLD_IMAGES stream on table {name}")
+            return
+        names = list(key)
+        kwargs: dict[str, Any] = {
+            "TableName": name,
+            "KeySchema": [{"AttributeName": n, "KeyType": kt} for n, kt in zip(names, ("HASH", "RANGE"), strict=False)],
+            "AttributeDefinitions": [{"AttributeName": n, "AttributeType": key[n]} for n in names],
+            "BillingMode": "PAY_PER_REQUEST",
+        }
+        if stream:
+            kwargs["StreamSpecification"] = {"StreamEnabled": True, "StreamViewType": "NEW_AND_OLD_IMAGES"}
+        self.ddb.create_table(**kwargs)
+        self.ddb.get_waiter("table_exists").wait(TableName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+        self._did(f"created table {name}" + (" (stream NEW_AND_OLD_IMAGES)" if stream else ""))
+
+    def counter(self, table: str, pk: str) -> None:
+        try:
+            self.ddb.put_item(
+                TableName=table,
+                Item={"PK": {"S": pk}, "cnt": {"N": "0"}},
+                ConditionExpression="attribute_not_exists(PK)",
+            )
+        except ClientError as exc:
+            if _code(exc) != "ConditionalCheckFailedException":
+                raise
+            return
+        self._did(f"set {table} {pk} = 0")
+
+    def kinesis_stream(self, name: str, shards: int) -> None:
+        try:
+            self.kinesis.describe_stream_summary(StreamName=name)
+            return
+        except ClientError as exc:
+            if _code(exc) != "ResourceNotFoundException":
+                raise
+        self.kinesis.create_stream(StreamName=name, ShardCount=shards)
+        self.kinesis.get_waiter("stream_exists").wait(StreamName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+        self._did(f"created Kinesis stream {name} ({shards} shard{'s' if shards > 1 else ''})")
+
+    def queue(self, name: str) -> None:
+        try:
+            self.sqs.get_queue_url(QueueName=name)
+            return
+        except ClientError as exc:
+            if _code(exc) not in ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"):
+                raise
+        # 14 days: the longest SQS keeps a message, time for an operator to look.
+        self.sqs.create_queue(QueueName=name, Attributes={"MessageRetentionPeriod": "1209600"})
+        self._did(f"created dead-letter queue {name}")
+
+    def store_peer_credentials(self, peer: str, access_key: str, secret_key: str) -> None:
+        target = self.topology.regions[peer].credentials
+        if target is None:
+            raise StartupError(f"regions.{peer}.credentials: missing, no SSM prefix to store the key pair under")
+        access_name, secret_name = peer_credential_names(target.ssm_prefix)
+        self.ssm.put_parameter(Name=access_name, Value=access_key, Type="String", Overwrite=True)
+        self.ssm.put_parameter(Name=secret_name, Value=secret_key, Type="SecureString", Overwrite=True)
+        self._did(f"stored {peer}'s key pair in SSM {access_name} and {secret_name} (SecureString)")
+
+    def everything(self) -> None:
+        for pair in self.topology.pairs:
+            self.table(pair.tables[self.region], pair.key, stream=True)
+            self.kinesis_stream(pair.streams[self.region], pair.kinesis_shards)
+        for attr, pk in STATS_COUNTERS.items():
+            table = getattr(self.config, attr)
+            self.table(table, {"PK": "S"}, stream=False)
+            self.counter(table, pk)
+        self.table(self.config.lease_table, {LEASE_KEY: "S"}, stream=False)
+        self.queue(self.config.dead_letter_queue)
+
+
+def read_key_pair() -> tuple[str, str]:
+    access = os.environ.get("REPLICATORD_PEER_ACCESS_KEY_ID")
+    secret = os.environ.get("REPLICATORD_PEER_SECRET_ACCESS_KEY")
+    if access and secret:
+        return access, secret
+    lines = [line.strip() for line in sys.stdin.read().splitlines() if line.strip()]
+    if len(lines) != 2:
+        raise StartupError(
+            "--store-peer-credentials: give the key pair as REPLICATORD_PEER_ACCESS_KEY_ID and "
+            "REPLICATORD_PEER_SECRET_ACCESS_KEY, or on stdin as two lines (access key id, secret key)"
+        )
+    return lines[0], lines[1]
+
+
+def provision(
+    topology: Topology,
+    regions: list[str] | None = None,
+    store_peer_credentials: list[str] | None = None,
+    report: Callable[[str], None] = print,
+) -> int:
+    unknown = [r for r in (regions or []) + (store_peer_credentials or []) if r not in topology.regions]
+    if unknown:
+        raise StartupError(f"unknown region {unknown[0]!r} (regions: {', '.join(topology.regions)})")
+    changes = 0
+    try:
+        if store_peer_credentials:
+            in_region, peer = store_peer_credentials
+            if in_region == peer:
+                raise StartupError("--store-peer-credentials: a region never holds its own credentials")
+            access, secret = read_key_pair()
+            worker = RegionProvisioner(topology, in_region, report)
+            worker.store_peer_credentials(peer, access, secret)
+            return 0
+        for region in regions or list(topology.regions):
+            worker = RegionProvisioner(topology, region, report)
+            worker.everything()
+            changes += worker.changes
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        raise StartupError(f"{exc.operation_name}: {error.get('Code')}: {error.get('Message')}") from None
+    except BotoCoreError as exc:
+        raise StartupError(str(exc)) from None
+    if not changes:
+        report("everything is in place: nothing to change")
+    return 0
