@@ -15,9 +15,16 @@ from replicatord.aws import Aws
 from replicatord.config import Conflict, Tuning
 from replicatord.conflict import delete_condition, mark_condition, put_condition
 from replicatord.dlq import DeadLetterQueue
-from replicatord.errors import ConditionFailed
+from replicatord.errors import ConditionFailed, InvalidRequest
 from replicatord.metrics import Metrics
-from replicatord.records import RecordError, ReplicationRecord, decode_record, partition_key, same_key_runs
+from replicatord.records import (
+    RecordError,
+    ReplicationRecord,
+    decode_record,
+    encode_record,
+    partition_key,
+    same_key_runs,
+)
 from replicatord.shards import run_together
 
 log = logging.getLogger(__name__)
@@ -72,7 +79,13 @@ class Applier:
     async def _apply_key(self, records: list[ReplicationRecord], applied: list[int]) -> None:
         async with self.limit:
             for record in records:
-                done = await (self._put(record) if record.op == "PUT" else self._delete(record))
+                try:
+                    done = await self.apply(record)
+                except InvalidRequest as exc:
+                    # DynamoDB refuses the write itself (too large, bad attribute): retrying cannot help.
+                    self.metrics.errors.labels("applier", exc.kind).inc()
+                    await self.dlq.send(self.pair, "applier", "rejected", str(exc), encode_record(record))
+                    continue
                 if done:
                     applied[0] += 1
                     self.metrics.records_applied.labels(self.pair, record.op).inc()
@@ -81,6 +94,10 @@ class Applier:
                     )
                 else:
                     self.metrics.records_stale.labels(self.pair).inc()
+
+    async def apply(self, record: ReplicationRecord) -> bool:
+        """Apply one change with the last-writer-wins rule; False if the local item is as new or newer."""
+        return await (self._put(record) if record.op == "PUT" else self._delete(record))
 
     async def _put(self, record: ReplicationRecord) -> bool:
         condition = put_condition(record.keys, record.version, self.conflict)

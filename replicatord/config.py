@@ -7,6 +7,7 @@ Every problem is reported as one line naming the field path and the reason
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,7 @@ class Pair(_Model):
     streams: dict[str, str]
     # Key schema, hash key first then an optional range key (used by `provision`; the daemon
     # reads the real schema from DescribeTable).
-    key: dict[str, KeyType] = Field(default_factory=lambda: {"PK": "S"})
+    key: dict[str, KeyType] = Field(default_factory=lambda: {"PK": "S"})  # type: ignore[arg-type]
     kinesis_shards: Annotated[int, Field(ge=1, le=500)] = 1
 
     @model_validator(mode="after")
@@ -130,10 +131,29 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key written twice in one mapping (YAML keeps the last silently)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[object, object]:
+    seen: set[object] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def parse_topology(text: str, source: str = "<config>") -> Topology:
     """Parse and validate a topology document; raise ConfigError with one line per problem."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -187,7 +207,7 @@ class Settings:
 
 def parse_listen(value: str, what: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    if not sep or not host or not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
         raise ConfigError([f"{what}: expected HOST:PORT, got {value!r}"])
     return host, int(port)
 

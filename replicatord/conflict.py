@@ -9,6 +9,7 @@ DynamoDB form of `decide_apply`; tests check that both agree.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, NamedTuple
@@ -34,12 +35,18 @@ class Version(NamedTuple):
         return json.dumps([str(self.timestamp), OP_NAMES[self.op], self.region], separators=(",", ":"))
 
 
-def parse_timestamp(value: str) -> Decimal | None:
+# DynamoDB number syntax (stricter than Decimal(), which also takes "1_000" or " 5 ").
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def parse_timestamp(value: object) -> Decimal | None:
+    """A DynamoDB number (in its string form) as a Decimal, or None if it is not one."""
+    if not isinstance(value, str) or not _NUMBER.fullmatch(value):
+        return None
     try:
-        ts = Decimal(value)
+        return Decimal(value)
     except InvalidOperation:
         return None
-    return ts if ts.is_finite() else None
 
 
 def version_of(image: Item | None, conflict: Conflict) -> Version | None:
@@ -48,9 +55,9 @@ def version_of(image: Item | None, conflict: Conflict) -> Version | None:
         return None
     ts = image.get(conflict.timestamp_attribute)
     region = image.get(conflict.region_attribute)
-    if not isinstance(ts, dict) or "N" not in ts or not isinstance(region, dict) or "S" not in region:
+    if not isinstance(ts, dict) or not isinstance(region, dict) or not isinstance(region.get("S"), str):
         return None
-    timestamp = parse_timestamp(ts["N"])
+    timestamp = parse_timestamp(ts.get("N"))
     if timestamp is None:
         return None
     return Version(timestamp, PUT, region["S"])
@@ -90,10 +97,10 @@ def put_condition(keys: Item, incoming: Version, conflict: Conflict) -> WriteCon
     """Condition for a replicated PUT: absent, unversioned, older, or same time and lower region."""
     hash_key = next(iter(keys))
     return WriteCondition(
-        "attribute_not_exists(#k) OR attribute_not_exists(#ts) OR #ts < :ts"
-        " OR (#ts = :ts AND #rg < :rg)",
+        "attribute_not_exists(#k) OR attribute_not_exists(#ts) OR attribute_not_exists(#rg)"
+        " OR NOT attribute_type(#ts, :n) OR #ts < :ts OR (#ts = :ts AND #rg < :rg)",
         {"#k": hash_key, "#ts": conflict.timestamp_attribute, "#rg": conflict.region_attribute},
-        {":ts": {"N": str(incoming.timestamp)}, ":rg": {"S": incoming.region}},
+        {":ts": {"N": str(incoming.timestamp)}, ":rg": {"S": incoming.region}, ":n": {"S": "N"}},
     )
 
 
@@ -104,9 +111,11 @@ def mark_condition(keys: Item, incoming: Version, conflict: Conflict) -> WriteCo
     """
     hash_key = next(iter(keys))
     return WriteCondition(
-        "attribute_exists(#k) AND (attribute_not_exists(#ts) OR #ts <= :ts)",
-        {"#k": hash_key, "#ts": conflict.timestamp_attribute, "#m": conflict.marker_attribute},
-        {":ts": {"N": str(incoming.timestamp)}, ":m": {"S": incoming.encode()}},
+        "attribute_exists(#k) AND (attribute_not_exists(#ts) OR attribute_not_exists(#rg)"
+        " OR NOT attribute_type(#ts, :n) OR #ts <= :ts)",
+        {"#k": hash_key, "#ts": conflict.timestamp_attribute, "#rg": conflict.region_attribute,
+         "#m": conflict.marker_attribute},
+        {":ts": {"N": str(incoming.timestamp)}, ":m": {"S": incoming.encode()}, ":n": {"S": "N"}},
     )
 
 

@@ -91,10 +91,10 @@ class Daemon:
         for pair in topology.pairs:
             plan = await self._plan_pair(pair.name, pair.tables[s.region], pair.streams[s.region])
             peers = {peer: (peer_clients[peer], pair.streams[peer]) for peer in s.peers}
-            forwarder = Forwarder(self.aws, pair.name, peers, topology.conflict, topology.tuning, dlq,
-                                  self.metrics, self.stop)
             applier = Applier(self.aws, pair.name, plan.table, me.stats_table, topology.conflict,
                               topology.tuning, dlq, self.metrics)
+            forwarder = Forwarder(self.aws, pair.name, peers, topology.conflict, topology.tuning, dlq,
+                                  applier, self.metrics, self.stop)
             for source, processor in (
                 (DynamoStreamSource(self.aws, plan.table, plan.stream_arn), forwarder),
                 (KinesisSource(self.aws, plan.kinesis_stream), applier),
@@ -121,7 +121,8 @@ class Daemon:
             sd_notify("STOPPING=1")
             log.info("stopping: draining in-flight pages (at most %.0fs)",
                      self.settings.topology.tuning.drain_timeout_s)
-            drain = asyncio.gather(*(t for t in asyncio.all_tasks() if t.get_name().startswith(("forwarder", "applier"))))
+            pipelines = [t for t in asyncio.all_tasks() if t.get_name().startswith(("forwarder", "applier"))]
+            drain = asyncio.gather(*pipelines)
             try:
                 await asyncio.wait_for(asyncio.shield(drain), self.settings.topology.tuning.drain_timeout_s)
             except TimeoutError:
@@ -245,6 +246,6 @@ class Daemon:
                 f"metrics: cannot listen on {self.settings.metrics_host}:{self.settings.metrics_port}: "
                 f"{exc.strerror}"
             ) from None
-        server = site._server  # noqa: SLF001 - aiohttp keeps the bound socket here
+        server: Any = site._server  # aiohttp keeps the bound socket here; port 0 needs it
         port = server.sockets[0].getsockname()[1] if server is not None and server.sockets else 0
         log.info("metrics listening on %s:%d (/metrics, /healthz, /readyz)", self.settings.metrics_host, port)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from replicatord.aws import Aws
 from replicatord.config import Conflict, Tuning
@@ -62,6 +62,31 @@ def plan_forward(stream_record: dict[str, Any], pair: str, region: str, conflict
     return Skip("unknown_event")
 
 
+def plan_repair(stream_record: dict[str, Any], pair: str, region: str, conflict: Conflict) -> ReplicationRecord | None:
+    """An application write stamped older than the item it overwrote: the replaced image won.
+
+    Returns the PUT that restores it (applied with the normal rule, so it lands only if it is
+    still the winner), or None. DESIGN.md §4, repair.
+    """
+    if stream_record.get("eventName") != "MODIFY":
+        return None
+    ddb = stream_record.get("dynamodb", {})
+    old = ddb.get("OldImage") or {}
+    new_version = version_of(ddb.get("NewImage"), conflict)
+    old_version = version_of(old, conflict)
+    if new_version is None or old_version is None or not new_version < old_version:
+        return None
+    image = {name: value for name, value in old.items() if name != conflict.marker_attribute}
+    return ReplicationRecord(
+        "PUT", pair, ddb.get("Keys") or {}, image, old_version, old_version.region,
+        str(ddb.get("SequenceNumber", "")), float(creation_seconds(ddb.get("ApproximateCreationDateTime", 0))),
+    )
+
+
+class Repairer(Protocol):
+    async def apply(self, record: ReplicationRecord) -> bool: ...
+
+
 class Forwarder:
     def __init__(
         self,
@@ -71,10 +96,12 @@ class Forwarder:
         conflict: Conflict,
         tuning: Tuning,
         dlq: DeadLetterQueue,
+        repairer: Repairer,
         metrics: Metrics,
         stop: asyncio.Event,
     ) -> None:
         self.aws = aws
+        self.repairer = repairer
         self.pair = pair
         self.region = aws.settings.region
         self.peers = peers
@@ -87,6 +114,12 @@ class Forwarder:
     async def process(self, shard_id: str, records: list[dict[str, Any]]) -> None:
         entries: list[Entry] = []
         for stream_record in records:
+            repair = plan_repair(stream_record, self.pair, self.region, self.conflict)
+            if repair is not None:
+                if await self.repairer.apply(repair):
+                    self.metrics.conflicts.labels("stale_write").inc()
+                    log.info("forwarder %s: application write to %s was older than the item it replaced; "
+                             "restored the winner %s", self.pair, repair.keys, repair.version.encode())
             planned = plan_forward(stream_record, self.pair, self.region, self.conflict)
             if isinstance(planned, Skip):
                 self.metrics.records_skipped.labels(self.pair, planned.reason).inc()

@@ -7,6 +7,7 @@ checkpoint over the new owner; it gets LeaseLost and stops that shard.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -145,7 +146,7 @@ class LeaseTable:
 
     async def release(self, lease: Lease) -> None:
         """Give the lease up so another instance can take it at once; a lost lease is fine."""
-        try:
+        with contextlib.suppress(ConditionFailed):
             await self.aws.call(
                 "dynamodb",
                 "update_item",
@@ -160,5 +161,3 @@ class LeaseTable:
                     ":next": {"N": str(lease.counter + 1)},
                 },
             )
-        except ConditionFailed:
-            pass

@@ -97,13 +97,18 @@ def _value_from_json(value: Any, path: str) -> Any:
             raise RecordError(f"{path}: S must be a string")
         return {"S": inner}
     if kind == "N":
-        if not isinstance(inner, str) or parse_timestamp(inner) is None:
+        if parse_timestamp(inner) is None:
             raise RecordError(f"{path}: N must be a number in a string")
         return {"N": inner}
     if kind == "B":
         return {"B": _b64(inner, path)}
-    if kind in ("SS", "NS"):
+    if kind == "SS":
         return {kind: _str_list(inner, path)}
+    if kind == "NS":
+        numbers = _str_list(inner, path)
+        if any(parse_timestamp(n) is None for n in numbers):
+            raise RecordError(f"{path}: NS members must be numbers in strings")
+        return {kind: numbers}
     if kind == "BS":
         return {"BS": [_b64(b, path) for b in _str_list(inner, path)]}
     if kind == "BOOL":
@@ -166,9 +171,11 @@ def decode_record(data: bytes) -> ReplicationRecord:
         doc = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RecordError(f"not JSON: {exc}") from None
+    except RecursionError:
+        raise RecordError("not JSON: nested too deeply") from None
     if not isinstance(doc, dict):
         raise RecordError("not a JSON object")
-    if doc.get("v") != SCHEMA_VERSION:
+    if type(doc.get("v")) is not int or doc.get("v") != SCHEMA_VERSION:
         raise RecordError(f"unsupported record version {doc.get('v')!r}")
     op = _field(doc, "op", str)
     if op not in OPS:

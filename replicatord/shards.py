@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from replicatord.aws import Aws
 from replicatord.config import Tuning
-from replicatord.errors import ExpiredIterator, LeaseLost, ReplicatorError, TrimmedData, Transient
+from replicatord.errors import ExpiredIterator, LeaseLost, ReplicatorError, Transient, TrimmedData
 from replicatord.leases import FINISHED, Lease, LeaseTable, lease_key
 from replicatord.metrics import Metrics
 from replicatord.records import creation_seconds
@@ -251,7 +251,7 @@ class ShardWorker:
                     await sleep_or_stop(self.stop, backoff_s(failures, self.tuning))
                 except TrimmedData as exc:
                     self.metrics.errors.labels(pipeline, exc.kind).inc()
-                    log.error(
+                    log.error(  # noqa: TRY400 - one line for the operator, the cause is known
                         "%s %s: shard %s: checkpoint %s is older than the stream's retention; records "
                         "were trimmed before they were replicated: run 'replicatord verify --repair' or "
                         "'replicatord backfill' for this pair. Reading on from the oldest record.",

@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -32,7 +32,11 @@ LOCAL_CREDENTIALS = {
 
 
 def serve(host: str, port: int) -> None:
-    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        MotoRequestHandler,
+        create_backend_app,
+    )
     from werkzeug.serving import run_simple
 
     def _exit(signum: int, frame: FrameType | None) -> None:
@@ -77,16 +81,17 @@ def start(ports: Mapping[str, int], log_dir: Path | None = None) -> dict[str, Em
     started: dict[str, Emulator] = {}
     try:
         for region, port in ports.items():
-            out: int | object = subprocess.DEVNULL
+            log_path = os.devnull
             if log_dir is not None:
                 log_dir.mkdir(parents=True, exist_ok=True)
-                out = (log_dir / f"moto-{region}.log").open("ab")
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "replicatord.tools.emulators", "serve", "--port", str(port)],
-                stdout=out,  # type: ignore[arg-type]
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **LOCAL_CREDENTIALS},
-            )
+                log_path = str(log_dir / f"moto-{region}.log")
+            with open(log_path, "ab") as out:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "replicatord.tools.emulators", "serve", "--port", str(port)],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, **LOCAL_CREDENTIALS},
+                )
             started[region] = Emulator(region, port, proc)
         for emulator in started.values():
             wait_listening("127.0.0.1", emulator.port, 30, emulator.process)
@@ -96,8 +101,8 @@ def start(ports: Mapping[str, int], log_dir: Path | None = None) -> dict[str, Em
     return started
 
 
-def stop(emulators: Iterator[Emulator] | object) -> None:
-    procs = [e.process for e in emulators]  # type: ignore[attr-defined]
+def stop(emulators: Iterable[Emulator]) -> None:
+    procs = [e.process for e in emulators]
     for proc in procs:
         if proc.poll() is None:
             proc.terminate()

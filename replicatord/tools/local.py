@@ -73,12 +73,14 @@ def local_env() -> dict[str, str]:
 
 
 def client(service: str, region: str, endpoint_url: str) -> Any:
-    return boto3.session.Session(
+    session: Any = boto3.session.Session(
         aws_access_key_id=LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
         aws_session_token=LOCAL_CREDENTIALS["AWS_SESSION_TOKEN"],
         region_name=region,
-    ).client(service, endpoint_url=endpoint_url, config=Config(retries={"mode": "standard", "max_attempts": 10}))
+    )
+    retries = Config(retries={"mode": "standard", "max_attempts": 10})
+    return session.client(service, endpoint_url=endpoint_url, config=retries)
 
 
 def read_counter(ddb: Any, table: str, pk: str) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import boto3
@@ -46,7 +46,7 @@ class RegionProvisioner:
         self.changes += 1
         self.report(f"{self.region}: {what}")
 
-    def table(self, name: str, key: dict[str, str], stream: bool) -> None:
+    def table(self, name: str, key: Mapping[str, str], stream: bool) -> None:
         try:
             desc = self.ddb.describe_table(TableName=name)["Table"]
         except ClientError as exc:

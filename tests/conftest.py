@@ -1,0 +1,132 @@
+"""Fixtures for the integration and end-to-end tiers: emulator processes, squid, daemons.
+
+Every factory closes what it opened.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from replicatord.tools import emulators
+from replicatord.tools.local import (
+    REGIONS,
+    DaemonProcess,
+    client,
+    provision_local,
+    topology_document,
+    write_topology,
+)
+
+
+@pytest.fixture(autouse=True)
+def _local_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in emulators.LOCAL_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGIONS[0])
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
+@dataclass
+class LocalRegions:
+    """Two emulated regions (one moto server process each) and the topology pointing at them."""
+
+    workdir: Path
+    endpoints: dict[str, str]
+    daemons: list[DaemonProcess] = field(default_factory=list)
+    config: Path | None = None
+
+    def client(self, service: str, region: str) -> Any:
+        return client(service, region, self.endpoints[region])
+
+    def write_config(self, **kwargs: Any) -> Path:
+        self.config = write_topology(self.workdir / "topology.yaml", topology_document(self.endpoints, **kwargs))
+        return self.config
+
+    def provision(self, **kwargs: Any) -> Path:
+        config = self.write_config(**kwargs)
+        provision_local(config, report=lambda _line: None)
+        return config
+
+    def daemon(self, region: str, instance_id: str | None = None) -> DaemonProcess:
+        assert self.config is not None, "write_config() or provision() first"
+        daemon = DaemonProcess(self.config, region, self.workdir, instance_id).start()
+        self.daemons.append(daemon)
+        return daemon
+
+
+@pytest.fixture
+def regions(tmp_path: Path) -> Iterator[LocalRegions]:
+    ports = {region: emulators.free_port() for region in REGIONS}
+    with emulators.running(ports, tmp_path) as emus:
+        local = LocalRegions(tmp_path, {r: e.endpoint_url for r, e in emus.items()})
+        try:
+            yield local
+        finally:
+            for daemon in local.daemons:
+                if daemon.process is not None:
+                    daemon.terminate(timeout_s=15)
+
+
+@dataclass
+class Squid:
+    url: str
+    access_log: Path
+
+    def requests(self) -> list[str]:
+        return self.access_log.read_text().splitlines() if self.access_log.exists() else []
+
+
+def _squid_binary() -> str:
+    found = shutil.which("squid") or ("/usr/sbin/squid" if os.path.exists("/usr/sbin/squid") else None)
+    if found is None:
+        pytest.fail("squid is not installed: run scripts/bootstrap.sh (it installs it with apt)")
+    return found
+
+
+@pytest.fixture
+def squid() -> Iterator[Squid]:
+    """A real squid on loopback that only forwards to loopback (the emulators)."""
+    # Outside pytest's 0700 tmp tree: as root, squid drops to the 'proxy' user to write its logs.
+    workdir = Path(tempfile.mkdtemp(prefix="replicatord-squid-"))
+    workdir.chmod(0o777)
+    port = emulators.free_port()
+    conf = workdir / "squid.conf"
+    conf.write_text(
+        f"""
+http_port 127.0.0.1:{port}
+pid_filename {workdir}/squid.pid
+access_log stdio:{workdir}/access.log
+cache_log {workdir}/cache.log
+cache_store_log none
+coredump_dir {workdir}
+cache deny all
+acl loopback_src src 127.0.0.1/32
+acl emulators dst 127.0.0.1/32
+http_access allow loopback_src emulators
+http_access deny all
+shutdown_lifetime 0 seconds
+logfile_rotate 0
+"""
+    )
+    with (workdir / "stdout.log").open("wb") as out:
+        proc = subprocess.Popen([_squid_binary(), "-N", "-f", str(conf)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        emulators.wait_listening("127.0.0.1", port, 30, proc)
+        yield Squid(f"http://127.0.0.1:{port}", workdir / "access.log")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(workdir, ignore_errors=True)

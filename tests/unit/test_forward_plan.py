@@ -1,0 +1,298 @@
+"""What the forwarder does with each local stream record, and which shards a pipeline reads next."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from replicatord.config import Conflict, Tuning
+from replicatord.conflict import DELETE, PUT, Version, delete_version
+from replicatord.forwarder import Skip, plan_forward
+from replicatord.records import ReplicationRecord, creation_seconds, decode_record, encode_record
+from replicatord.shards import Shard, backoff_s, ready_shards
+
+CONFLICT = Conflict()
+TS = CONFLICT.timestamp_attribute
+RG = CONFLICT.region_attribute
+MARKER = CONFLICT.marker_attribute
+CN = "cn-north-1"
+SG = "ap-southeast-1"
+PAIR = "user"
+CREATED = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
+CREATED_S = Decimal(str(CREATED.timestamp()))
+KEYS = {"PK": {"S": "user#1"}}
+
+
+def item(ts: str | None = "1714564800.5", region: str | None = CN, **extra: Any) -> dict[str, Any]:
+    image: dict[str, Any] = {
+        "PK": {"S": "user#1"},
+        "email": {"S": "ann@example.com"},
+        "score": {"N": "123456789012345678901234567890.123"},
+        "avatar": {"B": b"\x89PNG\x00\xff"},
+        "tags": {"SS": ["a", "b"]},
+        "profile": {"M": {"city": {"S": "北京"}, "zip": {"N": "100000"}, "bin": {"BS": [b"\x00"]}}},
+        "history": {"L": [{"N": "1"}, {"NULL": True}, {"BOOL": False}]},
+    }
+    if ts is not None:
+        image[TS] = {"N": ts}
+    if region is not None:
+        image[RG] = {"S": region}
+    image.update(extra)
+    return image
+
+
+def stream_record(
+    event: str | None,
+    new: dict[str, Any] | None = None,
+    old: dict[str, Any] | None = None,
+    created: Any = CREATED,
+) -> dict[str, Any]:
+    """A DynamoDB stream record as botocore returns it."""
+    ddb: dict[str, Any] = {
+        "Keys": dict(KEYS),
+        "SequenceNumber": "100",
+        "SizeBytes": 123,
+        "StreamViewType": "NEW_AND_OLD_IMAGES",
+        "ApproximateCreationDateTime": created,
+    }
+    if new is not None:
+        ddb["NewImage"] = new
+    if old is not None:
+        ddb["OldImage"] = old
+    record: dict[str, Any] = {
+        "eventID": "e1",
+        "eventVersion": "1.1",
+        "eventSource": "aws:dynamodb",
+        "awsRegion": "us-east-1",
+        "dynamodb": ddb,
+    }
+    if event is not None:
+        record["eventName"] = event
+    return record
+
+
+# --- INSERT / MODIFY -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("event", ["INSERT", "MODIFY"])
+def test_local_change_is_forwarded_unchanged(event: str) -> None:
+    new = item()
+    old = item("1714564700", SG) if event == "MODIFY" else None
+    planned = plan_forward(stream_record(event, new, old), PAIR, CN, CONFLICT)
+    assert planned == ReplicationRecord(
+        op="PUT",
+        pair=PAIR,
+        keys=KEYS,
+        image=item(),
+        version=Version(Decimal("1714564800.5"), PUT, CN),
+        origin=CN,
+        sequence_number="100",
+        approximate_creation_time=CREATED.timestamp(),
+    )
+    assert isinstance(planned, ReplicationRecord)
+    assert planned.image is new  # passed through, not rebuilt or converted
+
+
+def test_forwarded_record_survives_the_wire() -> None:
+    planned = plan_forward(stream_record("INSERT", item()), PAIR, CN, CONFLICT)
+    assert isinstance(planned, ReplicationRecord)
+    decoded = decode_record(encode_record(planned))
+    assert decoded == planned
+    assert decoded.image == item()
+
+
+@pytest.mark.parametrize("event", ["INSERT", "MODIFY"])
+@pytest.mark.parametrize("origin", [SG, "us-east-1", ""])
+def test_replicated_change_is_not_forwarded(event: str, origin: str) -> None:
+    assert plan_forward(stream_record(event, item(region=origin)), PAIR, CN, CONFLICT) == Skip("replicated")
+
+
+@pytest.mark.parametrize("event", ["INSERT", "MODIFY"])
+@pytest.mark.parametrize("region", [CN, SG])
+def test_marked_image_is_not_forwarded(event: str, region: str) -> None:
+    marked = item(region=region, **{MARKER: {"S": '["1","DELETE","x"]'}})
+    assert plan_forward(stream_record(event, marked), PAIR, CN, CONFLICT) == Skip("delete_marker")
+
+
+@pytest.mark.parametrize(
+    "new",
+    [
+        item(ts=None),
+        item(region=None),
+        item(ts=None, region=None),
+        item(ts="soon"),
+        item(ts="NaN"),
+        {**item(), TS: {"S": "1714564800"}},
+        None,
+        {},
+    ],
+    ids=["no_ts", "no_region", "neither", "ts_text", "ts_nan", "ts_as_S", "no_image", "empty_image"],
+)
+@pytest.mark.parametrize("event", ["INSERT", "MODIFY"])
+def test_unversioned_change_is_reported(event: str, new: dict[str, Any] | None) -> None:
+    assert plan_forward(stream_record(event, new), PAIR, CN, CONFLICT) == Skip("no_version")
+
+
+def test_custom_attribute_names() -> None:
+    conflict = Conflict(timestamp_attribute="ts", region_attribute="rg", marker_attribute="aws:rep:deleting")
+    new = {"PK": {"S": "user#1"}, "ts": {"N": "5"}, "rg": {"S": CN}}
+    planned = plan_forward(stream_record("MODIFY", new), PAIR, CN, conflict)
+    assert isinstance(planned, ReplicationRecord)
+    assert planned.version == Version(Decimal(5), PUT, CN)
+    # the default attribute names mean nothing here
+    assert plan_forward(stream_record("MODIFY", item()), PAIR, CN, conflict) == Skip("no_version")
+    marked = {**new, "aws:rep:deleting": {"S": "x"}}
+    assert plan_forward(stream_record("MODIFY", marked), PAIR, CN, conflict) == Skip("delete_marker")
+    assert plan_forward(stream_record("REMOVE", old=marked), PAIR, CN, conflict) == Skip("known_delete")
+
+
+# --- REMOVE ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("old", "expected_ts"),
+    [
+        (item("1714564700", CN), CREATED_S),  # the stream's clock is later than the image
+        (item("1714564900.25", CN), Decimal("1714564900.25")),  # the image is stamped later
+        (item("1714564900", SG), Decimal("1714564900")),  # a replicated item deleted here
+        (item(str(CREATED_S), SG), CREATED_S),
+        (item(ts=None), CREATED_S),  # unversioned image: the stream's clock
+        (None, CREATED_S),  # KEYS_ONLY stream
+    ],
+    ids=["clock_later", "image_later", "replicated_item", "equal", "unversioned", "no_old_image"],
+)
+def test_application_delete_is_forwarded(old: dict[str, Any] | None, expected_ts: Decimal) -> None:
+    planned = plan_forward(stream_record("REMOVE", old=old), PAIR, CN, CONFLICT)
+    assert planned == ReplicationRecord(
+        op="DELETE",
+        pair=PAIR,
+        keys=KEYS,
+        image=None,
+        version=delete_version(old, creation_seconds(CREATED), CN, CONFLICT),
+        origin=CN,
+        sequence_number="100",
+        approximate_creation_time=CREATED.timestamp(),
+    )
+    assert isinstance(planned, ReplicationRecord)
+    assert planned.version == Version(expected_ts, DELETE, CN)
+    assert decode_record(encode_record(planned)) == planned
+
+
+def test_delete_with_epoch_number_creation_time() -> None:
+    planned = plan_forward(stream_record("REMOVE", old=item("1"), created=1714564800), PAIR, CN, CONFLICT)
+    assert isinstance(planned, ReplicationRecord)
+    assert planned.version == Version(Decimal(1714564800), DELETE, CN)
+
+
+@pytest.mark.parametrize("region", [CN, SG])
+def test_delete_made_by_replicatord_is_not_forwarded(region: str) -> None:
+    old = item(region=region, **{MARKER: {"S": '["1714564800","DELETE","ap-southeast-1"]'}})
+    assert plan_forward(stream_record("REMOVE", old=old), PAIR, CN, CONFLICT) == Skip("known_delete")
+
+
+@pytest.mark.parametrize("event", [None, "UPDATE", "remove", "insert", ""])
+def test_unknown_event(event: str | None) -> None:
+    assert plan_forward(stream_record(event, item(), item()), PAIR, CN, CONFLICT) == Skip("unknown_event")
+
+
+# --- shard lineage ---------------------------------------------------------------------------
+
+
+def ids(shards: list[Shard]) -> list[str]:
+    return [s.id for s in shards]
+
+
+@pytest.mark.parametrize(
+    ("shards", "finished", "ready"),
+    [
+        ([], set(), []),
+        ([Shard("a", ())], set(), ["a"]),
+        ([Shard("a", ()), Shard("b", ())], set(), ["a", "b"]),
+        # a child waits for its parent
+        ([Shard("p", ()), Shard("c", ("p",))], set(), ["p"]),
+        # the parent finished: the child is ready, the parent is not read again
+        ([Shard("p", ()), Shard("c", ("p",))], {"p"}, ["c"]),
+        # a parent no longer listed (trimmed) does not block
+        ([Shard("c", ("gone",))], set(), ["c"]),
+        # a chain: only the oldest unfinished generation
+        ([Shard("g", ()), Shard("p", ("g",)), Shard("c", ("p",))], set(), ["g"]),
+        ([Shard("g", ()), Shard("p", ("g",)), Shard("c", ("p",))], {"g"}, ["p"]),
+        ([Shard("g", ()), Shard("p", ("g",)), Shard("c", ("p",))], {"g", "p"}, ["c"]),
+        # a merge child waits for both parents
+        ([Shard("l", ()), Shard("r", ()), Shard("m", ("l", "r"))], set(), ["l", "r"]),
+        ([Shard("l", ()), Shard("r", ()), Shard("m", ("l", "r"))], {"l"}, ["r"]),
+        ([Shard("l", ()), Shard("r", ()), Shard("m", ("l", "r"))], {"r"}, ["l"]),
+        ([Shard("l", ()), Shard("r", ()), Shard("m", ("l", "r"))], {"l", "r"}, ["m"]),
+        ([Shard("r", ()), Shard("m", ("gone", "r"))], set(), ["r"]),
+        ([Shard("r", ()), Shard("m", ("gone", "r"))], {"r"}, ["m"]),
+        # a split: both children are ready once the parent is done
+        ([Shard("p", ()), Shard("c1", ("p",)), Shard("c2", ("p",))], {"p"}, ["c1", "c2"]),
+        # everything finished
+        ([Shard("a", ()), Shard("b", ("a",))], {"a", "b"}, []),
+        # finished ids of shards no longer listed are harmless
+        ([Shard("a", ())], {"x", "y"}, ["a"]),
+    ],
+)
+def test_ready_shards(shards: list[Shard], finished: set[str], ready: list[str]) -> None:
+    assert ids(ready_shards(shards, finished)) == ready
+
+
+def test_ready_shards_keeps_listing_order() -> None:
+    shards = [Shard(f"s{i}", ()) for i in (3, 1, 2)]
+    assert ids(ready_shards(shards, set())) == ["s3", "s1", "s2"]
+
+
+def test_ready_shards_does_not_change_its_inputs() -> None:
+    shards = [Shard("p", ()), Shard("c", ("p",))]
+    finished = {"p"}
+    ready_shards(shards, finished)
+    assert shards == [Shard("p", ()), Shard("c", ("p",))]
+    assert finished == {"p"}
+
+
+# --- backoff ---------------------------------------------------------------------------------
+
+
+def expected_cap_s(attempt: int, tuning: Tuning) -> float:
+    return min(tuning.backoff_max_ms, tuning.backoff_base_ms * 2**attempt) / 1000
+
+
+@pytest.mark.parametrize(
+    ("attempt", "cap_s"),
+    [(0, 0.1), (1, 0.2), (2, 0.4), (3, 0.8), (4, 1.6), (5, 3.2), (6, 5.0), (7, 5.0), (30, 5.0), (10_000, 5.0)],
+)
+def test_backoff_bounds(monkeypatch: pytest.MonkeyPatch, attempt: int, cap_s: float) -> None:
+    tuning = Tuning(backoff_base_ms=100, backoff_max_ms=5000)
+    monkeypatch.setattr(random, "uniform", lambda lo, hi: lo)
+    assert backoff_s(attempt, tuning) == pytest.approx(cap_s / 2)
+    monkeypatch.setattr(random, "uniform", lambda lo, hi: hi)
+    assert backoff_s(attempt, tuning) == pytest.approx(cap_s)
+
+
+@pytest.mark.parametrize(
+    "tuning",
+    [Tuning(), Tuning(backoff_base_ms=1, backoff_max_ms=10), Tuning(backoff_base_ms=250, backoff_max_ms=60_000)],
+    ids=["defaults", "tiny", "long"],
+)
+def test_backoff_is_jittered_within_half_cap_and_cap(tuning: Tuning) -> None:
+    random.seed(1234)
+    previous_cap = 0.0
+    for attempt in range(0, 25):
+        cap = expected_cap_s(attempt, tuning)
+        assert cap >= previous_cap  # grows, then stays at the maximum
+        previous_cap = cap
+        assert cap <= tuning.backoff_max_ms / 1000
+        samples = [backoff_s(attempt, tuning) for _ in range(200)]
+        assert all(cap / 2 <= s <= cap for s in samples)
+        if cap > 0.002:
+            assert len(set(samples)) > 1, "jittered"
+    assert previous_cap == tuning.backoff_max_ms / 1000
+
+
+def test_backoff_max_below_base_is_still_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(random, "uniform", lambda lo, hi: hi)
+    assert backoff_s(1, Tuning(backoff_base_ms=1000, backoff_max_ms=100)) == pytest.approx(0.1)
