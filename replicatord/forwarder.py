@@ -115,11 +115,10 @@ class Forwarder:
         entries: list[Entry] = []
         for stream_record in records:
             repair = plan_repair(stream_record, self.pair, self.region, self.conflict)
-            if repair is not None:
-                if await self.repairer.apply(repair):
-                    self.metrics.conflicts.labels("stale_write").inc()
-                    log.info("forwarder %s: application write to %s was older than the item it replaced; "
-                             "restored the winner %s", self.pair, repair.keys, repair.version.encode())
+            if repair is not None and await self.repairer.apply(repair):
+                self.metrics.conflicts.labels("stale_write").inc()
+                log.info("forwarder %s: application write to %s was older than the item it replaced; "
+                         "restored the winner %s", self.pair, repair.keys, repair.version.encode())
             planned = plan_forward(stream_record, self.pair, self.region, self.conflict)
             if isinstance(planned, Skip):
                 self.metrics.records_skipped.labels(self.pair, planned.reason).inc()

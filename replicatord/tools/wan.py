@@ -1,0 +1,171 @@
+"""A WAN link for tests and benchmarks: a TCP proxy on loopback with delay, jitter and outages.
+
+Kernel netem is not available on the machines this runs on, so the link between the emulated
+regions is this proxy: every chunk is held for `delay_ms ± jitter_ms` in each direction, in
+order, and `outage()` refuses new connections and cuts open ones.
+
+    python -m replicatord.tools.wan --listen 127.0.0.1:7000 --target 127.0.0.1:5102 --delay-ms 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import threading
+from collections.abc import Iterator
+
+
+def _in_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+class WanLink:
+    def __init__(self, target_host: str, target_port: int, delay_ms: float = 0.0, jitter_ms: float = 0.0) -> None:
+        self.target = (target_host, target_port)
+        self.delay_ms = delay_ms
+        self.jitter_ms = jitter_ms
+        self.down = False
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.port = 0
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        self._loop = asyncio.get_running_loop()
+        self._server = await asyncio.start_server(self._handle, host, port)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self.port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._cut()
+            await self._server.wait_closed()
+
+    def set_down(self, down: bool) -> None:
+        """Start or end an outage; callable from any thread."""
+        loop = self._loop
+        if loop is not None and loop.is_running() and not _in_loop(loop):
+            done = threading.Event()
+
+            def switch() -> None:
+                self.set_down(down)
+                done.set()
+
+            loop.call_soon_threadsafe(switch)
+            done.wait(5)
+            return
+        self.down = down
+        if down:
+            self._cut()
+
+    def _cut(self) -> None:
+        for writer in list(self._writers):
+            writer.close()
+        self._writers.clear()
+
+    def _delay_s(self) -> float:
+        jitter = random.uniform(-self.jitter_ms, self.jitter_ms) if self.jitter_ms else 0.0
+        return max(0.0, self.delay_ms + jitter) / 1000
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.down:
+            writer.close()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        self._writers.update((writer, up_writer))
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._pipe(reader, up_writer))
+                group.create_task(self._pipe(up_reader, writer))
+        except* (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            for w in (writer, up_writer):
+                self._writers.discard(w)
+                w.close()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Forward chunks in order, each after the link's delay (a queue keeps the order)."""
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        async def send() -> None:
+            while True:
+                due, chunk = await queue.get()
+                if not chunk:
+                    break
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                writer.write(chunk)
+                await writer.drain()
+            with contextlib.suppress(OSError):
+                writer.write_eof()
+
+        sender = asyncio.create_task(send())
+        try:
+            while chunk := await reader.read(65536):
+                await queue.put((loop.time() + self._delay_s(), chunk))
+        finally:
+            await queue.put((loop.time(), b""))
+            await sender
+
+
+@contextlib.contextmanager
+def running_link(
+    target_host: str, target_port: int, delay_ms: float = 0.0, jitter_ms: float = 0.0
+) -> Iterator[WanLink]:
+    """The link served from a background thread's event loop, for synchronous tests and tools."""
+    link = WanLink(target_host, target_port, delay_ms, jitter_ms)
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(link.start())
+        started.set()
+        loop.run_forever()
+        loop.run_until_complete(link.stop())
+        loop.close()
+
+    thread = threading.Thread(target=serve, name="wan-link", daemon=True)
+    thread.start()
+    started.wait(10)
+    try:
+        yield link
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m replicatord.tools.wan")
+    parser.add_argument("--listen", default="127.0.0.1:0")
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--delay-ms", type=float, default=0.0)
+    parser.add_argument("--jitter-ms", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    host, _, port = args.listen.rpartition(":")
+    thost, _, tport = args.target.rpartition(":")
+
+    async def run() -> None:
+        link = WanLink(thost, int(tport), args.delay_ms, args.jitter_ms)
+        bound = await link.start(host, int(port))
+        print(f"wan link 127.0.0.1:{bound} -> {args.target}, delay {args.delay_ms} ms ± {args.jitter_ms}", flush=True)
+        await asyncio.Event().wait()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,177 @@
+"""Integration: the CLI, provisioning, conditions and the applier against real emulator processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from replicatord.config import Conflict
+from replicatord.conflict import DELETE, PUT, Version, decide_apply, mark_condition, put_condition, version_of
+from replicatord.records import ReplicationRecord, encode_record, partition_key
+from replicatord.tools.local import REGIONS, local_env, metric_sum, wait_for
+from replicatord.tools.wan import running_link
+
+pytestmark = pytest.mark.integration
+
+CN, SG = REGIONS
+
+
+def cli(*args: str, stdin: str = "", env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "replicatord.cli", *args],
+        input=stdin, capture_output=True, text=True, timeout=120, env=env or local_env(),
+    )
+
+
+def test_provision_is_idempotent_and_keeps_secrets_out_of_sight(regions: Any) -> None:
+    config = str(regions.write_config())
+    first = cli("provision", "--config", config)
+    assert first.returncode == 0, first.stderr
+    assert "created table user-cn (stream NEW_AND_OLD_IMAGES)" in first.stdout
+    assert "created Kinesis stream ddb_replication_stream_sg" in first.stdout
+    assert "created dead-letter queue ddbreplicatorcn" in first.stdout
+    second = cli("provision", "--config", config)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.strip() == "everything is in place: nothing to change"
+
+    secret = "wJalrXUtnFEMI-not-a-real-secret"
+    stored = cli("provision", "--config", config, "--store-peer-credentials", CN, SG, stdin=f"AKIDPEER\n{secret}\n")
+    assert stored.returncode == 0, stored.stderr
+    assert secret not in stored.stdout + stored.stderr
+    ssm = regions.client("ssm", CN)
+    param = ssm.get_parameter(Name="/DDBReplication/TableSG/SecretKey", WithDecryption=True)["Parameter"]
+    assert (param["Type"], param["Value"]) == ("SecureString", secret)
+    assert ssm.get_parameter(Name="/DDBReplication/TableSG/AccessKey")["Parameter"]["Type"] == "String"
+
+    ddb = regions.client("dynamodb", SG)
+    spec = ddb.describe_table(TableName="user-sg")["Table"]["StreamSpecification"]
+    assert spec == {"StreamEnabled": True, "StreamViewType": "NEW_AND_OLD_IMAGES"}
+    for table, pk in (("replicator_stats", "replicated_count"), ("loader_stats", "loaded_count")):
+        assert ddb.get_item(TableName=table, Key={"PK": {"S": pk}})["Item"]["cnt"] == {"N": "0"}
+
+
+CONFLICT = Conflict()
+LOCAL_VERSIONS: list[tuple[str, str] | None] = [None, ("9", CN), ("10", CN), ("10", SG), ("11", SG)]
+INCOMING = [Version(Decimal(ts), op, region) for ts in ("10", "10.0") for op in (PUT, DELETE) for region in REGIONS]
+
+
+def test_dynamodb_conditions_agree_with_decide_apply(regions: Any) -> None:
+    """The condition expressions, evaluated by the emulator, decide as the pure rule does."""
+    regions.provision()
+    ddb = regions.client("dynamodb", CN)
+    n = 0
+    for local in LOCAL_VERSIONS:
+        for incoming in INCOMING:
+            n += 1
+            key = {"PK": {"S": f"case-{n}"}}
+            local_item = None
+            if local is not None:
+                local_item = {**key, "last_update_timestamp": {"N": local[0]}, "last_updater_region": {"S": local[1]}}
+                ddb.put_item(TableName="user-cn", Item=local_item)
+            expected = decide_apply(version_of(local_item, CONFLICT), local is not None, incoming)
+            build = put_condition if incoming.op == PUT else mark_condition
+            cond = build(key, incoming, CONFLICT)
+            kwargs: dict[str, Any] = {
+                "TableName": "user-cn", "ConditionExpression": cond.expression,
+                "ExpressionAttributeNames": cond.names, "ExpressionAttributeValues": cond.values,
+            }
+            try:
+                if incoming.op == PUT:
+                    image = {**key, "last_update_timestamp": {"N": str(incoming.timestamp)},
+                             "last_updater_region": {"S": incoming.region}}
+                    ddb.put_item(Item=image, **kwargs)
+                else:
+                    ddb.update_item(Key=key, UpdateExpression="SET #m = :m", **kwargs)
+                applied = True
+            except ddb.exceptions.ConditionalCheckFailedException:
+                applied = False
+            assert applied is expected, (local, incoming)
+
+
+def _stream_record(pk: str, ts: str, region: str, pair: str = "user") -> bytes:
+    keys = {"PK": {"S": pk}}
+    image = {**keys, "last_update_timestamp": {"N": ts}, "last_updater_region": {"S": region}, "v": {"S": "x"}}
+    record = ReplicationRecord("PUT", pair, keys, image, Version(Decimal(ts), PUT, region), region, "1", 0.0)
+    return encode_record(record)
+
+
+def test_undecodable_records_go_to_the_dead_letter_queue_and_the_pipeline_goes_on(regions: Any) -> None:
+    regions.provision()
+    daemon = regions.daemon(SG)
+    daemon.wait_ready()
+    kinesis = regions.client("kinesis", SG)
+    bad = [b"{not json", json.dumps({"v": 1, "op": "PUT"}).encode(), _stream_record("k0", "5", CN, pair="other")]
+    good = _stream_record("k1", "5", CN)
+    kinesis.put_records(StreamName="ddb_replication_stream_sg", Records=[
+        {"Data": data, "PartitionKey": str(i)} for i, data in enumerate([*bad, good])
+    ])
+    ddb = regions.client("dynamodb", SG)
+    wait_for(lambda: "Item" in ddb.get_item(TableName="user-sg", Key={"PK": {"S": "k1"}}), 60,
+             "the good record to be applied")
+    sqs = regions.client("sqs", SG)
+    url = sqs.get_queue_url(QueueName="ddbreplicatorsg")["QueueUrl"]
+    messages: list[dict[str, Any]] = []
+
+    def received_all() -> bool:
+        got = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=0).get("Messages", [])
+        messages.extend(json.loads(m["Body"]) for m in got)
+        return len(messages) >= 3
+
+    wait_for(received_all, 30, "three dead letters")
+    assert {m["reason"] for m in messages} == {"bad_record"}
+    details = " | ".join(m["detail"] for m in messages)
+    assert "not JSON" in details and "missing field" in details and "pair 'other'" in details
+    assert all(m["pipeline"] == "applier" and m["payload"] for m in messages)
+    assert metric_sum(daemon.metrics(), "replicatord_dlq_sent_total", reason="bad_record") == 3
+    assert daemon.alive()
+
+
+def test_peer_outage_holds_records_until_the_link_is_back(regions: Any, tmp_path: Path) -> None:
+    """The link to the peer goes down: nothing is lost, readiness says so, all arrives after."""
+    regions.provision()
+    sg_port = int(regions.endpoints[SG].rsplit(":", 1)[1])
+    with running_link("127.0.0.1", sg_port, delay_ms=30, jitter_ms=10) as link:
+        # The Beijing daemon reaches Singapore only through the WAN link.
+        endpoints = {**regions.endpoints, SG: f"http://127.0.0.1:{link.port}"}
+        from replicatord.tools.local import DaemonProcess, topology_document, write_topology
+
+        config = write_topology(tmp_path / "cn.yaml", topology_document(endpoints))
+        cn = DaemonProcess(config, CN, tmp_path).start()
+        regions.daemons.append(cn)
+        cn.wait_ready()
+        link.set_down(True)
+        wait_for(lambda: cn.get("/readyz")[0] == 503, 60, "readiness to report the peer unreachable")
+        assert "peer unreachable" in cn.get("/readyz")[1]
+        ddb = regions.client("dynamodb", CN)
+        for i in range(50):
+            ddb.put_item(TableName="user-cn", Item={
+                "PK": {"S": f"outage-{i}"}, "last_update_timestamp": {"N": f"{1800000000 + i}"},
+                "last_updater_region": {"S": CN},
+            })
+        wait_for(lambda: metric_sum(cn.metrics(), "replicatord_errors_total", pipeline="forwarder") > 0, 60,
+                 "the forwarder to notice the outage")
+        link.set_down(False)
+        kinesis = regions.client("kinesis", SG)
+
+        def all_arrived() -> bool:
+            shard = kinesis.list_shards(StreamName="ddb_replication_stream_sg")["Shards"][0]["ShardId"]
+            it = kinesis.get_shard_iterator(StreamName="ddb_replication_stream_sg", ShardId=shard,
+                                            ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
+            keys = {json.loads(r["Data"])["keys"]["PK"]["S"] for r in kinesis.get_records(ShardIterator=it)["Records"]}
+            return keys >= {f"outage-{i}" for i in range(50)}
+
+        wait_for(all_arrived, 120, "every record to reach Singapore's stream after the outage")
+        wait_for(lambda: cn.get("/readyz")[0] == 200, 60, "readiness to recover")
+        assert cn.terminate() == 0
+
+
+def test_partition_keys_keep_an_item_on_one_shard() -> None:
+    a = partition_key({"PK": {"S": "x"}, "SK": {"N": "1"}})
+    b = partition_key({"SK": {"N": "1"}, "PK": {"S": "x"}})
+    assert a == b and len(a) <= 256
