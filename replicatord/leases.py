@@ -68,8 +68,11 @@ class LeaseTable:
                 return leases
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
-    async def take(self, key: str, owner: str, parents: tuple[str, ...] = ()) -> Lease:
-        """Create the lease, or take it over from whoever holds it (conditional on its counter)."""
+    async def take(self, key: str, owner: str, parents: tuple[str, ...] = ()) -> tuple[Lease, str | None]:
+        """Create the lease, or take it over from whoever holds it (conditional on its counter).
+
+        Returns the lease and the owner it was taken from (None if it was free or new).
+        """
         current = await self.get(key)
         values: dict[str, Any] = {":owner": {"S": owner}, ":now": {"N": str(time.time())}}
         if current is None:
@@ -104,8 +107,9 @@ class LeaseTable:
         except ConditionFailed:
             raise LeaseLost(f"lease {key} changed while taking it") from None
         if current is None:
-            return Lease(key, owner, counter, None, parents, ACTIVE)
-        return replace(current, owner=owner, counter=counter)
+            return Lease(key, owner, counter, None, parents, ACTIVE), None
+        previous = current.owner if current.owner != owner else None
+        return replace(current, owner=owner, counter=counter), previous
 
     async def checkpoint(self, lease: Lease, sequence_number: str | None, finished: bool = False) -> Lease:
         """Record progress; raise LeaseLost if another instance took the lease meanwhile."""

@@ -6,7 +6,7 @@ operation. Never shard ids or item keys.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -16,6 +16,9 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # process_* (start time, memory, fds) and python_info, for restart and resource alerts.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.up = Gauge("replicatord_up", "1 while the daemon runs", registry=r)
         self.records_read = Counter(
             "replicatord_records_read_total", "Stream records read", ["pair", "pipeline"], registry=r
@@ -64,7 +67,7 @@ class Metrics:
             registry=r,
         )
         self.leases_held = Gauge(
-            "replicatord_leases_held", "Shard leases held", ["pipeline"], registry=r
+            "replicatord_leases_held", "Shard leases held", ["pair", "pipeline"], registry=r
         )
         self.lease_takeovers = Counter(
             "replicatord_lease_takeovers_total", "Leases taken from another owner", ["pipeline"], registry=r

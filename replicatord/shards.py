@@ -336,18 +336,28 @@ class Pipeline:
     def _key(self, shard_id: str) -> str:
         return lease_key(self.source.pipeline, self.source.stream, shard_id)
 
+    async def _finished_shards(self) -> set[str] | None:
+        try:
+            leases = await self.leases.scan(self._key(""))
+        except ReplicatorError as exc:
+            self.metrics.errors.labels(self.source.pipeline, exc.kind).inc()
+            log.warning("%s %s: cannot read the lease table: %s", self.source.pipeline, self.pair, exc)
+            return None
+        return {lease.key.rsplit("/", 1)[1] for lease in leases if lease.state == FINISHED}
+
     async def run(self) -> None:
-        prefix = self._key("")
-        finished = {
-            lease.key.rsplit("/", 1)[1] for lease in await self.leases.scan(prefix) if lease.state == FINISHED
-        }
+        finished: set[str] | None = None
         running: dict[str, asyncio.Task[bool]] = {}
-        gauge = self.metrics.leases_held.labels(self.source.pipeline)
+        gauge = self.metrics.leases_held.labels(self.pair, self.source.pipeline)
         loop = asyncio.get_running_loop()
         list_at = 0.0
         try:
             async with asyncio.TaskGroup() as group:
                 async for _ in poll(1.0, self.stop):
+                    if finished is None:
+                        finished = await self._finished_shards()
+                        if finished is None:
+                            continue
                     changed = False
                     for shard_id, task in list(running.items()):
                         if task.done():
@@ -368,7 +378,18 @@ class Pipeline:
                     for shard in ready_shards(shards, finished):
                         if shard.id in running:
                             continue
-                        lease = await self.leases.take(self._key(shard.id), self.owner, shard.parent_ids)
+                        try:
+                            lease, previous = await self.leases.take(self._key(shard.id), self.owner, shard.parent_ids)
+                        except ReplicatorError as exc:  # LeaseLost included: try again on the next tick
+                            self.metrics.errors.labels(self.source.pipeline, exc.kind).inc()
+                            log.warning("%s %s: cannot take the lease of shard %s: %s",
+                                        self.source.pipeline, self.pair, shard.id, exc)
+                            list_at = 0.0
+                            continue
+                        if previous is not None:
+                            self.metrics.lease_takeovers.labels(self.source.pipeline).inc()
+                            log.info("%s %s: took shard %s over from %s", self.source.pipeline, self.pair,
+                                     shard.id, previous)
                         self.held[shard.id] = lease
                         worker = ShardWorker(
                             self.pair, self.source, self.processor, self.leases, lease,

@@ -56,6 +56,14 @@ def test_missing_config_file_and_region(tmp_path: Path) -> None:
                           "'us-east-1' is not in the topology")
 
 
+def test_the_example_topology_is_valid() -> None:
+    example = Path(__file__).parent.parent / "config" / "replicatord.example.yaml"
+    for region in REGIONS:
+        result = cli("check-config", "--config", str(example), "--region", region)
+        assert result.returncode == 0, result.stderr
+    assert "proxy: http://10.0.0.5:3128" in cli("check-config", "--config", str(example), "--region", CN).stdout
+
+
 def test_check_config_prints_the_plan() -> None:
     result = cli("check-config", "--config", str(LOCAL), "--region", CN)
     assert result.returncode == 0, result.stderr

@@ -183,6 +183,29 @@ def test_deletes_replicate_without_echo(regions: Any) -> None:
         assert metric_sum(daemons[dst].metrics(), "replicatord_records_applied_total", op="DELETE") == 25
         assert metric_sum(daemons[dst].metrics(), "replicatord_records_skipped_total", reason="known_delete") == 25
 
+    # SIGTERM: exit 0 with the forwarder checkpointed at the stream's last record and the lease released.
+    assert daemons[CN].terminate() == 0
+    leases = regions.client("dynamodb", CN).scan(TableName="replicatord_leases", ConsistentRead=True)["Items"]
+    forwarder = [item for item in leases if item["lease_key"]["S"].startswith("forwarder/user-cn/")]
+    assert len(forwarder) == 1
+    assert "owner" not in forwarder[0]
+    assert forwarder[0]["checkpoint"]["S"] == _last_stream_sequence(regions, CN, TABLES[CN])
+
+
+def _last_stream_sequence(regions: Any, region: str, table: str) -> str:
+    arn = regions.client("dynamodb", region).describe_table(TableName=table)["Table"]["LatestStreamArn"]
+    streams = regions.client("dynamodbstreams", region)
+    (shard,) = streams.describe_stream(StreamArn=arn)["StreamDescription"]["Shards"]
+    iterator = streams.get_shard_iterator(StreamArn=arn, ShardId=shard["ShardId"],
+                                          ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
+    last = ""
+    while True:
+        page = streams.get_records(ShardIterator=iterator, Limit=1000)
+        if not page["Records"]:
+            return last
+        last = page["Records"][-1]["dynamodb"]["SequenceNumber"]
+        iterator = page["NextShardIterator"]
+
 
 def test_kill_9_mid_load_then_restart_loses_nothing(regions: Any) -> None:
     regions.provision()
