@@ -7,15 +7,16 @@ A record that cannot be decoded goes to the dead-letter queue with the reason; t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
 
 from replicatord.aws import Aws
 from replicatord.config import Conflict, Tuning
-from replicatord.conflict import delete_condition, mark_condition, put_condition
+from replicatord.conflict import delete_condition, mark_condition, put_condition, unmark_condition
 from replicatord.dlq import DeadLetterQueue
-from replicatord.errors import ConditionFailed, InvalidRequest
+from replicatord.errors import ConditionFailed, InvalidRequest, Transient
 from replicatord.metrics import Metrics
 from replicatord.records import (
     RecordError,
@@ -126,7 +127,10 @@ class Applier:
                     ExpressionAttributeValues=mark.values,
                 )
             except ConditionFailed:
-                return False  # absent, or holds a newer version
+                # Absent, or holds a newer version. A newer UpdateItem keeps the attributes it does
+                # not name, so a marker of ours from an earlier attempt may still be on the item.
+                await self._unmark(record)
+                return False
             try:
                 await self.aws.call(
                     "dynamodb", "delete_item", TableName=self.table, Key=record.keys,
@@ -137,4 +141,15 @@ class Applier:
             except ConditionFailed:
                 continue  # an application write replaced the item in between: decide again
             return True
-        return False
+        raise Transient(f"item {record.keys} kept changing while it was being deleted")
+
+    async def _unmark(self, record: ReplicationRecord) -> None:
+        unmark = unmark_condition(record.version, self.conflict)
+        with contextlib.suppress(ConditionFailed):
+            await self.aws.call(
+                "dynamodb", "update_item", TableName=self.table, Key=record.keys,
+                UpdateExpression="REMOVE #m",
+                ConditionExpression=unmark.expression,
+                ExpressionAttributeNames=unmark.names,
+                ExpressionAttributeValues=unmark.values,
+            )

@@ -63,6 +63,37 @@ def version_of(image: Item | None, conflict: Conflict) -> Version | None:
     return Version(timestamp, PUT, region["S"])
 
 
+def decode_marker(text: object) -> Version | None:
+    """The delete version a marker attribute value carries (see Version.encode)."""
+    try:
+        ts, op, region = json.loads(text) if isinstance(text, str) else (None, None, None)
+    except (ValueError, TypeError):
+        return None
+    timestamp = parse_timestamp(ts)
+    if timestamp is None or op not in OPS or not isinstance(region, str):
+        return None
+    return Version(timestamp, OPS[op], region)
+
+
+def being_deleted(image: Item | None, conflict: Conflict) -> bool:
+    """Whether replicatord marked this image for a delete that still beats it.
+
+    An application write that updated a marked item (UpdateItem keeps other attributes) with a
+    newer version is not being deleted: its marker is stale and the write must be forwarded.
+    """
+    if not image or conflict.marker_attribute not in image:
+        return False
+    marker = decode_marker(image[conflict.marker_attribute].get("S"))
+    version = version_of(image, conflict)
+    return marker is None or version is None or version < marker
+
+
+def without_marker(image: Item, conflict: Conflict) -> Item:
+    if conflict.marker_attribute not in image:
+        return image
+    return {name: value for name, value in image.items() if name != conflict.marker_attribute}
+
+
 def delete_version(removed: Item | None, approximate_time: Decimal, region: str, conflict: Conflict) -> Version:
     """Version of an application delete: it beats the version it removed (DESIGN.md §4)."""
     removed_version = version_of(removed, conflict)
@@ -120,9 +151,16 @@ def mark_condition(keys: Item, incoming: Version, conflict: Conflict) -> WriteCo
 
 
 def delete_condition(incoming: Version, conflict: Conflict) -> WriteCondition:
-    """Condition to delete an item this daemon marked: the marker is still the delete's."""
+    """Condition to delete an item this daemon marked: the marker is still the delete's, and no
+    newer write updated the item since (UpdateItem keeps the marker)."""
     return WriteCondition(
-        "#m = :m",
-        {"#m": conflict.marker_attribute},
-        {":m": {"S": incoming.encode()}},
+        "#m = :m AND (attribute_not_exists(#ts) OR attribute_not_exists(#rg) OR NOT attribute_type(#ts, :n)"
+        " OR #ts <= :ts)",
+        {"#m": conflict.marker_attribute, "#ts": conflict.timestamp_attribute, "#rg": conflict.region_attribute},
+        {":m": {"S": incoming.encode()}, ":ts": {"N": str(incoming.timestamp)}, ":n": {"S": "N"}},
     )
+
+
+def unmark_condition(incoming: Version, conflict: Conflict) -> WriteCondition:
+    """Condition to remove this delete's marker from an item a newer write kept."""
+    return WriteCondition("#m = :m", {"#m": conflict.marker_attribute}, {":m": {"S": incoming.encode()}})

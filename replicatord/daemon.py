@@ -112,23 +112,26 @@ class Daemon:
                  len(topology.pairs), ", ".join(s.peers))
 
     async def main_loop(self) -> None:
+        drain_s = self.settings.topology.tuning.drain_timeout_s
         async with asyncio.TaskGroup() as group:
-            for pipeline in self.pipelines:
+            tasks = [
                 group.create_task(pipeline.run(), name=f"{pipeline.source.pipeline}/{pipeline.pair}")
-            group.create_task(self._watchdog(), name="watchdog")
-            group.create_task(self._probe_peers(), name="probe-peers")
+                for pipeline in self.pipelines
+            ]
+            tasks.append(group.create_task(self._watchdog(), name="watchdog"))
+            tasks.append(group.create_task(self._probe_peers(), name="probe-peers"))
             await self.stop.wait()
             sd_notify("STOPPING=1")
-            log.info("stopping: draining in-flight pages (at most %.0fs)",
-                     self.settings.topology.tuning.drain_timeout_s)
-            pipelines = [t for t in asyncio.all_tasks() if t.get_name().startswith(("forwarder", "applier"))]
-            drain = asyncio.gather(*pipelines)
-            try:
-                await asyncio.wait_for(asyncio.shield(drain), self.settings.topology.tuning.drain_timeout_s)
-            except TimeoutError:
-                log.warning("drain took longer than %.0fs: cancelling what is left",
-                            self.settings.topology.tuning.drain_timeout_s)
-                drain.cancel()
+            log.info("stopping: draining in-flight pages (at most %.0fs)", drain_s)
+            # Each task sees the stop event and ends by itself: shard workers finish or abandon
+            # their page, checkpoint and release their lease. Past the bound, cancel the rest
+            # (a cancelled worker still releases its lease, within RELEASE_TIMEOUT_S).
+            _, pending = await asyncio.wait(tasks, timeout=drain_s)
+            if pending:
+                log.warning("drain took longer than %.0fs: cancelling %s", drain_s,
+                            ", ".join(sorted(t.get_name() for t in pending)))
+                for task in pending:
+                    task.cancel()
 
     async def shutdown(self) -> None:
         self.metrics.up.set(0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
-from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, HTTPClientError
+from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, HTTPClientError, ParamValidationError
 
 
 class ReplicatorError(Exception):
@@ -112,15 +112,18 @@ def classify(exc: BaseException) -> ReplicatorError:
             codes = {r.get("Code") for r in reasons}
             cls = ConditionFailed if "ConditionalCheckFailed" in codes else Transient
         if cls is None:
-            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-            # The emulator answers a bad iterator with HTTP 500 (DESIGN.md §7); a new iterator
-            # from the checkpoint is the right move for both.
-            cls = Transient if status >= 500 else InvalidRequest
+            # Unknown codes are retried: dead-lettering a record is only right when the request
+            # itself is invalid (ValidationException), not for a passing condition of the service.
+            # The emulator answers a bad iterator with HTTP 500 (DESIGN.md §7): also Transient,
+            # and the shard worker takes a new iterator from the checkpoint.
+            cls = Transient
         typed: ReplicatorError = cls(f"{code}: {message}")
     elif isinstance(exc, ConnectionError | HTTPClientError | aiohttp.ClientError | OSError):
         typed = Unreachable(str(exc) or type(exc).__name__)
     elif isinstance(exc, asyncio.TimeoutError):
         typed = Unreachable("request timed out")
+    elif isinstance(exc, ParamValidationError):
+        typed = InvalidRequest(str(exc))
     elif isinstance(exc, BotoCoreError):
         typed = Transient(str(exc))
     else:

@@ -13,9 +13,9 @@ from typing import Any, Protocol
 
 from replicatord.aws import Aws
 from replicatord.config import Conflict, Tuning
-from replicatord.conflict import delete_version, version_of
+from replicatord.conflict import being_deleted, delete_version, version_of, without_marker
 from replicatord.dlq import DeadLetterQueue, stream_record_text
-from replicatord.errors import ReplicatorError
+from replicatord.errors import InvalidRequest, ReplicatorError
 from replicatord.metrics import Metrics
 from replicatord.records import (
     Entry,
@@ -45,8 +45,9 @@ def plan_forward(stream_record: dict[str, Any], pair: str, region: str, conflict
     created = creation_seconds(ddb.get("ApproximateCreationDateTime", 0))
     if event in ("INSERT", "MODIFY"):
         image = ddb.get("NewImage") or {}
-        if conflict.marker_attribute in image:
+        if being_deleted(image, conflict):
             return Skip("delete_marker")
+        image = without_marker(image, conflict)
         version = version_of(image, conflict)
         if version is None:
             return Skip("no_version")
@@ -55,7 +56,7 @@ def plan_forward(stream_record: dict[str, Any], pair: str, region: str, conflict
         return ReplicationRecord("PUT", pair, keys, image, version, region, sequence, float(created))
     if event == "REMOVE":
         old = ddb.get("OldImage") or {}
-        if conflict.marker_attribute in old:
+        if being_deleted(old, conflict):
             return Skip("known_delete")
         version = delete_version(old, created, region, conflict)
         return ReplicationRecord("DELETE", pair, keys, None, version, region, sequence, float(created))
@@ -72,11 +73,13 @@ def plan_repair(stream_record: dict[str, Any], pair: str, region: str, conflict:
         return None
     ddb = stream_record.get("dynamodb", {})
     old = ddb.get("OldImage") or {}
+    if being_deleted(old, conflict):
+        return None  # the replaced image was on its way out: nothing to restore
     new_version = version_of(ddb.get("NewImage"), conflict)
     old_version = version_of(old, conflict)
     if new_version is None or old_version is None or not new_version < old_version:
         return None
-    image = {name: value for name, value in old.items() if name != conflict.marker_attribute}
+    image = without_marker(old, conflict)
     return ReplicationRecord(
         "PUT", pair, ddb.get("Keys") or {}, image, old_version, old_version.region,
         str(ddb.get("SequenceNumber", "")), float(creation_seconds(ddb.get("ApproximateCreationDateTime", 0))),
@@ -115,7 +118,7 @@ class Forwarder:
         entries: list[Entry] = []
         for stream_record in records:
             repair = plan_repair(stream_record, self.pair, self.region, self.conflict)
-            if repair is not None and await self.repairer.apply(repair):
+            if repair is not None and await self._repair(repair):
                 self.metrics.conflicts.labels("stale_write").inc()
                 log.info("forwarder %s: application write to %s was older than the item it replaced; "
                          "restored the winner %s", self.pair, repair.keys, repair.version.encode())
@@ -141,6 +144,14 @@ class Forwarder:
         if not entries:
             return
         await run_together(self._put(peer, entries) for peer in self.peers)
+
+    async def _repair(self, repair: ReplicationRecord) -> bool:
+        try:
+            return await self.repairer.apply(repair)
+        except InvalidRequest as exc:
+            # The image it would restore is refused by DynamoDB; record it, don't stall the shard.
+            await self.dlq.send(self.pair, "forwarder", "repair_rejected", str(exc), encode_record(repair))
+            return False
 
     async def _put(self, peer: str, entries: list[Entry]) -> None:
         """PutRecords in batches; retry only the entries that failed, with capped backoff."""

@@ -156,12 +156,10 @@ class LeaseTable:
                 "update_item",
                 TableName=self.table,
                 Key={LEASE_KEY: {"S": lease.key}},
-                UpdateExpression="REMOVE #owner SET #counter = :next",
-                ConditionExpression="#owner = :owner AND #counter = :counter",
+                # Owner only, not the counter: a checkpoint cut short by cancellation may or may
+                # not have moved it, and giving up a lease that is still ours is always safe.
+                UpdateExpression="REMOVE #owner ADD #counter :one",
+                ConditionExpression="#owner = :owner",
                 ExpressionAttributeNames={"#owner": "owner", "#counter": "counter"},
-                ExpressionAttributeValues={
-                    ":owner": {"S": lease.owner or ""},
-                    ":counter": {"N": str(lease.counter)},
-                    ":next": {"N": str(lease.counter + 1)},
-                },
+                ExpressionAttributeValues={":owner": {"S": lease.owner or ""}, ":one": {"N": "1"}},
             )

@@ -14,17 +14,19 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from replicatord.aws import Aws
 from replicatord.config import Tuning
-from replicatord.errors import ExpiredIterator, LeaseLost, ReplicatorError, Transient, TrimmedData
+from replicatord.errors import ExpiredIterator, InvalidRequest, LeaseLost, ReplicatorError, Transient, TrimmedData
 from replicatord.leases import FINISHED, Lease, LeaseTable, lease_key
 from replicatord.metrics import Metrics
 from replicatord.records import creation_seconds
 
 log = logging.getLogger(__name__)
+
+RELEASE_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class Shard:
 class Page:
     records: list[dict[str, Any]]
     next_iterator: str | None
+    behind_s: float = 0.0  # Kinesis MillisBehindLatest, when the page is empty
 
 
 def ready_shards(shards: Sequence[Shard], finished: set[str]) -> list[Shard]:
@@ -181,7 +184,8 @@ class KinesisSource:
 
     async def get_records(self, iterator: str, limit: int) -> Page:
         result = await self.aws.call("kinesis", "get_records", ShardIterator=iterator, Limit=limit)
-        return Page(result.get("Records", []), result.get("NextShardIterator"))
+        behind_s = float(result.get("MillisBehindLatest") or 0) / 1000
+        return Page(result.get("Records", []), result.get("NextShardIterator"), behind_s)
 
     def sequence_number(self, record: dict[str, Any]) -> str:
         return str(record["SequenceNumber"])
@@ -219,79 +223,94 @@ class ShardWorker:
         self.shard_id = lease.key.rsplit("/", 1)[1]
 
     async def run(self) -> bool:
-        """Read the shard until stopped or its end; True if it was read to the end."""
+        """Read the shard until stopped or its end; True if it was read to the end.
+
+        When it stops for any other reason than a lost lease (stop event, abandoned page,
+        cancellation after the drain bound), the lease is released so another instance can
+        take it at once.
+        """
         pipeline = self.source.pipeline
-        iterator: str | None = None
-        failures = 0
-        idle_s = self.tuning.poll_interval_ms / 1000
+        release = True
         try:
-            while not self.stop.is_set():
-                try:
-                    if iterator is None:
-                        iterator = await self.source.get_iterator(self.shard_id, self.lease.checkpoint)
-                    page = await self.source.get_records(iterator, self.tuning.get_records_limit)
-                    if page.records:
-                        await self._deliver(page.records)
-                    if page.next_iterator is None:
-                        self.lease = await self.leases.checkpoint(self.lease, None, finished=True)
-                        log.info("%s %s: shard %s read to its end", pipeline, self.pair, self.shard_id)
-                        return True
-                    iterator = page.next_iterator
-                    failures = 0
-                    if not page.records:
-                        self.metrics.set_iterator_age(self.pair, pipeline, self.shard_id, 0.0)
-                        await sleep_or_stop(self.stop, idle_s)
-                except (ExpiredIterator, Transient) as exc:
-                    # A fresh iterator from the checkpoint: the old one expired or was refused.
-                    self.metrics.errors.labels(pipeline, exc.kind).inc()
-                    log.info("%s %s: shard %s: %s; new iterator from checkpoint",
-                             pipeline, self.pair, self.shard_id, exc)
-                    iterator = None
-                    failures += 1
-                    await sleep_or_stop(self.stop, backoff_s(failures, self.tuning))
-                except TrimmedData as exc:
-                    self.metrics.errors.labels(pipeline, exc.kind).inc()
-                    log.error(  # noqa: TRY400 - one line for the operator, the cause is known
-                        "%s %s: shard %s: checkpoint %s is older than the stream's retention; records "
-                        "were trimmed before they were replicated: run 'replicatord verify --repair' or "
-                        "'replicatord backfill' for this pair. Reading on from the oldest record.",
-                        pipeline, self.pair, self.shard_id, self.lease.checkpoint,
-                    )
-                    self.lease = await self.leases.checkpoint(self.lease, None)
-                    self.lease = Lease(self.lease.key, self.lease.owner, self.lease.counter, None,
-                                       self.lease.parents, self.lease.state)
-                    iterator = None
-                except LeaseLost:
-                    raise
-                except ReplicatorError as exc:
-                    self.metrics.errors.labels(pipeline, exc.kind).inc()
-                    failures += 1
-                    log.warning("%s %s: shard %s: %s (retry %d)", pipeline, self.pair, self.shard_id, exc, failures)
-                    await sleep_or_stop(self.stop, backoff_s(failures, self.tuning))
+            finished = await self._read()
+            release = not finished
+            return finished
         except LeaseLost as exc:
+            release = False
             self.metrics.errors.labels(pipeline, exc.kind).inc()
             log.warning("%s %s: shard %s: %s; stopping this shard", pipeline, self.pair, self.shard_id, exc)
-            return False
         except Abandoned:
             log.info("%s %s: shard %s: page in flight abandoned at shutdown; it will be replayed",
                      pipeline, self.pair, self.shard_id)
         finally:
             self.metrics.forget_shard(self.pair, pipeline, self.shard_id)
-        # Stopping: hand the lease back so another instance can take it at once.
-        try:
-            await asyncio.shield(self.leases.release(self.lease))
-        except ReplicatorError as exc:
-            log.warning("%s %s: shard %s: cannot release lease: %s", pipeline, self.pair, self.shard_id, exc)
+            if release:
+                await self._release()
         return False
+
+    async def _read(self) -> bool:
+        pipeline = self.source.pipeline
+        iterator: str | None = None
+        failures = 0
+        idle_s = self.tuning.poll_interval_ms / 1000
+        while not self.stop.is_set():
+            try:
+                if iterator is None:
+                    iterator = await self.source.get_iterator(self.shard_id, self.lease.checkpoint)
+                page = await self.source.get_records(iterator, self.tuning.get_records_limit)
+                if page.records:
+                    await self._deliver(page.records)
+                if page.next_iterator is None:
+                    self.lease = await self.leases.checkpoint(self.lease, None, finished=True)
+                    log.info("%s %s: shard %s read to its end", pipeline, self.pair, self.shard_id)
+                    return True
+                iterator = page.next_iterator
+                failures = 0
+                if not page.records:
+                    self.metrics.set_iterator_age(self.pair, pipeline, self.shard_id, page.behind_s)
+                    await sleep_or_stop(self.stop, idle_s)
+            except (ExpiredIterator, Transient, InvalidRequest) as exc:
+                # A fresh iterator from the checkpoint: the old one expired or was refused.
+                self.metrics.errors.labels(pipeline, exc.kind).inc()
+                log.info("%s %s: shard %s: %s; new iterator from checkpoint", pipeline, self.pair, self.shard_id, exc)
+                iterator = None
+                failures += 1
+                await sleep_or_stop(self.stop, backoff_s(failures, self.tuning))
+            except TrimmedData as exc:
+                self.metrics.errors.labels(pipeline, exc.kind).inc()
+                log.error(  # noqa: TRY400 - one line for the operator, the cause is known
+                    "%s %s: shard %s: checkpoint %s is older than the stream's retention; records "
+                    "were trimmed before they were replicated: run 'replicatord verify --repair' or "
+                    "'replicatord backfill' for this pair. Reading on from the oldest record.",
+                    pipeline, self.pair, self.shard_id, self.lease.checkpoint,
+                )
+                self.lease = replace(self.lease, checkpoint=None)
+                iterator = None
+            except LeaseLost:
+                raise
+            except ReplicatorError as exc:
+                self.metrics.errors.labels(pipeline, exc.kind).inc()
+                failures += 1
+                log.warning("%s %s: shard %s: %s (retry %d)", pipeline, self.pair, self.shard_id, exc, failures)
+                await sleep_or_stop(self.stop, backoff_s(failures, self.tuning))
+        return False
+
+    async def _release(self) -> None:
+        try:
+            await asyncio.wait_for(self.leases.release(self.lease), RELEASE_TIMEOUT_S)
+        except (ReplicatorError, TimeoutError) as exc:
+            log.warning("%s %s: shard %s: cannot release the lease (it will expire): %s",
+                        self.source.pipeline, self.pair, self.shard_id, exc or "timed out")
 
     async def _deliver(self, records: list[dict[str, Any]]) -> None:
         """Process a page until it succeeds, then checkpoint past it. Abandon it on stop."""
         pipeline = self.source.pipeline
         self.metrics.records_read.labels(self.pair, pipeline).inc(len(records))
-        newest = self.source.created_s(records[-1])
-        self.metrics.set_iterator_age(self.pair, pipeline, self.shard_id, time.time() - newest)
+        oldest = self.source.created_s(records[0])
         attempt = 0
         while True:
+            # While a page is retried its first record keeps ageing: the gauge shows a stall.
+            self.metrics.set_iterator_age(self.pair, pipeline, self.shard_id, time.time() - oldest)
             try:
                 await self.processor.process(self.shard_id, records)
                 break
@@ -304,9 +323,9 @@ class ShardWorker:
                             pipeline, self.pair, self.shard_id, len(records), exc, attempt)
                 if await sleep_or_stop(self.stop, backoff_s(attempt, self.tuning)):
                     raise Abandoned from None
-        last = self.source.sequence_number(records[-1])
-        # The checkpoint write must not be torn by a cancellation during shutdown.
-        self.lease = await asyncio.shield(self.leases.checkpoint(self.lease, last))
+        newest = self.source.created_s(records[-1])
+        self.metrics.set_iterator_age(self.pair, pipeline, self.shard_id, time.time() - newest)
+        self.lease = await self.leases.checkpoint(self.lease, self.source.sequence_number(records[-1]))
 
 
 class Pipeline:

@@ -175,3 +175,39 @@ def test_partition_keys_keep_an_item_on_one_shard() -> None:
     a = partition_key({"PK": {"S": "x"}, "SK": {"N": "1"}})
     b = partition_key({"SK": {"N": "1"}, "PK": {"S": "x"}})
     assert a == b and len(a) <= 256
+
+
+def test_sigterm_with_a_hung_peer_exits_within_the_drain_bound_and_releases_leases(
+    regions: Any, tmp_path: Path
+) -> None:
+    """The peer accepts connections and never answers: shutdown is still bounded, leases released."""
+    import socket
+    import time
+
+    from replicatord.tools.local import DaemonProcess, topology_document, write_topology
+
+    regions.provision()
+    with socket.socket() as black_hole:
+        black_hole.bind(("127.0.0.1", 0))
+        black_hole.listen(64)  # never accepted: requests hang until the client gives up
+        port = black_hole.getsockname()[1]
+        endpoints = {**regions.endpoints, SG: f"http://127.0.0.1:{port}"}
+        doc = topology_document(endpoints, tuning={"drain_timeout_s": 2, "aws_timeout_s": 30})
+        config = write_topology(tmp_path / "cn.yaml", doc)
+        cn = DaemonProcess(config, CN, tmp_path).start()
+        regions.daemons.append(cn)
+        wait_for(lambda: cn.get("/healthz")[0] == 200, 60, "the daemon to start")
+        ddb = regions.client("dynamodb", CN)
+        ddb.put_item(TableName="user-cn", Item={
+            "PK": {"S": "stuck"}, "last_update_timestamp": {"N": "1"}, "last_updater_region": {"S": CN},
+        })
+        wait_for(lambda: metric_sum(cn.metrics(), "replicatord_records_read_total", pipeline="forwarder") >= 1, 60,
+                 "the forwarder to hold the record")
+        started = time.monotonic()
+        assert cn.terminate(timeout_s=60) == 0
+        elapsed = time.monotonic() - started
+    # 2 s of drain, then cancellation and a bounded lease release; the hung call alone is 30 s.
+    assert elapsed < 15, elapsed
+    leases = ddb.scan(TableName="replicatord_leases", ConsistentRead=True)["Items"]
+    assert leases and all("owner" not in lease for lease in leases), leases
+    assert "drain took longer than 2s" in cn.log_path.read_text()

@@ -111,7 +111,9 @@ class RegionProvisioner:
             if _code(exc) not in ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"):
                 raise
         # 14 days: the longest SQS keeps a message, time for an operator to look.
-        self.sqs.create_queue(QueueName=name, Attributes={"MessageRetentionPeriod": "1209600"})
+        self.sqs.create_queue(
+            QueueName=name, Attributes={"MessageRetentionPeriod": "1209600", "MaximumMessageSize": "262144"}
+        )
         self._did(f"created dead-letter queue {name}")
 
     def store_peer_credentials(self, peer: str, access_key: str, secret_key: str) -> None:

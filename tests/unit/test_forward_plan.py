@@ -114,8 +114,19 @@ def test_replicated_change_is_not_forwarded(event: str, origin: str) -> None:
 @pytest.mark.parametrize("event", ["INSERT", "MODIFY"])
 @pytest.mark.parametrize("region", [CN, SG])
 def test_marked_image_is_not_forwarded(event: str, region: str) -> None:
-    marked = item(region=region, **{MARKER: {"S": '["1","DELETE","x"]'}})
-    assert plan_forward(stream_record(event, marked), PAIR, CN, CONFLICT) == Skip("delete_marker")
+    # The delete's version is not older than the item: the item is on its way out.
+    for marker in ('["1714564800.5","DELETE","a"]', '["1714564801","DELETE","x"]', "not a version"):
+        marked = item(region=region, **{MARKER: {"S": marker}})
+        assert plan_forward(stream_record(event, marked), PAIR, CN, CONFLICT) == Skip("delete_marker")
+
+
+@pytest.mark.parametrize("event", ["INSERT", "MODIFY"])
+def test_newer_write_over_a_stale_marker_is_forwarded_without_it(event: str) -> None:
+    """An UpdateItem newer than a pending delete keeps the marker attribute; it is still a write."""
+    marked = item(**{MARKER: {"S": '["1714564800","DELETE","ap-southeast-1"]'}})
+    planned = plan_forward(stream_record(event, marked), PAIR, CN, CONFLICT)
+    assert isinstance(planned, ReplicationRecord)
+    assert planned.image == item()
 
 
 @pytest.mark.parametrize(
@@ -190,8 +201,14 @@ def test_delete_with_epoch_number_creation_time() -> None:
 
 @pytest.mark.parametrize("region", [CN, SG])
 def test_delete_made_by_replicatord_is_not_forwarded(region: str) -> None:
-    old = item(region=region, **{MARKER: {"S": '["1714564800","DELETE","ap-southeast-1"]'}})
+    old = item(region=region, **{MARKER: {"S": '["1714564800.5","DELETE","ap-southeast-1"]'}})
     assert plan_forward(stream_record("REMOVE", old=old), PAIR, CN, CONFLICT) == Skip("known_delete")
+
+
+def test_application_delete_of_an_item_with_a_stale_marker_is_forwarded() -> None:
+    old = item(**{MARKER: {"S": '["1714564800","DELETE","ap-southeast-1"]'}})
+    planned = plan_forward(stream_record("REMOVE", old=old), PAIR, CN, CONFLICT)
+    assert isinstance(planned, ReplicationRecord) and planned.op == "DELETE"
 
 
 @pytest.mark.parametrize("event", [None, "UPDATE", "remove", "insert", ""])
