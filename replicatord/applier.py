@@ -7,14 +7,19 @@ A record that cannot be decoded goes to the dead-letter queue with the reason; t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Any
 
 from replicatord.aws import Aws
 from replicatord.config import Conflict, Tuning
-from replicatord.conflict import delete_condition, mark_condition, put_condition, unmark_condition
+from replicatord.conflict import (
+    WriteCondition,
+    delete_condition,
+    mark_condition,
+    put_condition,
+    unmark_condition,
+)
 from replicatord.dlq import DeadLetterQueue
 from replicatord.errors import ConditionFailed, InvalidRequest, Transient
 from replicatord.metrics import Metrics
@@ -100,56 +105,36 @@ class Applier:
         """Apply one change with the last-writer-wins rule; False if the local item is as new or newer."""
         return await (self._put(record) if record.op == "PUT" else self._delete(record))
 
-    async def _put(self, record: ReplicationRecord) -> bool:
-        condition = put_condition(record.keys, record.version, self.conflict)
+    async def _write(self, operation: str, condition: WriteCondition, **kwargs: Any) -> bool:
+        """One conditional write to the local table; False if the condition did not hold."""
         try:
             await self.aws.call(
-                "dynamodb", "put_item", TableName=self.table, Item=record.image,
+                "dynamodb", operation, TableName=self.table,
                 ConditionExpression=condition.expression,
                 ExpressionAttributeNames=condition.names,
                 ExpressionAttributeValues=condition.values,
+                **kwargs,
             )
         except ConditionFailed:
             return False
         return True
+
+    async def _put(self, record: ReplicationRecord) -> bool:
+        return await self._write("put_item", put_condition(record.keys, record.version, self.conflict),
+                                 Item=record.image)
 
     async def _delete(self, record: ReplicationRecord) -> bool:
         """Mark the item with the delete's version (so the forwarder knows this REMOVE), then delete it."""
         mark = mark_condition(record.keys, record.version, self.conflict)
         remove = delete_condition(record.version, self.conflict)
         for _ in range(DELETE_ATTEMPTS):
-            try:
-                await self.aws.call(
-                    "dynamodb", "update_item", TableName=self.table, Key=record.keys,
-                    UpdateExpression="SET #m = :m",
-                    ConditionExpression=mark.expression,
-                    ExpressionAttributeNames=mark.names,
-                    ExpressionAttributeValues=mark.values,
-                )
-            except ConditionFailed:
+            if not await self._write("update_item", mark, Key=record.keys, UpdateExpression="SET #m = :m"):
                 # Absent, or holds a newer version. A newer UpdateItem keeps the attributes it does
                 # not name, so a marker of ours from an earlier attempt may still be on the item.
-                await self._unmark(record)
+                await self._write("update_item", unmark_condition(record.version, self.conflict),
+                                  Key=record.keys, UpdateExpression="REMOVE #m")
                 return False
-            try:
-                await self.aws.call(
-                    "dynamodb", "delete_item", TableName=self.table, Key=record.keys,
-                    ConditionExpression=remove.expression,
-                    ExpressionAttributeNames=remove.names,
-                    ExpressionAttributeValues=remove.values,
-                )
-            except ConditionFailed:
-                continue  # an application write replaced the item in between: decide again
-            return True
+            if await self._write("delete_item", remove, Key=record.keys):
+                return True
+            # An application write replaced the item in between: decide again.
         raise Transient(f"item {record.keys} kept changing while it was being deleted")
-
-    async def _unmark(self, record: ReplicationRecord) -> None:
-        unmark = unmark_condition(record.version, self.conflict)
-        with contextlib.suppress(ConditionFailed):
-            await self.aws.call(
-                "dynamodb", "update_item", TableName=self.table, Key=record.keys,
-                UpdateExpression="REMOVE #m",
-                ConditionExpression=unmark.expression,
-                ExpressionAttributeNames=unmark.names,
-                ExpressionAttributeValues=unmark.values,
-            )
