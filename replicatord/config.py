@@ -88,10 +88,21 @@ class Tuning(_Model):
     get_records_limit: Annotated[int, Field(ge=1, le=1000)] = 1000
     apply_concurrency: Annotated[int, Field(ge=1, le=1024)] = 32
     shard_refresh_s: Annotated[float, Field(gt=0)] = 10.0
+    # Leases, as in the Kinesis Client Library: a lease whose counter has not moved for
+    # failover_s is expired and may be taken; holders renew well within that.
+    failover_s: Annotated[float, Field(gt=0)] = 10.0
+    renew_interval_s: Annotated[float, Field(gt=0)] = 3.0
+    lease_take_interval_s: Annotated[float, Field(gt=0)] = 1.0
     drain_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     backoff_base_ms: Annotated[int, Field(ge=1)] = 100
     backoff_max_ms: Annotated[int, Field(ge=1)] = 5_000
     aws_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+
+    @model_validator(mode="after")
+    def _renew_within_failover(self) -> Tuning:
+        if self.renew_interval_s * 2 > self.failover_s:
+            raise ValueError("tuning.renew_interval_s: renew at least twice per failover_s")
+        return self
 
 
 class Topology(_Model):

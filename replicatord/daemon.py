@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,8 @@ from replicatord.errors import NotFound, ReplicatorError
 from replicatord.forwarder import Forwarder
 from replicatord.leases import LeaseTable
 from replicatord.metrics import Metrics
-from replicatord.shards import DynamoStreamSource, KinesisSource, Pipeline, poll
+from replicatord.pipeline import Pipeline
+from replicatord.shards import DynamoStreamSource, KinesisSource, poll
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class PairPlan:
     table: str
     stream_arn: str
     kinesis_stream: str
+    kinesis_created: str
 
 
 class Daemon:
@@ -97,7 +100,7 @@ class Daemon:
                                   applier, self.metrics, self.stop)
             for source, processor in (
                 (DynamoStreamSource(self.aws, plan.table, plan.stream_arn), forwarder),
-                (KinesisSource(self.aws, plan.kinesis_stream), applier),
+                (KinesisSource(self.aws, plan.kinesis_stream, plan.kinesis_created), applier),
             ):
                 self.pipelines.append(Pipeline(pair.name, source, processor, leases, s.instance_id,
                                                topology.tuning, self.metrics, self.stop))
@@ -175,7 +178,7 @@ class Daemon:
                 "replicatord needs NEW_AND_OLD_IMAGES"
             )
         try:
-            await self.aws.call("kinesis", "describe_stream_summary", StreamName=kinesis_stream)
+            summary = await self.aws.call("kinesis", "describe_stream_summary", StreamName=kinesis_stream)
         except NotFound:
             raise StartupError(
                 f"pair {pair}: Kinesis stream {kinesis_stream!r} not found in {self.settings.region} "
@@ -183,7 +186,8 @@ class Daemon:
             ) from None
         except ReplicatorError as exc:
             raise StartupError(f"pair {pair}: Kinesis stream {kinesis_stream!r}: {exc}") from None
-        return PairPlan(pair, table, str(arn), kinesis_stream)
+        created = summary["StreamDescriptionSummary"]["StreamCreationTimestamp"]
+        return PairPlan(pair, table, str(arn), kinesis_stream, f"{created.timestamp():.0f}")
 
     # -- background duties -------------------------------------------------------------------
 
@@ -214,14 +218,18 @@ class Daemon:
     def ready(self) -> tuple[bool, str]:
         if not self.started or self.stop.is_set():
             return False, "not running"
-        idle = [f"{p.source.pipeline}/{p.pair}" for p in self.pipelines if not p.held]
-        if idle:
-            return False, "no shard leases: " + ", ".join(idle)
+        now = time.monotonic()
+        stale = [p.name for p in self.pipelines if not p.healthy(now)]
+        if stale:
+            return False, "leases not renewed: " + ", ".join(stale)
+        held = sum(p.held for p in self.pipelines)
+        if not held:
+            return False, "standby: no shard leases"
         down = [peer for peer in self.settings.peers
                 if self.metrics.peer_reachable.labels(peer)._value.get() != 1]  # noqa: SLF001
         if down:
             return False, "peer unreachable: " + ", ".join(down)
-        return True, "ready"
+        return True, f"ready: {held} shard leases"
 
     async def _serve_http(self) -> None:
         async def metrics(_: web.Request) -> web.Response:

@@ -1,15 +1,23 @@
-"""Shard leases and checkpoints in the region's lease table (DESIGN.md §5).
+"""Shard leases and checkpoints in the region's lease table (DESIGN.md §5), KCL-style.
 
 One item per stream shard: owner, counter, checkpoint, parent shard ids, state. Every change
 is a conditional write on the counter (fencing): an instance whose lease was taken cannot
-checkpoint over the new owner; it gets LeaseLost and stops that shard.
+renew or checkpoint over the new owner; it gets LeaseLost and stops that shard.
+
+A lease is expired when it has no owner, or when its counter has not moved for `failover_s`
+as seen from here (clocks of other hosts are never compared). The decisions (which leases to
+take, which one to steal) are pure functions over plain data: `LeaseClock`, `plan_leases`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import math
 import time
-from dataclasses import dataclass, replace
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from replicatord.aws import Aws
@@ -19,6 +27,7 @@ ACTIVE = "active"
 FINISHED = "finished"
 
 LEASE_KEY = "lease_key"
+_NAMES = {"#owner": "owner", "#counter": "counter", "#state": "state"}  # reserved words in DynamoDB
 
 
 @dataclass(frozen=True)
@@ -27,12 +36,16 @@ class Lease:
     owner: str | None
     counter: int
     checkpoint: str | None
-    parents: tuple[str, ...]
+    parents: tuple[str, ...]  # lease keys of the parent shards
     state: str
 
 
 def lease_key(pipeline: str, stream: str, shard_id: str) -> str:
     return f"{pipeline}/{stream}/{shard_id}"
+
+
+def shard_of(key: str) -> str:
+    return key.rsplit("/", 1)[1]
 
 
 def _from_item(item: dict[str, Any]) -> Lease:
@@ -41,22 +54,97 @@ def _from_item(item: dict[str, Any]) -> Lease:
         owner=item.get("owner", {}).get("S"),
         counter=int(item.get("counter", {}).get("N", "0")),
         checkpoint=item.get("checkpoint", {}).get("S"),
-        parents=tuple(item.get("parents", {}).get("SS", ())),
+        parents=tuple(sorted(item.get("parents", {}).get("SS", ()))),
         state=item.get("state", {}).get("S", ACTIVE),
     )
+
+
+# --- decisions --------------------------------------------------------------------------------
+
+
+@dataclass
+class LeaseClock:
+    """When each lease's (owner, counter) was first seen as it is now, on the local monotonic clock."""
+
+    seen: dict[str, tuple[str | None, int, float]] = field(default_factory=dict)
+
+    def observe(self, leases: Sequence[Lease], now: float) -> None:
+        current = {}
+        for lease in leases:
+            before = self.seen.get(lease.key)
+            if before is not None and before[:2] == (lease.owner, lease.counter):
+                current[lease.key] = before
+            else:
+                current[lease.key] = (lease.owner, lease.counter, now)
+        self.seen = current
+
+    def expired(self, lease: Lease, now: float, failover_s: float) -> bool:
+        if lease.owner is None:
+            return True
+        seen = self.seen.get(lease.key)
+        return seen is not None and now - seen[2] >= failover_s
+
+
+def ready_leases(leases: Sequence[Lease]) -> set[str]:
+    """Active leases whose parents were read to their end (or are gone from the table)."""
+    state = {lease.key: lease.state for lease in leases}
+    return {
+        lease.key
+        for lease in leases
+        if lease.state == ACTIVE and all(state.get(parent, FINISHED) == FINISHED for parent in lease.parents)
+    }
+
+
+@dataclass(frozen=True)
+class Plan:
+    take: tuple[str, ...]  # free or expired leases (or ours, not being worked on) to take now
+    steal: str | None  # at most one lease to take from the most loaded instance
+
+
+def plan_leases(
+    leases: Sequence[Lease], me: str, expired: set[str], ready: set[str], running: set[str]
+) -> Plan:
+    """Which leases this instance takes now (KCL's balancing, per stream).
+
+    The target is an even share: ceil(ready leases / live instances). Below it, take expired
+    leases first; with none to take, steal one from the most loaded instance if it holds at
+    least two more than we do (so two instances never trade a lease back and forth).
+    """
+    candidates = sorted((lease for lease in leases if lease.key in ready), key=lambda lease: lease.key)
+    mine = [lease for lease in candidates if lease.owner == me]
+    resume = [lease.key for lease in mine if lease.key not in running]
+    load = Counter(
+        lease.owner for lease in candidates if lease.owner and lease.owner != me and lease.key not in expired
+    )
+    instances = len(load) + 1
+    target = math.ceil(len(candidates) / instances) if candidates else 0
+    need = target - len(mine)
+    free = [lease.key for lease in candidates if lease.key in expired and lease.owner != me]
+    take = resume + free[: max(0, need)]
+    steal = None
+    if need > 0 and not free and load:
+        victim, most = max(sorted(load.items()), key=lambda item: item[1])
+        if most >= len(mine) + 2:
+            steal = next(lease.key for lease in reversed(candidates) if lease.owner == victim)
+    return Plan(tuple(take), steal)
+
+
+# --- the table --------------------------------------------------------------------------------
+
+
+class HeldLease:
+    """A lease this instance holds, shared by its shard worker (checkpoints) and the renewer."""
+
+    def __init__(self, lease: Lease) -> None:
+        self.lease = lease
+        self.lock = asyncio.Lock()
+        self.renewed_at = time.monotonic()
 
 
 class LeaseTable:
     def __init__(self, aws: Aws, table: str) -> None:
         self.aws = aws
         self.table = table
-
-    async def get(self, key: str) -> Lease | None:
-        result = await self.aws.call(
-            "dynamodb", "get_item", TableName=self.table, Key={LEASE_KEY: {"S": key}}, ConsistentRead=True
-        )
-        item = result.get("Item")
-        return _from_item(item) if item else None
 
     async def scan(self, prefix: str = "") -> list[Lease]:
         leases: list[Lease] = []
@@ -68,98 +156,109 @@ class LeaseTable:
                 return leases
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
-    async def take(self, key: str, owner: str, parents: tuple[str, ...] = ()) -> tuple[Lease, str | None]:
-        """Create the lease, or take it over from whoever holds it (conditional on its counter).
-
-        Returns the lease and the owner it was taken from (None if it was free or new).
-        """
-        current = await self.get(key)
-        values: dict[str, Any] = {":owner": {"S": owner}, ":now": {"N": str(time.time())}}
-        if current is None:
-            condition = f"attribute_not_exists({LEASE_KEY})"
-            update = "SET #owner = :owner, #counter = :one, #state = :active, updated_at = :now"
-            values[":one"] = {"N": "1"}
-            values[":active"] = {"S": ACTIVE}
-            if parents:
-                update += ", parents = :parents"
-                values[":parents"] = {"SS": list(parents)}
-            counter = 1
-        else:
-            condition = "#counter = :counter"
-            update = "SET #owner = :owner, #counter = :next, updated_at = :now"
-            values[":counter"] = {"N": str(current.counter)}
-            values[":next"] = {"N": str(current.counter + 1)}
-            counter = current.counter + 1
-        names = {"#owner": "owner", "#counter": "counter"}
-        if current is None:
-            names["#state"] = "state"
+    async def create(self, key: str, parents: tuple[str, ...]) -> bool:
+        """Create a lease with no owner; False if it already exists."""
+        item: dict[str, Any] = {
+            LEASE_KEY: {"S": key},
+            "counter": {"N": "0"},
+            "state": {"S": ACTIVE},
+            "updated_at": {"N": str(time.time())},
+        }
+        if parents:
+            item["parents"] = {"SS": list(parents)}
         try:
             await self.aws.call(
-                "dynamodb",
-                "update_item",
-                TableName=self.table,
-                Key={LEASE_KEY: {"S": key}},
-                UpdateExpression=update,
-                ConditionExpression=condition,
-                ExpressionAttributeNames=names,
-                ExpressionAttributeValues=values,
+                "dynamodb", "put_item", TableName=self.table, Item=item,
+                ConditionExpression=f"attribute_not_exists({LEASE_KEY})",
             )
         except ConditionFailed:
-            raise LeaseLost(f"lease {key} changed while taking it") from None
-        if current is None:
-            return Lease(key, owner, counter, None, parents, ACTIVE), None
-        previous = current.owner if current.owner != owner else None
-        return replace(current, owner=owner, counter=counter), previous
+            return False
+        return True
 
-    async def checkpoint(self, lease: Lease, sequence_number: str | None, finished: bool = False) -> Lease:
-        """Record progress; raise LeaseLost if another instance took the lease meanwhile."""
-        update = "SET #counter = :next, updated_at = :now"
-        values: dict[str, Any] = {
-            ":owner": {"S": lease.owner or ""},
-            ":counter": {"N": str(lease.counter)},
-            ":next": {"N": str(lease.counter + 1)},
-            ":now": {"N": str(time.time())},
-        }
-        names = {"#owner": "owner", "#counter": "counter"}
+    async def _update(self, key: str, update: str, condition: str, values: dict[str, Any]) -> None:
+        if update.startswith("SET"):
+            update += ", updated_at = :now"  # for people reading the table; decisions never use it
+            values = {**values, ":now": {"N": str(time.time())}}
+        names = {name: attr for name, attr in _NAMES.items() if name in update or name in condition}
+        try:
+            await self.aws.call(
+                "dynamodb", "update_item", TableName=self.table, Key={LEASE_KEY: {"S": key}},
+                UpdateExpression=update, ConditionExpression=condition,
+                ExpressionAttributeNames=names, ExpressionAttributeValues=values,
+            )
+        except ConditionFailed:
+            raise LeaseLost(f"lease {key} changed hands") from None
+
+    async def take(self, lease: Lease, me: str) -> Lease:
+        """Take `lease` as it was observed (free, expired, or stolen); LeaseLost if it moved since."""
+        await self._update(
+            lease.key,
+            "SET #owner = :me, #counter = :next",
+            "#counter = :counter AND #state = :active",
+            {
+                ":me": {"S": me},
+                ":counter": {"N": str(lease.counter)},
+                ":next": {"N": str(lease.counter + 1)},
+                ":active": {"S": ACTIVE},
+            },
+        )
+        return replace(lease, owner=me, counter=lease.counter + 1)
+
+    async def _advance(self, held: HeldLease, extra: str = "", values: dict[str, Any] | None = None) -> None:
+        """Bump the counter (and set `extra`) if the lease is still ours as we last saw it."""
+        lease = held.lease
+        await self._update(
+            lease.key,
+            "SET #counter = :next" + extra,
+            "#owner = :me AND #counter = :counter",
+            {
+                ":me": {"S": lease.owner or ""},
+                ":counter": {"N": str(lease.counter)},
+                ":next": {"N": str(lease.counter + 1)},
+                **(values or {}),
+            },
+        )
+        held.lease = replace(lease, counter=lease.counter + 1)
+        held.renewed_at = time.monotonic()
+
+    async def renew(self, held: HeldLease) -> None:
+        async with held.lock:
+            await self._advance(held)
+
+    async def checkpoint(self, held: HeldLease, sequence_number: str | None, finished: bool = False) -> None:
+        """Record progress; LeaseLost if another instance took the lease meanwhile."""
+        extra, values = "", {}
         if sequence_number is not None:
-            update += ", checkpoint = :seq"
+            extra += ", checkpoint = :seq"
             values[":seq"] = {"S": sequence_number}
         if finished:
-            update += ", #state = :finished"
-            names["#state"] = "state"
+            extra += ", #state = :finished"
             values[":finished"] = {"S": FINISHED}
-        try:
-            await self.aws.call(
-                "dynamodb",
-                "update_item",
-                TableName=self.table,
-                Key={LEASE_KEY: {"S": lease.key}},
-                UpdateExpression=update,
-                ConditionExpression="#owner = :owner AND #counter = :counter",
-                ExpressionAttributeNames=names,
-                ExpressionAttributeValues=values,
+        async with held.lock:
+            await self._advance(held, extra, values)
+            held.lease = replace(
+                held.lease,
+                checkpoint=sequence_number if sequence_number is not None else held.lease.checkpoint,
+                state=FINISHED if finished else held.lease.state,
             )
-        except ConditionFailed:
-            raise LeaseLost(f"lease {lease.key} is no longer ours") from None
-        return replace(
-            lease,
-            counter=lease.counter + 1,
-            checkpoint=sequence_number if sequence_number is not None else lease.checkpoint,
-            state=FINISHED if finished else lease.state,
-        )
 
-    async def release(self, lease: Lease) -> None:
+    async def release(self, held: HeldLease) -> None:
         """Give the lease up so another instance can take it at once; a lost lease is fine."""
+        lease = held.lease
+        # Owner only, not the counter: a checkpoint cut short by cancellation may or may not
+        # have moved it, and giving up a lease that is still ours is always safe.
+        with contextlib.suppress(LeaseLost):
+            await self._update(
+                lease.key, "REMOVE #owner ADD #counter :one", "#owner = :me",
+                {":me": {"S": lease.owner or ""}, ":one": {"N": "1"}},
+            )
+
+    async def delete(self, lease: Lease) -> None:
+        """Remove a finished lease whose shard left the stream; skipped if it moved since."""
         with contextlib.suppress(ConditionFailed):
             await self.aws.call(
-                "dynamodb",
-                "update_item",
-                TableName=self.table,
-                Key={LEASE_KEY: {"S": lease.key}},
-                # Owner only, not the counter: a checkpoint cut short by cancellation may or may
-                # not have moved it, and giving up a lease that is still ours is always safe.
-                UpdateExpression="REMOVE #owner ADD #counter :one",
-                ConditionExpression="#owner = :owner",
-                ExpressionAttributeNames={"#owner": "owner", "#counter": "counter"},
-                ExpressionAttributeValues={":owner": {"S": lease.owner or ""}, ":one": {"N": "1"}},
+                "dynamodb", "delete_item", TableName=self.table, Key={LEASE_KEY: {"S": lease.key}},
+                ConditionExpression="#counter = :counter AND #state = :finished",
+                ExpressionAttributeNames={"#counter": "counter", "#state": "state"},
+                ExpressionAttributeValues={":counter": {"N": str(lease.counter)}, ":finished": {"S": FINISHED}},
             )

@@ -70,7 +70,25 @@ class Metrics:
             "replicatord_leases_held", "Shard leases held", ["pair", "pipeline"], registry=r
         )
         self.lease_takeovers = Counter(
-            "replicatord_lease_takeovers_total", "Leases taken from another owner", ["pipeline"], registry=r
+            "replicatord_lease_takeovers_total",
+            "Expired leases taken over from another instance (failover)",
+            ["pipeline"],
+            registry=r,
+        )
+        self.lease_steals = Counter(
+            "replicatord_lease_steals_total", "Leases stolen to balance the load", ["pipeline"], registry=r
+        )
+        self.leases_lost = Counter(
+            "replicatord_leases_lost_total",
+            "Leases this instance lost to another (fenced: it stopped that shard)",
+            ["pipeline"],
+            registry=r,
+        )
+        self.trimmed = Counter(
+            "replicatord_checkpoint_trimmed_total",
+            "Checkpoints found older than the stream's retention: records lost to trimming, run verify/backfill",
+            ["pair", "pipeline"],
+            registry=r,
         )
         self.dlq_sent = Counter(
             "replicatord_dlq_sent_total", "Records sent to the dead-letter queue", ["pair", "reason"], registry=r

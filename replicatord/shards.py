@@ -2,9 +2,8 @@
 
 A `ShardWorker` reads one shard from its checkpoint, hands each page of records to the
 pipeline's processor, and checkpoints only after the processor succeeded, so a crash replays
-at most the page in flight (at-least-once; apply is idempotent). A `Pipeline` lists the
-stream's shards, starts a worker for each ready shard (parents finished first) and restarts
-none that end by themselves.
+at most the page in flight (at-least-once; apply is idempotent). Which shards an instance
+reads is decided in pipeline.py.
 """
 
 from __future__ import annotations
@@ -13,14 +12,14 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from replicatord.aws import Aws
 from replicatord.config import Tuning
 from replicatord.errors import ExpiredIterator, InvalidRequest, LeaseLost, ReplicatorError, Transient, TrimmedData
-from replicatord.leases import FINISHED, Lease, LeaseTable, lease_key
+from replicatord.leases import HeldLease, LeaseTable, shard_of
 from replicatord.metrics import Metrics
 from replicatord.records import creation_seconds
 
@@ -45,18 +44,6 @@ class Page:
     records: list[dict[str, Any]]
     next_iterator: str | None
     behind_s: float = 0.0  # Kinesis MillisBehindLatest, when the page is empty
-
-
-def ready_shards(shards: Sequence[Shard], finished: set[str]) -> list[Shard]:
-    """Shards that may be read now: every parent still listed has been read to its end.
-
-    A parent that is no longer listed was trimmed from the stream and cannot hold back its
-    children (its records are gone either way).
-    """
-    listed = {s.id for s in shards}
-    return [
-        s for s in shards if s.id not in finished and all(p in finished or p not in listed for p in s.parent_ids)
-    ]
 
 
 def backoff_s(attempt: int, tuning: Tuning) -> float:
@@ -100,7 +87,9 @@ async def poll(interval_s: float, stop: asyncio.Event) -> AsyncIterator[None]:
 
 class StreamSource(Protocol):
     pipeline: str
-    stream: str  # a name for lease keys and logs
+    # Names this incarnation of the stream in lease keys: a stream that is deleted and created
+    # again (or a DynamoDB stream disabled and enabled again) starts with fresh leases.
+    stream: str
 
     async def list_shards(self) -> list[Shard]: ...
     async def get_iterator(self, shard_id: str, after: str | None) -> str: ...
@@ -114,7 +103,7 @@ class DynamoStreamSource:
 
     def __init__(self, aws: Aws, table: str, stream_arn: str) -> None:
         self.aws = aws
-        self.stream = table
+        self.stream = f"{table}@{stream_arn.rsplit('/', 1)[-1]}"
         self.arn = stream_arn
 
     async def list_shards(self) -> list[Shard]:
@@ -156,13 +145,14 @@ class DynamoStreamSource:
 class KinesisSource:
     pipeline = "applier"
 
-    def __init__(self, aws: Aws, stream: str) -> None:
+    def __init__(self, aws: Aws, stream: str, created: str) -> None:
         self.aws = aws
-        self.stream = stream
+        self.name = stream
+        self.stream = f"{stream}@{created}"
 
     async def list_shards(self) -> list[Shard]:
         shards: list[Shard] = []
-        kwargs: dict[str, Any] = {"StreamName": self.stream}
+        kwargs: dict[str, Any] = {"StreamName": self.name}
         while True:
             result = await self.aws.call("kinesis", "list_shards", **kwargs)
             for s in result.get("Shards", []):
@@ -174,7 +164,7 @@ class KinesisSource:
             kwargs = {"NextToken": token}
 
     async def get_iterator(self, shard_id: str, after: str | None) -> str:
-        kwargs: dict[str, Any] = {"StreamName": self.stream, "ShardId": shard_id}
+        kwargs: dict[str, Any] = {"StreamName": self.name, "ShardId": shard_id}
         if after:
             kwargs.update(ShardIteratorType="AFTER_SEQUENCE_NUMBER", StartingSequenceNumber=after)
         else:
@@ -207,7 +197,7 @@ class ShardWorker:
         source: StreamSource,
         processor: Processor,
         leases: LeaseTable,
-        lease: Lease,
+        held: HeldLease,
         tuning: Tuning,
         metrics: Metrics,
         stop: asyncio.Event,
@@ -216,11 +206,11 @@ class ShardWorker:
         self.source = source
         self.processor = processor
         self.leases = leases
-        self.lease = lease
+        self.held = held
         self.tuning = tuning
         self.metrics = metrics
         self.stop = stop
-        self.shard_id = lease.key.rsplit("/", 1)[1]
+        self.shard_id = shard_of(held.lease.key)
 
     async def run(self) -> bool:
         """Read the shard until stopped or its end; True if it was read to the end.
@@ -256,12 +246,12 @@ class ShardWorker:
         while not self.stop.is_set():
             try:
                 if iterator is None:
-                    iterator = await self.source.get_iterator(self.shard_id, self.lease.checkpoint)
+                    iterator = await self.source.get_iterator(self.shard_id, self.held.lease.checkpoint)
                 page = await self.source.get_records(iterator, self.tuning.get_records_limit)
                 if page.records:
                     await self._deliver(page.records)
                 if page.next_iterator is None:
-                    self.lease = await self.leases.checkpoint(self.lease, None, finished=True)
+                    await self.leases.checkpoint(self.held, None, finished=True)
                     log.info("%s %s: shard %s read to its end", pipeline, self.pair, self.shard_id)
                     return True
                 iterator = page.next_iterator
@@ -282,9 +272,10 @@ class ShardWorker:
                     "%s %s: shard %s: checkpoint %s is older than the stream's retention; records "
                     "were trimmed before they were replicated: run 'replicatord verify --repair' or "
                     "'replicatord backfill' for this pair. Reading on from the oldest record.",
-                    pipeline, self.pair, self.shard_id, self.lease.checkpoint,
+                    pipeline, self.pair, self.shard_id, self.held.lease.checkpoint,
                 )
-                self.lease = replace(self.lease, checkpoint=None)
+                self.metrics.trimmed.labels(self.pair, pipeline).inc()
+                self.held.lease = replace(self.held.lease, checkpoint=None)
                 iterator = None
             except LeaseLost:
                 raise
@@ -297,7 +288,7 @@ class ShardWorker:
 
     async def _release(self) -> None:
         try:
-            await asyncio.wait_for(self.leases.release(self.lease), RELEASE_TIMEOUT_S)
+            await asyncio.wait_for(self.leases.release(self.held), RELEASE_TIMEOUT_S)
         except (ReplicatorError, TimeoutError) as exc:
             log.warning("%s %s: shard %s: cannot release the lease (it will expire): %s",
                         self.source.pipeline, self.pair, self.shard_id, exc or "timed out")
@@ -325,98 +316,4 @@ class ShardWorker:
                     raise Abandoned from None
         newest = self.source.created_s(records[-1])
         self.metrics.set_iterator_age(self.pair, pipeline, self.shard_id, time.time() - newest)
-        self.lease = await self.leases.checkpoint(self.lease, self.source.sequence_number(records[-1]))
-
-
-class Pipeline:
-    """All shards of one stream for one pair: discover, start workers in lineage order."""
-
-    def __init__(
-        self,
-        pair: str,
-        source: StreamSource,
-        processor: Processor,
-        leases: LeaseTable,
-        owner: str,
-        tuning: Tuning,
-        metrics: Metrics,
-        stop: asyncio.Event,
-    ) -> None:
-        self.pair = pair
-        self.source = source
-        self.processor = processor
-        self.leases = leases
-        self.owner = owner
-        self.tuning = tuning
-        self.metrics = metrics
-        self.stop = stop
-        self.held: dict[str, Lease] = {}
-
-    def _key(self, shard_id: str) -> str:
-        return lease_key(self.source.pipeline, self.source.stream, shard_id)
-
-    async def _finished_shards(self) -> set[str] | None:
-        try:
-            leases = await self.leases.scan(self._key(""))
-        except ReplicatorError as exc:
-            self.metrics.errors.labels(self.source.pipeline, exc.kind).inc()
-            log.warning("%s %s: cannot read the lease table: %s", self.source.pipeline, self.pair, exc)
-            return None
-        return {lease.key.rsplit("/", 1)[1] for lease in leases if lease.state == FINISHED}
-
-    async def run(self) -> None:
-        finished: set[str] | None = None
-        running: dict[str, asyncio.Task[bool]] = {}
-        gauge = self.metrics.leases_held.labels(self.pair, self.source.pipeline)
-        loop = asyncio.get_running_loop()
-        list_at = 0.0
-        try:
-            async with asyncio.TaskGroup() as group:
-                async for _ in poll(1.0, self.stop):
-                    if finished is None:
-                        finished = await self._finished_shards()
-                        if finished is None:
-                            continue
-                    changed = False
-                    for shard_id, task in list(running.items()):
-                        if task.done():
-                            del running[shard_id]
-                            self.held.pop(shard_id, None)
-                            changed = True
-                            if task.result():
-                                finished.add(shard_id)
-                    if not changed and loop.time() < list_at:
-                        continue
-                    list_at = loop.time() + self.tuning.shard_refresh_s
-                    try:
-                        shards = await self.source.list_shards()
-                    except ReplicatorError as exc:
-                        self.metrics.errors.labels(self.source.pipeline, exc.kind).inc()
-                        log.warning("%s %s: cannot list shards: %s", self.source.pipeline, self.pair, exc)
-                        continue
-                    for shard in ready_shards(shards, finished):
-                        if shard.id in running:
-                            continue
-                        try:
-                            lease, previous = await self.leases.take(self._key(shard.id), self.owner, shard.parent_ids)
-                        except ReplicatorError as exc:  # LeaseLost included: try again on the next tick
-                            self.metrics.errors.labels(self.source.pipeline, exc.kind).inc()
-                            log.warning("%s %s: cannot take the lease of shard %s: %s",
-                                        self.source.pipeline, self.pair, shard.id, exc)
-                            list_at = 0.0
-                            continue
-                        if previous is not None:
-                            self.metrics.lease_takeovers.labels(self.source.pipeline).inc()
-                            log.info("%s %s: took shard %s over from %s", self.source.pipeline, self.pair,
-                                     shard.id, previous)
-                        self.held[shard.id] = lease
-                        worker = ShardWorker(
-                            self.pair, self.source, self.processor, self.leases, lease,
-                            self.tuning, self.metrics, self.stop,
-                        )
-                        running[shard.id] = group.create_task(worker.run(), name=f"{self._key(shard.id)}")
-                        log.info("%s %s: reading shard %s from %s", self.source.pipeline, self.pair,
-                                 shard.id, lease.checkpoint or "the oldest record")
-                    gauge.set(len(running))
-        finally:
-            gauge.set(0)
+        await self.leases.checkpoint(self.held, self.source.sequence_number(records[-1]))

@@ -186,7 +186,7 @@ def test_deletes_replicate_without_echo(regions: Any) -> None:
     # SIGTERM: exit 0 with the forwarder checkpointed at the stream's last record and the lease released.
     assert daemons[CN].terminate() == 0
     leases = regions.client("dynamodb", CN).scan(TableName="replicatord_leases", ConsistentRead=True)["Items"]
-    forwarder = [item for item in leases if item["lease_key"]["S"].startswith("forwarder/user-cn/")]
+    forwarder = [item for item in leases if item["lease_key"]["S"].startswith("forwarder/user-cn@")]
     assert len(forwarder) == 1
     assert "owner" not in forwarder[0]
     assert forwarder[0]["checkpoint"]["S"] == _last_stream_sequence(regions, CN, TABLES[CN])

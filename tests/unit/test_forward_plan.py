@@ -13,7 +13,7 @@ from replicatord.config import Conflict, Tuning
 from replicatord.conflict import DELETE, PUT, Version, delete_version
 from replicatord.forwarder import Skip, plan_forward
 from replicatord.records import ReplicationRecord, creation_seconds, decode_record, encode_record
-from replicatord.shards import Shard, backoff_s, ready_shards
+from replicatord.shards import backoff_s
 
 CONFLICT = Conflict()
 TS = CONFLICT.timestamp_attribute
@@ -214,61 +214,6 @@ def test_application_delete_of_an_item_with_a_stale_marker_is_forwarded() -> Non
 @pytest.mark.parametrize("event", [None, "UPDATE", "remove", "insert", ""])
 def test_unknown_event(event: str | None) -> None:
     assert plan_forward(stream_record(event, item(), item()), PAIR, CN, CONFLICT) == Skip("unknown_event")
-
-
-# --- shard lineage ---------------------------------------------------------------------------
-
-
-def ids(shards: list[Shard]) -> list[str]:
-    return [s.id for s in shards]
-
-
-@pytest.mark.parametrize(
-    ("shards", "finished", "ready"),
-    [
-        ([], set(), []),
-        ([Shard("a", ())], set(), ["a"]),
-        ([Shard("a", ()), Shard("b", ())], set(), ["a", "b"]),
-        # a child waits for its parent
-        ([Shard("p", ()), Shard("c", ("p",))], set(), ["p"]),
-        # the parent finished: the child is ready, the parent is not read again
-        ([Shard("p", ()), Shard("c", ("p",))], {"p"}, ["c"]),
-        # a parent no longer listed (trimmed) does not block
-        ([Shard("c", ("gone",))], set(), ["c"]),
-        # a chain: only the oldest unfinished generation
-        ([Shard("g", ()), Shard("p", ("g",)), Shard("c", ("p",))], set(), ["g"]),
-        ([Shard("g", ()), Shard("p", ("g",)), Shard("c", ("p",))], {"g"}, ["p"]),
-        ([Shard("g", ()), Shard("p", ("g",)), Shard("c", ("p",))], {"g", "p"}, ["c"]),
-        # a merge child waits for both parents
-        ([Shard("l", ()), Shard("r", ()), Shard("m", ("l", "r"))], set(), ["l", "r"]),
-        ([Shard("l", ()), Shard("r", ()), Shard("m", ("l", "r"))], {"l"}, ["r"]),
-        ([Shard("l", ()), Shard("r", ()), Shard("m", ("l", "r"))], {"r"}, ["l"]),
-        ([Shard("l", ()), Shard("r", ()), Shard("m", ("l", "r"))], {"l", "r"}, ["m"]),
-        ([Shard("r", ()), Shard("m", ("gone", "r"))], set(), ["r"]),
-        ([Shard("r", ()), Shard("m", ("gone", "r"))], {"r"}, ["m"]),
-        # a split: both children are ready once the parent is done
-        ([Shard("p", ()), Shard("c1", ("p",)), Shard("c2", ("p",))], {"p"}, ["c1", "c2"]),
-        # everything finished
-        ([Shard("a", ()), Shard("b", ("a",))], {"a", "b"}, []),
-        # finished ids of shards no longer listed are harmless
-        ([Shard("a", ())], {"x", "y"}, ["a"]),
-    ],
-)
-def test_ready_shards(shards: list[Shard], finished: set[str], ready: list[str]) -> None:
-    assert ids(ready_shards(shards, finished)) == ready
-
-
-def test_ready_shards_keeps_listing_order() -> None:
-    shards = [Shard(f"s{i}", ()) for i in (3, 1, 2)]
-    assert ids(ready_shards(shards, set())) == ["s3", "s1", "s2"]
-
-
-def test_ready_shards_does_not_change_its_inputs() -> None:
-    shards = [Shard("p", ()), Shard("c", ("p",))]
-    finished = {"p"}
-    ready_shards(shards, finished)
-    assert shards == [Shard("p", ()), Shard("c", ("p",))]
-    assert finished == {"p"}
 
 
 # --- backoff ---------------------------------------------------------------------------------

@@ -1,0 +1,183 @@
+"""One stream of one pair (a forwarder or an applier): shard discovery, leases, shard workers.
+
+Every `tuning.lease_take_interval_s` a pipeline syncs the lease table with the stream's shards
+(every `shard_refresh_s`: a lease per new shard, with its parents; finished leases of shards
+the stream no longer lists are deleted), reads all leases, and takes what `plan_leases` says:
+free or expired leases up to an even share, else at most one stolen from the most loaded
+instance. A child shard's lease is only taken once its parents' leases are finished, so each
+item's changes stay in order across resharding and stream rollover. Held leases are renewed
+every `renew_interval_s`; a lease that cannot be renewed (another instance took it, or renewal
+kept failing for `failover_s`) stops its worker at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from replicatord.config import Tuning
+from replicatord.errors import LeaseLost, ReplicatorError
+from replicatord.leases import (
+    FINISHED,
+    HeldLease,
+    Lease,
+    LeaseClock,
+    LeaseTable,
+    lease_key,
+    plan_leases,
+    ready_leases,
+    shard_of,
+)
+from replicatord.metrics import Metrics
+from replicatord.shards import Processor, ShardWorker, StreamSource, poll
+
+log = logging.getLogger(__name__)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        pair: str,
+        source: StreamSource,
+        processor: Processor,
+        leases: LeaseTable,
+        owner: str,
+        tuning: Tuning,
+        metrics: Metrics,
+        stop: asyncio.Event,
+    ) -> None:
+        self.pair = pair
+        self.source = source
+        self.processor = processor
+        self.leases = leases
+        self.owner = owner
+        self.tuning = tuning
+        self.metrics = metrics
+        self.stop = stop
+        self.name = f"{source.pipeline} {pair}"
+        self.workers: dict[str, tuple[HeldLease, asyncio.Task[bool]]] = {}
+        self.clock = LeaseClock()
+        self.cycle_ok_at = 0.0  # monotonic time of the last lease cycle that reached the table
+        self._sync_at = 0.0
+        self._group: asyncio.TaskGroup | None = None
+
+    @property
+    def held(self) -> int:
+        return len(self.workers)
+
+    def _key(self, shard_id: str) -> str:
+        return lease_key(self.source.pipeline, self.source.stream, shard_id)
+
+    def healthy(self, now: float) -> bool:
+        """The lease table was reached recently and every held lease was renewed in time."""
+        failover_s = self.tuning.failover_s
+        return now - self.cycle_ok_at < failover_s and all(
+            now - held.renewed_at < failover_s for held, _ in self.workers.values()
+        )
+
+    async def run(self) -> None:
+        gauge = self.metrics.leases_held.labels(self.pair, self.source.pipeline)
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                group.create_task(self._renew_loop(), name=f"renew {self.name}")
+                async for _ in poll(self.tuning.lease_take_interval_s, self.stop):
+                    try:
+                        await self._cycle()
+                    except ReplicatorError as exc:
+                        self.metrics.errors.labels(self.source.pipeline, exc.kind).inc()
+                        log.warning("%s: lease cycle failed: %s", self.name, exc)
+                    gauge.set(self.held)
+        finally:
+            gauge.set(0)
+
+    # -- lease cycle -------------------------------------------------------------------------
+
+    async def _cycle(self) -> None:
+        finished_here = self._reap()
+        now = time.monotonic()
+        if finished_here or now >= self._sync_at:
+            await self._sync_shards()
+            self._sync_at = now + self.tuning.shard_refresh_s
+        leases = await self.leases.scan(self._key(""))
+        self.cycle_ok_at = time.monotonic()
+        self.clock.observe(leases, self.cycle_ok_at)
+        expired = {
+            lease.key for lease in leases
+            if lease.owner != self.owner and self.clock.expired(lease, self.cycle_ok_at, self.tuning.failover_s)
+        }
+        plan = plan_leases(leases, self.owner, expired, ready_leases(leases), set(self.workers))
+        by_key = {lease.key: lease for lease in leases}
+        for key in plan.take:
+            await self._take(by_key[key], stolen=False)
+        if plan.steal is not None:
+            await self._take(by_key[plan.steal], stolen=True)
+
+    def _reap(self) -> bool:
+        """Forget workers that ended; True if one read its shard to the end."""
+        finished = False
+        for key, (_, task) in list(self.workers.items()):
+            if task.done():
+                del self.workers[key]
+                finished |= not task.cancelled() and task.result()
+        return finished
+
+    async def _sync_shards(self) -> None:
+        shards = await self.source.list_shards()
+        listed = {self._key(shard.id) for shard in shards}
+        existing = {lease.key: lease for lease in await self.leases.scan(self._key(""))}
+        for shard in shards:  # listing order has parents before children
+            key = self._key(shard.id)
+            if key not in existing:
+                parents = tuple(self._key(p) for p in shard.parent_ids)
+                if await self.leases.create(key, parents):
+                    log.info("%s: new shard %s%s", self.name, shard.id,
+                             f" (parents {', '.join(shard.parent_ids)})" if parents else "")
+        for key, lease in existing.items():
+            if lease.state == FINISHED and key not in listed:
+                await self.leases.delete(lease)  # read to its end and gone from the stream
+                log.info("%s: shard %s left the stream; its lease is deleted", self.name, shard_of(key))
+
+    async def _take(self, lease: Lease, stolen: bool) -> None:
+        resumed = lease.owner == self.owner
+        try:
+            taken = await self.leases.take(lease, self.owner)
+        except LeaseLost:
+            return  # another instance was quicker; the next cycle sees the new state
+        if stolen:
+            self.metrics.lease_steals.labels(self.source.pipeline).inc()
+        elif lease.owner is not None and not resumed:
+            self.metrics.lease_takeovers.labels(self.source.pipeline).inc()
+        how = "stole" if stolen else "resumed" if resumed else "took expired" if lease.owner else "took"
+        log.info("%s: %s shard %s%s, reading from %s", self.name, how, shard_of(lease.key),
+                 f" from {lease.owner}" if lease.owner and not resumed else "",
+                 taken.checkpoint or "the oldest record")
+        held = HeldLease(taken)
+        worker = ShardWorker(self.pair, self.source, self.processor, self.leases, held,
+                             self.tuning, self.metrics, self.stop)
+        assert self._group is not None
+        task = self._group.create_task(worker.run(), name=lease.key)
+        self.workers[lease.key] = (held, task)
+
+    # -- renewal -----------------------------------------------------------------------------
+
+    async def _renew_loop(self) -> None:
+        async for _ in poll(self.tuning.renew_interval_s, self.stop):
+            for key, (held, task) in list(self.workers.items()):
+                if task.done():
+                    continue
+                try:
+                    await self.leases.renew(held)
+                except LeaseLost:
+                    self._lost(key, task, "taken by another instance")
+                except ReplicatorError as exc:
+                    self.metrics.errors.labels(self.source.pipeline, exc.kind).inc()
+                    if time.monotonic() - held.renewed_at >= self.tuning.failover_s:
+                        # Others may already consider it expired: stop before they take it.
+                        self._lost(key, task, f"not renewed for {self.tuning.failover_s:.0f}s ({exc})")
+
+    def _lost(self, key: str, task: asyncio.Task[bool], why: str) -> None:
+        self.metrics.leases_lost.labels(self.source.pipeline).inc()
+        log.warning("%s: lost the lease of shard %s (%s); stopping it", self.name, shard_of(key), why)
+        task.cancel()
