@@ -1,4 +1,4 @@
-"""The `replicatord` command: run, check-config, provision, load, demo.
+"""The `replicatord` command: run, check-config, provision, status, load, demo.
 
 Every user error ends as one line on stderr and a non-zero exit status, never a traceback.
 """
@@ -114,6 +114,12 @@ def cmd_provision(args: argparse.Namespace) -> int:
     return provision(topology, regions=args.only_region, store_peer_credentials=args.store_peer_credentials)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from replicatord.tools.status import status
+
+    return status(load_topology(args.config), [args.region] if args.region else None)
+
+
 def cmd_load(args: argparse.Namespace) -> int:
     from replicatord.tools import load
 
@@ -153,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
         "REPLICATORD_PEER_ACCESS_KEY_ID/REPLICATORD_PEER_SECRET_ACCESS_KEY or from stdin (two lines)",
     )
     prov.set_defaults(func=cmd_provision)
+
+    st = sub.add_parser("status", help="shard leases per instance, with checkpoints")
+    _add_config(st)
+    st.set_defaults(func=cmd_status)
 
     from replicatord.tools import load
 

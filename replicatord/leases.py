@@ -48,7 +48,7 @@ def shard_of(key: str) -> str:
     return key.rsplit("/", 1)[1]
 
 
-def _from_item(item: dict[str, Any]) -> Lease:
+def from_item(item: dict[str, Any]) -> Lease:
     return Lease(
         key=item[LEASE_KEY]["S"],
         owner=item.get("owner", {}).get("S"),
@@ -151,7 +151,7 @@ class LeaseTable:
         kwargs: dict[str, Any] = {"TableName": self.table, "ConsistentRead": True}
         while True:
             page = await self.aws.call("dynamodb", "scan", **kwargs)
-            leases.extend(_from_item(i) for i in page.get("Items", []) if i[LEASE_KEY]["S"].startswith(prefix))
+            leases.extend(from_item(i) for i in page.get("Items", []) if i[LEASE_KEY]["S"].startswith(prefix))
             if "LastEvaluatedKey" not in page:
                 return leases
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]

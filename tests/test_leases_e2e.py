@@ -1,0 +1,179 @@
+"""Several daemons per region share the shards: balance, failover, graceful handoff, fencing, resharding."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from replicatord.tools.load import load
+from replicatord.tools.local import REGIONS, DaemonProcess, metric_sum, read_counter, wait_for
+from replicatord.tools.verify import compare_tables
+from tests.test_integration import cli
+
+pytestmark = pytest.mark.e2e
+
+CN, SG = REGIONS
+TABLES = {CN: "user-cn", SG: "user-sg"}
+# Shorter than the defaults (10 s / 3 s / 1 s) so that the suite stays quick; same ratios.
+TUNING = {"failover_s": 4, "renew_interval_s": 1, "lease_take_interval_s": 0.5, "shard_refresh_s": 2}
+APPLIER = "applier/ddb_replication_stream_sg@"
+
+
+class BackgroundLoad:
+    def __init__(self, regions: Any, count: int) -> None:
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run, args=(regions, count))
+        self.thread.start()
+
+    def _run(self, regions: Any, count: int) -> None:
+        try:
+            load(TABLES[CN], CN, count, batched=False, processes=1, endpoint_url=regions.endpoints[CN])
+        except BaseException as exc:  # noqa: BLE001 - re-raised by join()
+            self.errors.append(exc)
+
+    def join(self) -> None:
+        self.thread.join(timeout=300)
+        assert not self.errors, self.errors
+
+
+def applier_leases(regions: Any) -> dict[str, dict[str, Any]]:
+    items = regions.client("dynamodb", SG).scan(TableName="replicatord_leases", ConsistentRead=True)["Items"]
+    return {i["lease_key"]["S"]: i for i in items if i["lease_key"]["S"].startswith(APPLIER)}
+
+
+def owners(regions: Any) -> dict[str, str | None]:
+    return {key: item.get("owner", {}).get("S") for key, item in applier_leases(regions).items()}
+
+
+def held(daemon: DaemonProcess) -> float:
+    return metric_sum(daemon.metrics(), "replicatord_leases_held", pipeline="applier")
+
+
+def owned_only_by(regions: Any, alive: list[DaemonProcess]) -> bool:
+    """Every applier shard has exactly one owner, a live instance, and the live instances' own
+    counts agree with the table (none believes it holds a lease it lost)."""
+    current = owners(regions)
+    ids = {d.instance_id for d in alive}
+    if len(current) != 4 or not all(owner in ids for owner in current.values()):
+        return False
+    return all(held(d) == sum(1 for o in current.values() if o == d.instance_id) for d in alive)
+
+
+def assert_converged(regions: Any, count: int) -> None:
+    ddb = {r: regions.client("dynamodb", r) for r in REGIONS}
+    wait_for(lambda: ddb[SG].scan(TableName=TABLES[SG], Select="COUNT")["Count"] >= count, 180,
+             "every item to reach ap-southeast-1")
+    diff = compare_tables(ddb, TABLES)
+    assert diff.identical, "\n".join(diff.describe())
+    assert diff.counts == {CN: count, SG: count}
+
+
+def test_three_instances_share_fail_over_hand_off_and_rebalance(regions: Any) -> None:
+    regions.provision(kinesis_shards=4, tuning=TUNING)
+    regions.daemon(CN).wait_ready()
+    first = regions.daemon(SG, "sg-a")
+    first.wait_ready()
+    wait_for(lambda: owned_only_by(regions, [first]), 30, "one instance to hold all four shards")
+
+    background = BackgroundLoad(regions, 2500)
+    # Scale 1 -> 3: the newcomers steal one lease at a time until each holds 1 or 2.
+    second, third = regions.daemon(SG, "sg-b"), regions.daemon(SG, "sg-c")
+    instances = [first, second, third]
+
+    def balanced() -> bool:
+        return owned_only_by(regions, instances) and all(1 <= held(d) <= 2 for d in instances)
+
+    wait_for(balanced, 60, "three instances to balance to 1-2 leases each")
+    assert sum(metric_sum(d.metrics(), "replicatord_lease_steals_total") for d in instances) >= 2
+
+    # kill -9: the victim's leases expire after failover_s and are taken within one more cycle.
+    victim = max((second, third), key=held)
+    victim.kill()
+    killed_at = time.monotonic()
+    survivors = [first, second if victim is third else third]
+    wait_for(lambda: owned_only_by(regions, survivors), 60, "the killed instance's shards to be owned again",
+             interval_s=0.05)
+    failover_took = time.monotonic() - killed_at
+    assert failover_took <= TUNING["failover_s"] + TUNING["renew_interval_s"] + 2.5, failover_took
+    assert sum(metric_sum(d.metrics(), "replicatord_lease_takeovers_total") for d in survivors) >= 1
+
+    # SIGTERM: the leaving instance releases its leases and the other takes them at once.
+    leaving, staying = survivors[1], survivors[0]
+    assert held(leaving) >= 1
+    assert leaving.terminate() == 0
+    stopped_at = time.monotonic()
+    wait_for(lambda: owned_only_by(regions, [staying]), 30, "the released shards to be taken", interval_s=0.05)
+    handoff_took = time.monotonic() - stopped_at
+    assert handoff_took <= 2.0, handoff_took
+
+    background.join()
+    assert_converged(regions, 2500)
+    status = cli("status", "--config", str(regions.config), "--region", SG)
+    assert status.returncode == 0, status.stderr
+    # The four applier shards and the DynamoDB stream's one, all with the last instance standing.
+    assert f"  {staying.instance_id}: 5 leases" in status.stdout, status.stdout
+
+
+def test_a_fenced_instance_cannot_move_a_checkpoint_back(regions: Any) -> None:
+    regions.provision(kinesis_shards=4, tuning=TUNING)
+    regions.daemon(CN).wait_ready()
+    paused = regions.daemon(SG, "sg-paused")
+    paused.wait_ready()
+    wait_for(lambda: owned_only_by(regions, [paused]), 30, "one instance to hold all four shards")
+    background = BackgroundLoad(regions, 1500)
+    wait_for(lambda: read_counter(regions.client("dynamodb", SG), "replicator_stats", "replicated_count") > 100,
+             60, "replication to be under way")
+    assert paused.process is not None
+    os.kill(paused.process.pid, signal.SIGSTOP)
+    other = regions.daemon(SG, "sg-other")
+    try:
+        wait_for(lambda: set(owners(regions).values()) == {"sg-other"}, 60, "the other instance to take over")
+        history: dict[str, list[int]] = {}
+
+        def record() -> None:
+            for key, item in applier_leases(regions).items():
+                if "checkpoint" in item:
+                    history.setdefault(key, []).append(int(item["checkpoint"]["S"]))
+
+        record()
+    finally:
+        os.kill(paused.process.pid, signal.SIGCONT)
+    # The resumed instance finds its leases gone (renewal or checkpoint fails) and stops those shards.
+    deadline = time.monotonic() + 60
+    while metric_sum(paused.metrics(), "replicatord_leases_lost_total") + metric_sum(
+            paused.metrics(), "replicatord_errors_total", type="lease_lost") == 0:
+        record()
+        assert time.monotonic() < deadline, "the paused instance never noticed it lost its leases"
+        time.sleep(0.1)
+    background.join()
+    for _ in range(20):
+        record()
+        time.sleep(0.1)
+    for key, checkpoints in history.items():
+        assert checkpoints == sorted(checkpoints), (key, checkpoints)
+    # Having stopped the shards it lost, the resumed instance rejoins through the normal protocol.
+    wait_for(lambda: owned_only_by(regions, [paused, other]) and held(paused) == held(other) == 2, 60,
+             "the two instances to share the shards")
+    assert_converged(regions, 1500)
+    assert other.alive() and paused.alive()
+
+
+def test_update_shard_count_during_a_load_loses_nothing(regions: Any) -> None:
+    regions.provision(kinesis_shards=2, tuning=TUNING)
+    regions.daemon(CN).wait_ready()
+    regions.daemon(SG).wait_ready()
+    background = BackgroundLoad(regions, 1500)
+    wait_for(lambda: read_counter(regions.client("dynamodb", SG), "replicator_stats", "replicated_count") > 100,
+             60, "replication to be under way")
+    regions.client("kinesis", SG).update_shard_count(
+        StreamName="ddb_replication_stream_sg", TargetShardCount=4, ScalingType="UNIFORM_SCALING")
+    wait_for(lambda: len(applier_leases(regions)) == 6, 30, "leases for the four child shards")
+    children = [item for item in applier_leases(regions).values() if "parents" in item]
+    assert len(children) == 4
+    background.join()
+    assert_converged(regions, 1500)

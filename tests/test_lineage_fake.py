@@ -1,0 +1,202 @@
+"""Shard lineage, end of shard, iterator expiry, throttling and trimmed checkpoints.
+
+The emulator does none of these faithfully (DESIGN.md §7), so the Kinesis client is replaced at
+the client seam by a small fake stream; the lease table is a real emulator process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import yaml
+from botocore.exceptions import ClientError
+
+from replicatord.aws import Aws
+from replicatord.config import parse_topology, resolve_settings
+from replicatord.leases import FINISHED, LeaseTable, lease_key
+from replicatord.metrics import Metrics
+from replicatord.pipeline import Pipeline
+from replicatord.shards import KinesisSource
+from replicatord.tools.local import REGIONS, topology_document
+
+pytestmark = pytest.mark.integration
+
+SG = REGIONS[1]
+TUNING = {"poll_interval_ms": 20, "failover_s": 4, "renew_interval_s": 1, "lease_take_interval_s": 0.1,
+          "shard_refresh_s": 0.2, "backoff_base_ms": 10, "backoff_max_ms": 50}
+
+
+def _error(code: str) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": code}}, "GetRecords")
+
+
+class FakeKinesis:
+    """Shards with fixed records; closed shards end with a null NextShardIterator."""
+
+    def __init__(self, shards: dict[str, dict[str, Any]]) -> None:
+        self.shards = shards  # id -> {"parents": [...], "records": [seq, ...], "closed": bool}
+        # [operation, shard, error code, calls to let through first]: each raised once
+        self.faults: list[list[Any]] = []
+        self.trimmed_before: dict[str, int] = {}  # shard -> sequence numbers below this are trimmed
+        self.iterators_from: list[tuple[str, str]] = []  # (shard, "TRIM_HORIZON" or "after N")
+
+    def _fault(self, operation: str, shard: str) -> None:
+        for fault in self.faults:
+            if fault[:2] == [operation, shard]:
+                if fault[3]:
+                    fault[3] -= 1
+                    return
+                self.faults.remove(fault)
+                raise _error(fault[2])
+
+    async def list_shards(self, **_: Any) -> dict[str, Any]:
+        out = []
+        for shard_id, shard in self.shards.items():
+            entry: dict[str, Any] = {"ShardId": shard_id}
+            parents = shard.get("parents", [])
+            if parents:
+                entry["ParentShardId"] = parents[0]
+            if len(parents) > 1:
+                entry["AdjacentParentShardId"] = parents[1]
+            out.append(entry)
+        return {"Shards": out}
+
+    async def get_shard_iterator(self, *, ShardId: str, ShardIteratorType: str, **kw: Any) -> dict[str, Any]:  # noqa: N803
+        after = kw.get("StartingSequenceNumber")
+        self.iterators_from.append((ShardId, f"after {after}" if after else ShardIteratorType))
+        if after is not None and int(after) < self.trimmed_before.get(ShardId, 0):
+            raise _error("TrimmedDataAccessException")
+        position = 0
+        if after is not None:
+            position = sum(1 for seq in self.shards[ShardId]["records"] if seq <= int(after))
+        return {"ShardIterator": f"{ShardId}|{position}"}
+
+    async def get_records(self, *, ShardIterator: str, Limit: int) -> dict[str, Any]:  # noqa: N803
+        shard_id, position_text = ShardIterator.split("|")
+        self._fault("get_records", shard_id)
+        position = int(position_text)
+        shard = self.shards[shard_id]
+        chunk = shard["records"][position:position + min(Limit, 3)]
+        end = position + len(chunk)
+        records = [{"SequenceNumber": str(seq), "Data": b"x", "ApproximateArrivalTimestamp": 0} for seq in chunk]
+        closed_and_done = shard.get("closed") and end >= len(shard["records"])
+        return {"Records": records, "NextShardIterator": None if closed_and_done else f"{shard_id}|{end}",
+                "MillisBehindLatest": 0}
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int]] = []
+
+    async def process(self, shard_id: str, records: list[dict[str, Any]]) -> None:
+        self.seen.extend((shard_id, int(r["SequenceNumber"])) for r in records)
+
+
+async def _run_until(pipeline: Pipeline, stop: asyncio.Event, condition: Any, deadline_s: float = 30) -> None:
+    task = asyncio.create_task(pipeline.run())
+    try:
+        async with asyncio.timeout(deadline_s):
+            while not condition():  # noqa: ASYNC110 - a poll-until-deadline over another task's progress
+                await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture
+async def lease_env(regions: Any) -> Any:
+    regions.provision()
+    topology = parse_topology(yaml.safe_dump(topology_document(regions.endpoints, tuning=TUNING)))
+    settings = resolve_settings(topology, SG, "fake-1")
+    metrics = Metrics()
+    async with Aws(settings, metrics) as aws:
+        yield aws, settings, metrics
+
+
+def _pipeline(aws: Aws, settings: Any, metrics: Metrics, fake: FakeKinesis, stop: asyncio.Event) -> tuple[
+    Pipeline, Recorder, LeaseTable
+]:
+    aws.local["kinesis"] = fake  # the client seam
+    leases = LeaseTable(aws, settings.me.lease_table)
+    recorder = Recorder()
+    source = KinesisSource(aws, "ddb_replication_stream_sg", "1")
+    return Pipeline("user", source, recorder, leases, settings.instance_id, settings.topology.tuning,
+                    metrics, stop), recorder, leases
+
+
+async def test_children_start_after_their_parents_end_through_split_and_merge(lease_env: Any) -> None:
+    aws, settings, metrics = lease_env
+    fake = FakeKinesis({
+        "p": {"records": [1, 2, 3, 4, 5, 6, 7], "closed": True},
+        "c1": {"parents": ["p"], "records": [10, 11, 12, 13], "closed": True},
+        "c2": {"parents": ["p"], "records": [20, 21]},
+        "m": {"parents": ["c1", "c2"], "records": [30, 31]},  # c2 never ends: the merge child waits
+    })
+    fake.faults += [["get_records", "p", "ProvisionedThroughputExceededException", 0],
+                    ["get_records", "c1", "ExpiredIteratorException", 1]]  # after its first page
+    stop = asyncio.Event()
+    pipeline, recorder, leases = _pipeline(aws, settings, metrics, fake, stop)
+    expected = {("p", s) for s in range(1, 8)} | {("c1", s) for s in range(10, 14)} | {("c2", 20), ("c2", 21)}
+    await _run_until(pipeline, stop, lambda: expected <= set(recorder.seen))
+
+    order = recorder.seen
+    last_parent = max(i for i, (shard, _) in enumerate(order) if shard == "p")
+    first_child = min(i for i, (shard, _) in enumerate(order) if shard != "p")
+    assert last_parent < first_child, order
+    assert not any(shard == "m" for shard, _ in order), "a merge child was read before both parents ended"
+    for shard in ("p", "c1"):  # each record exactly once: expiry resumed from the checkpoint, not the start
+        seqs = [s for sh, s in order if sh == shard]
+        assert seqs == sorted(set(seqs)), seqs
+    assert fake.iterators_from.count(("c1", "TRIM_HORIZON")) == 1
+    assert ("c1", "after 12") in fake.iterators_from, fake.iterators_from  # pages of 3: 10, 11, 12
+    state = {lease.key.rsplit("/", 1)[1]: lease for lease in await leases.scan()}
+    assert state["p"].state == FINISHED and state["p"].checkpoint == "7"
+    assert state["c1"].state == FINISHED and state["c1"].checkpoint == "13"
+    assert state["m"].parents == tuple(lease_key("applier", pipeline.source.stream, s) for s in ("c1", "c2"))
+    assert state["m"].checkpoint is None and state["m"].owner is None
+    assert metrics.registry.get_sample_value(
+        "replicatord_errors_total", {"pipeline": "applier", "type": "throttled"}) == 1
+    assert metrics.registry.get_sample_value(
+        "replicatord_errors_total", {"pipeline": "applier", "type": "expired_iterator"}) == 1
+
+
+async def test_a_finished_shard_that_left_the_stream_loses_its_lease(lease_env: Any) -> None:
+    aws, settings, metrics = lease_env
+    fake = FakeKinesis({"old": {"records": [1], "closed": True}, "new": {"parents": ["old"], "records": [5]}})
+    stop = asyncio.Event()
+    pipeline, recorder, leases = _pipeline(aws, settings, metrics, fake, stop)
+    await _run_until(pipeline, stop, lambda: ("new", 5) in recorder.seen)
+    del fake.shards["old"]  # trimmed after the stream's retention
+    stop2 = asyncio.Event()
+    pipeline2, _, _ = _pipeline(aws, settings, metrics, fake, stop2)
+
+    async def gone() -> bool:
+        return all(not lease.key.endswith("/old") for lease in await leases.scan())
+
+    task = asyncio.create_task(pipeline2.run())
+    try:
+        async with asyncio.timeout(20):
+            while not await gone():  # noqa: ASYNC110 - polls the lease table
+                await asyncio.sleep(0.1)
+    finally:
+        stop2.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_a_trimmed_checkpoint_is_reported_and_reading_restarts_at_the_oldest(lease_env: Any) -> None:
+    aws, settings, metrics = lease_env
+    fake = FakeKinesis({"s": {"records": [1, 2, 3]}})
+    stop = asyncio.Event()
+    pipeline, recorder, leases = _pipeline(aws, settings, metrics, fake, stop)
+    await _run_until(pipeline, stop, lambda: ("s", 3) in recorder.seen)
+    # Retention passes while the daemon is down: records 1-50 are gone, 51-52 remain.
+    fake.shards["s"]["records"] = [51, 52]
+    fake.trimmed_before["s"] = 51
+    stop2 = asyncio.Event()
+    pipeline2, recorder2, _ = _pipeline(aws, settings, metrics, fake, stop2)
+    await _run_until(pipeline2, stop2, lambda: ("s", 52) in recorder2.seen)
+    assert recorder2.seen == [("s", 51), ("s", 52)]
+    assert metrics.registry.get_sample_value(
+        "replicatord_checkpoint_trimmed_total", {"pair": "user", "pipeline": "applier"}) == 1
