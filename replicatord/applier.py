@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from decimal import Decimal
 from typing import Any
 
 from replicatord.aws import Aws
 from replicatord.config import Conflict, Tuning
 from replicatord.conflict import (
+    Item,
     WriteCondition,
     delete_condition,
     mark_condition,
@@ -32,6 +34,7 @@ from replicatord.records import (
     same_key_runs,
 )
 from replicatord.shards import run_together
+from replicatord.tombstones import Tombstones, TombstoneTable
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,7 @@ class Applier:
         pair: str,
         table: str,
         stats_table: str,
+        tombstones: TombstoneTable,
         conflict: Conflict,
         tuning: Tuning,
         dlq: DeadLetterQueue,
@@ -54,6 +58,7 @@ class Applier:
         self.aws = aws
         self.pair = pair
         self.table = table
+        self.tombstones = tombstones
         self.stats_table = stats_table
         self.conflict = conflict
         self.dlq = dlq
@@ -74,7 +79,8 @@ class Applier:
                 continue
             decoded.append((partition_key(record.keys), record))
         applied = [0]
-        await run_together(self._apply_key(run, applied) for run in same_key_runs(decoded).values())
+        tombstones = await self.tombstones.fetch(self.pair, [record.keys for _, record in decoded])
+        await run_together(self._apply_key(run, tombstones, applied) for run in same_key_runs(decoded).values())
         if applied[0]:
             await self.aws.call(
                 "dynamodb", "update_item", TableName=self.stats_table,
@@ -82,11 +88,11 @@ class Applier:
                 ExpressionAttributeValues={":n": {"N": str(applied[0])}},
             )
 
-    async def _apply_key(self, records: list[ReplicationRecord], applied: list[int]) -> None:
+    async def _apply_key(self, records: list[ReplicationRecord], tombstones: Tombstones, applied: list[int]) -> None:
         async with self.limit:
             for record in records:
                 try:
-                    done = await self.apply(record)
+                    done = await self.apply(record, tombstones)
                 except InvalidRequest as exc:
                     # DynamoDB refuses the write itself (too large, bad attribute): retrying cannot help.
                     self.metrics.errors.labels("applier", exc.kind).inc()
@@ -101,9 +107,14 @@ class Applier:
                 else:
                     self.metrics.records_stale.labels(self.pair).inc()
 
-    async def apply(self, record: ReplicationRecord) -> bool:
-        """Apply one change with the last-writer-wins rule; False if the local item is as new or newer."""
-        return await (self._put(record) if record.op == "PUT" else self._delete(record))
+    async def apply(self, record: ReplicationRecord, tombstones: Tombstones | None = None) -> bool:
+        """Apply one change with the last-writer-wins rule; False if the local item (or the key's
+        tombstone) is as new or newer. `tombstones` is the page's prefetch, else read here."""
+        if tombstones is None:
+            tombstones = await self.tombstones.fetch(self.pair, [record.keys])
+        if record.op == "PUT":
+            return await self._put(record, tombstones)
+        return await self._delete(record, tombstones)
 
     async def _write(self, operation: str, condition: WriteCondition, **kwargs: Any) -> bool:
         """One conditional write to the local table; False if the condition did not hold."""
@@ -119,12 +130,34 @@ class Applier:
             return False
         return True
 
-    async def _put(self, record: ReplicationRecord) -> bool:
+    async def _put(self, record: ReplicationRecord, tombstones: Tombstones) -> bool:
+        """Write the image iff no live tombstone is at or above it and the local item is absent or
+        older (conditional put). A tombstone recorded between the check and the put can let an old
+        image in; the forwarder sees that write and repairs it (DESIGN.md §4, resurrection)."""
+        tombstone = tombstones.get(self.pair, record.keys)
+        if tombstone is not None and record.version < tombstone:
+            return False
         return await self._write("put_item", put_condition(record.keys, record.version, self.conflict),
                                  Item=record.image)
 
-    async def _delete(self, record: ReplicationRecord) -> bool:
-        """Mark the item with the delete's version (so the forwarder knows this REMOVE), then delete it."""
+    async def stamp(self, keys: Item, timestamp: Decimal) -> bool:
+        """Give an unversioned local item the version attributes (`missing_version: stamp`)."""
+        return await self._write(
+            "update_item",
+            WriteCondition(
+                "attribute_exists(#k) AND (attribute_not_exists(#ts) OR attribute_not_exists(#rg))",
+                {"#k": next(iter(keys)), "#ts": self.conflict.timestamp_attribute,
+                 "#rg": self.conflict.region_attribute},
+                {":ts": {"N": str(timestamp)}, ":rg": {"S": self.aws.settings.region}},
+            ),
+            Key=keys, UpdateExpression="SET #ts = :ts, #rg = :rg",
+        )
+
+    async def _delete(self, record: ReplicationRecord, tombstones: Tombstones) -> bool:
+        """Record the tombstone, mark the item with the delete's version (so the forwarder knows this
+        REMOVE), then delete it. The tombstone comes first: a crash after it only replays the rest."""
+        await self.tombstones.record(self.pair, record.keys, record.version)
+        tombstones.raise_to(self.pair, record.keys, record.version)
         mark = mark_condition(record.keys, record.version, self.conflict)
         remove = delete_condition(record.version, self.conflict)
         for _ in range(DELETE_ATTEMPTS):

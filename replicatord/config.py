@@ -46,6 +46,7 @@ class Region(_Model):
     credentials: Credentials | None = None
     proxy: str | None = None
     lease_table: str = "replicatord_leases"
+    tombstone_table: str = "replicatord_tombstones"
     stats_table: str = "replicator_stats"
     loader_stats_table: str = "loader_stats"
     dead_letter_queue: str
@@ -73,8 +74,13 @@ class Conflict(_Model):
     # Set on an item by replicatord just before it deletes it, so that the forwarder knows the
     # REMOVE is not an application delete (DESIGN.md §4).
     marker_attribute: str = "replicatord:deleting"
-    # What the forwarder does with a local change whose image lacks the version attributes.
-    missing_version: Literal["dead_letter"] = "dead_letter"
+    # What the forwarder does with a local change whose image lacks the version attributes:
+    # dead_letter: send it to the dead-letter queue, not replicated; stamp: write the version
+    # attributes onto the local item (the stream's ApproximateCreationDateTime and this region),
+    # and that change replicates.
+    missing_version: Literal["dead_letter", "stamp"] = "dead_letter"
+    # How long a delete's tombstone is kept: longer than the longest replication delay.
+    tombstone_ttl_s: Annotated[float, Field(gt=0)] = 72 * 3600
 
 
 class Metrics(_Model):

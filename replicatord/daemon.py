@@ -30,6 +30,7 @@ from replicatord.leases import LeaseTable
 from replicatord.metrics import Metrics
 from replicatord.pipeline import Pipeline
 from replicatord.shards import DynamoStreamSource, KinesisSource, poll
+from replicatord.tombstones import TombstoneTable
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +90,17 @@ class Daemon:
         dlq = DeadLetterQueue(self.aws, queue_url, self.metrics)
         await self._require_table(me.lease_table, "lease table")
         await self._require_table(me.stats_table, "stats table")
+        await self._require_table(me.tombstone_table, "tombstone table")
         leases = LeaseTable(self.aws, me.lease_table)
+        tombstones = TombstoneTable(self.aws, me.tombstone_table, topology.conflict.tombstone_ttl_s)
         peer_clients = {peer: await self.aws.open_peer(peer) for peer in s.peers}
         for pair in topology.pairs:
             plan = await self._plan_pair(pair.name, pair.tables[s.region], pair.streams[s.region])
             peers = {peer: (peer_clients[peer], pair.streams[peer]) for peer in s.peers}
-            applier = Applier(self.aws, pair.name, plan.table, me.stats_table, topology.conflict,
+            applier = Applier(self.aws, pair.name, plan.table, me.stats_table, tombstones, topology.conflict,
                               topology.tuning, dlq, self.metrics)
-            forwarder = Forwarder(self.aws, pair.name, peers, topology.conflict, topology.tuning, dlq,
-                                  applier, self.metrics, self.stop)
+            forwarder = Forwarder(self.aws, pair.name, plan.table, peers, tombstones, topology.conflict,
+                                  topology.tuning, dlq, applier, self.metrics, self.stop)
             for source, processor in (
                 (DynamoStreamSource(self.aws, plan.table, plan.stream_arn), forwarder),
                 (KinesisSource(self.aws, plan.kinesis_stream, plan.kinesis_created), applier),

@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Protocol
 
 from replicatord.aws import Aws
 from replicatord.config import Conflict, Tuning
-from replicatord.conflict import being_deleted, delete_version, version_of, without_marker
+from replicatord.conflict import Version, being_deleted, delete_version, version_of, without_marker
 from replicatord.dlq import DeadLetterQueue, stream_record_text
 from replicatord.errors import InvalidRequest, ReplicatorError
 from replicatord.metrics import Metrics
@@ -27,6 +28,7 @@ from replicatord.records import (
     plan_batches,
 )
 from replicatord.shards import Abandoned, backoff_s, run_together, sleep_or_stop
+from replicatord.tombstones import TombstoneTable
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,17 @@ def plan_repair(stream_record: dict[str, Any], pair: str, region: str, conflict:
 
 class Repairer(Protocol):
     async def apply(self, record: ReplicationRecord) -> bool: ...
+    async def stamp(self, keys: dict[str, Any], timestamp: Decimal) -> bool: ...
+
+
+def written_version(stream_record: dict[str, Any], conflict: Conflict) -> Version | None:
+    """The version an INSERT/MODIFY wrote (None for removes, marked or unversioned images)."""
+    if stream_record.get("eventName") not in ("INSERT", "MODIFY"):
+        return None
+    image = stream_record.get("dynamodb", {}).get("NewImage")
+    if being_deleted(image, conflict):
+        return None
+    return version_of(image, conflict)
 
 
 class Forwarder:
@@ -95,7 +108,9 @@ class Forwarder:
         self,
         aws: Aws,
         pair: str,
+        table: str,
         peers: dict[str, tuple[Any, str]],  # peer region -> (kinesis client, stream name)
+        tombstones: TombstoneTable,
         conflict: Conflict,
         tuning: Tuning,
         dlq: DeadLetterQueue,
@@ -106,8 +121,10 @@ class Forwarder:
         self.aws = aws
         self.repairer = repairer
         self.pair = pair
+        self.table = table
         self.region = aws.settings.region
         self.peers = peers
+        self.tombstones = tombstones
         self.conflict = conflict
         self.tuning = tuning
         self.dlq = dlq
@@ -115,24 +132,30 @@ class Forwarder:
         self.stop = stop
 
     async def process(self, shard_id: str, records: list[dict[str, Any]]) -> None:
+        """Forward the page's application changes, record their deletes' tombstones, then repair.
+
+        A crash anywhere replays the page: forwarding again is harmless, tombstones only grow,
+        and repairs are conditional writes with the normal rules.
+        """
         entries: list[Entry] = []
+        app_deletes: list[ReplicationRecord] = []
+        repairs: list[tuple[str, ReplicationRecord]] = []
+        written: list[tuple[dict[str, Any], Version]] = []
         for stream_record in records:
             repair = plan_repair(stream_record, self.pair, self.region, self.conflict)
-            if repair is not None and await self._repair(repair):
-                self.metrics.conflicts.labels("stale_write").inc()
-                log.info("forwarder %s: application write to %s was older than the item it replaced; "
-                         "restored the winner %s", self.pair, repair.keys, repair.version.encode())
+            if repair is not None:
+                repairs.append(("stale_write", repair))
+            version = written_version(stream_record, self.conflict)
+            if version is not None:
+                written.append((stream_record, version))
             planned = plan_forward(stream_record, self.pair, self.region, self.conflict)
             if isinstance(planned, Skip):
                 self.metrics.records_skipped.labels(self.pair, planned.reason).inc()
-                if planned.reason in ("no_version", "unknown_event"):
-                    await self.dlq.send(
-                        self.pair, "forwarder", planned.reason,
-                        f"{stream_record.get('eventName')} without the version attributes "
-                        f"{self.conflict.timestamp_attribute!r}/{self.conflict.region_attribute!r}"
-                        if planned.reason == "no_version" else "unknown stream event",
-                        stream_record_text(stream_record),
-                    )
+                if planned.reason == "no_version":
+                    await self._unversioned(stream_record)
+                elif planned.reason == "unknown_event":
+                    await self.dlq.send(self.pair, "forwarder", planned.reason, "unknown stream event",
+                                        stream_record_text(stream_record))
                 continue
             entry = Entry(encode_record(planned), partition_key(planned.keys))
             if oversized(entry):
@@ -141,9 +164,57 @@ class Forwarder:
                                     f"record of {entry.size} bytes exceeds Kinesis' 1 MiB", entry.data)
                 continue
             entries.append(entry)
-        if not entries:
+            if planned.op == "DELETE":
+                app_deletes.append(planned)
+        if entries:
+            await run_together(self._put(peer, entries) for peer in self.peers)
+        for delete in app_deletes:  # after forwarding: a crash in between forwards it again
+            await self.tombstones.record(self.pair, delete.keys, delete.version)
+        repairs += await self._resurrections(written)
+        for kind, record in repairs:
+            if await self._repair(record):
+                self.metrics.conflicts.labels(kind).inc()
+                log.info("forwarder %s: %s repair of %s: applied %s %s", self.pair, kind, record.keys,
+                         record.op, record.version.encode())
+
+    async def _resurrections(
+        self, written: list[tuple[dict[str, Any], Version]]
+    ) -> list[tuple[str, ReplicationRecord]]:
+        """Writes older than their key's tombstone: an old PUT that slipped in before the
+        tombstone existed, or an application write older than a known delete. The repair applies
+        the tombstone with the normal DELETE rule."""
+        if not written:
+            return []
+        tombstones = await self.tombstones.fetch(self.pair, [r["dynamodb"].get("Keys") or {} for r, _ in written])
+        repairs = []
+        for stream_record, version in written:
+            ddb = stream_record["dynamodb"]
+            keys = ddb.get("Keys") or {}
+            tombstone = tombstones.get(self.pair, keys)
+            if tombstone is not None and version < tombstone:
+                repairs.append(("resurrection", ReplicationRecord(
+                    "DELETE", self.pair, keys, None, tombstone, tombstone.region,
+                    str(ddb.get("SequenceNumber", "")),
+                    float(creation_seconds(ddb.get("ApproximateCreationDateTime", 0))),
+                )))
+        return repairs
+
+    async def _unversioned(self, stream_record: dict[str, Any]) -> None:
+        """A local change without the version attributes: the `conflict.missing_version` policy."""
+        ddb = stream_record.get("dynamodb", {})
+        if self.conflict.missing_version == "dead_letter":
+            self.metrics.unversioned.labels(self.pair, "dead_letter").inc()
+            await self.dlq.send(
+                self.pair, "forwarder", "no_version",
+                f"{stream_record.get('eventName')} without the version attributes "
+                f"{self.conflict.timestamp_attribute!r}/{self.conflict.region_attribute!r}",
+                stream_record_text(stream_record),
+            )
             return
-        await run_together(self._put(peer, entries) for peer in self.peers)
+        # stamp: give the item a version (when the change was made, here); that change replicates.
+        keys = ddb.get("Keys") or {}
+        stamped = await self.repairer.stamp(keys, creation_seconds(ddb.get("ApproximateCreationDateTime", 0)))
+        self.metrics.unversioned.labels(self.pair, "stamped" if stamped else "already_versioned").inc()
 
     async def _repair(self, repair: ReplicationRecord) -> bool:
         try:

@@ -50,6 +50,12 @@ class Metrics:
         self.conflicts = Counter(
             "replicatord_conflicts_total", "Conflicts repaired, by kind", ["kind"], registry=r
         )
+        self.unversioned = Counter(
+            "replicatord_unversioned_total",
+            "Local changes without the version attributes, by what conflict.missing_version did",
+            ["pair", "action"],
+            registry=r,
+        )
         self.errors = Counter(
             "replicatord_errors_total", "Errors, by pipeline and type", ["pipeline", "type"], registry=r
         )

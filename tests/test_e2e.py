@@ -84,17 +84,31 @@ def _shared_writes(regions: Any, keys: int, seed: int) -> dict[str, tuple[Decima
     return winners
 
 
-def _drained(regions: Any, daemons: dict[str, Any]) -> bool:
-    """Every record a region forwarded has been applied or found stale on the other side."""
-    metrics = {r: d.metrics() for r, d in daemons.items()}
-    for src, dst in ((CN, SG), (SG, CN)):
-        forwarded = metric_sum(metrics[src], "replicatord_records_forwarded_total", peer=dst)
-        done = metric_sum(metrics[dst], "replicatord_records_applied_total") + metric_sum(
-            metrics[dst], "replicatord_records_stale_total"
-        )
-        if forwarded == 0 or done < forwarded:
-            return False
-    return True
+class Drain:
+    """Both pipelines are idle: every record a region forwarded was applied or found stale on the
+    other side, and nothing was read anywhere since the previous poll."""
+
+    def __init__(self, daemons: dict[str, Any]) -> None:
+        self.daemons = daemons
+        self.last: tuple[float, ...] = ()
+
+    def __call__(self) -> bool:
+        metrics = {r: d.metrics() for r, d in self.daemons.items()}
+        reads = tuple(metric_sum(metrics[r], "replicatord_records_read_total") for r in REGIONS)
+        quiet, self.last = reads == self.last, reads
+        for src, dst in ((CN, SG), (SG, CN)):
+            forwarded = metric_sum(metrics[src], "replicatord_records_forwarded_total", peer=dst)
+            done = metric_sum(metrics[dst], "replicatord_records_applied_total") + metric_sum(
+                metrics[dst], "replicatord_records_stale_total"
+            )
+            if forwarded == 0 or done < forwarded:
+                return False
+        return quiet
+
+
+def _drained(regions: Any, daemons: dict[str, Any]) -> None:
+    # Polls a second apart: quiet for a whole poll interval (the daemons poll every 250 ms).
+    wait_for(Drain(daemons), DRAIN_S, "both pipelines to drain", interval_s=1.0)
 
 
 def _assert_identical(regions: Any) -> Any:
@@ -113,7 +127,7 @@ def test_both_directions_through_squid_converge(regions: Any, squid: Any) -> Non
     loads = Loads(regions, 2000)
     winners = _shared_writes(regions, keys=40, seed=7)
     loads.join()
-    wait_for(lambda: _drained(regions, daemons), DRAIN_S, "both pipelines to drain")
+    _drained(regions, daemons)
 
     diff = _assert_identical(regions)
     assert diff.counts == {CN: 4040, SG: 4040}
@@ -156,7 +170,7 @@ def test_deletes_replicate_without_echo(regions: Any) -> None:
     for d in daemons.values():
         d.wait_ready()
     Loads(regions, 200, processes=1).join()
-    wait_for(lambda: _drained(regions, daemons), DRAIN_S, "the load to drain")
+    _drained(regions, daemons)
 
     ddb = {r: regions.client("dynamodb", r) for r in REGIONS}
     deleted: dict[str, list[str]] = {}
@@ -174,7 +188,7 @@ def test_deletes_replicate_without_echo(regions: Any) -> None:
         )
 
     wait_for(gone, DRAIN_S, "deletes to reach the other region")
-    wait_for(lambda: _drained(regions, daemons), DRAIN_S, "the deletes to drain")
+    _drained(regions, daemons)
     diff = _assert_identical(regions)
     assert diff.counts == {CN: 350, SG: 350}
     for src, dst in ((CN, SG), (SG, CN)):

@@ -20,6 +20,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from replicatord.aws import StartupError, peer_credential_names
 from replicatord.config import Topology
 from replicatord.leases import LEASE_KEY
+from replicatord.tombstones import EXPIRES_AT, TOMB_KEY
 
 STATS_COUNTERS = {"stats_table": "replicated_count", "loader_stats_table": "loaded_count"}
 
@@ -79,6 +80,15 @@ class RegionProvisioner:
         self.ddb.get_waiter("table_exists").wait(TableName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
         self._did(f"created table {name}" + (" (stream NEW_AND_OLD_IMAGES)" if stream else ""))
 
+    def ttl(self, table: str, attribute: str) -> None:
+        desc = self.ddb.describe_time_to_live(TableName=table).get("TimeToLiveDescription", {})
+        if desc.get("TimeToLiveStatus") in ("ENABLED", "ENABLING") and desc.get("AttributeName") == attribute:
+            return
+        self.ddb.update_time_to_live(
+            TableName=table, TimeToLiveSpecification={"Enabled": True, "AttributeName": attribute}
+        )
+        self._did(f"enabled TTL on {table}.{attribute}")
+
     def counter(self, table: str, pk: str) -> None:
         try:
             self.ddb.put_item(
@@ -134,6 +144,8 @@ class RegionProvisioner:
             self.table(table, {"PK": "S"}, stream=False)
             self.counter(table, pk)
         self.table(self.config.lease_table, {LEASE_KEY: "S"}, stream=False)
+        self.table(self.config.tombstone_table, {TOMB_KEY: "S"}, stream=False)
+        self.ttl(self.config.tombstone_table, EXPIRES_AT)
         self.queue(self.config.dead_letter_queue)
 
 
