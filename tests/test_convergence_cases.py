@@ -1,0 +1,512 @@
+"""Conflict cases of DESIGN.md §4, end to end: both daemons running against the two emulators.
+
+Every test ends the same way: after the pipelines drain, both tables are identical attribute for
+attribute AND every key holds its winner, the highest version (timestamp, PUT < DELETE, region)
+among all the application's writes and deletes to it. Item timestamps lie far in the future
+(FUTURE + n) so that an application delete's version is the removed item's timestamp, not the
+stream record's creation time: the expected winner is known in advance.
+
+Interleavings are forced by stopping a region's daemon while the conflicting writes happen and
+starting a new one afterwards: it resumes from its checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, NamedTuple
+
+import pytest
+
+from replicatord.conflict import DELETE, PUT
+from replicatord.records import partition_key
+from replicatord.tombstones import tomb_key
+from replicatord.tools.local import (
+    REGIONS,
+    DaemonProcess,
+    metric_sum,
+    provision_local,
+    topology_document,
+    wait_for,
+    write_topology,
+)
+from replicatord.tools.verify import compare_tables
+
+pytestmark = pytest.mark.e2e
+
+CN, SG = REGIONS
+TS, RG = "last_update_timestamp", "last_updater_region"
+FUTURE = Decimal(4_000_000_000)
+DRAIN_S = 240
+READY_S = 120
+
+Item = dict[str, Any]
+Version = tuple[Decimal, int, str]
+
+
+class Pair(NamedTuple):
+    name: str
+    tables: dict[str, str]
+    streams: dict[str, str]
+
+
+USER = Pair("user", {CN: "user-cn", SG: "user-sg"}, {CN: "ddb_replication_stream_cn", SG: "ddb_replication_stream_sg"})
+BLOBS = Pair("blobs", {CN: "blobs-cn", SG: "blobs-sg"},
+             {CN: "ddb_replication_stream_blobs_cn", SG: "ddb_replication_stream_blobs_sg"})
+
+
+# --- setup --------------------------------------------------------------------------------------
+
+
+def provision(regions: Any, pairs: tuple[Pair, ...] = (USER,), keys: dict[str, dict[str, str]] | None = None,
+              conflict: dict[str, Any] | None = None) -> None:
+    """Like LocalRegions.provision, with the options topology_document has no argument for:
+    more pairs, a key schema per pair, a `conflict` section."""
+    doc = topology_document(regions.endpoints)
+    template = doc["pairs"][0]
+    doc["pairs"] = [{**template, "name": p.name, "tables": p.tables, "streams": p.streams} for p in pairs]
+    for pair_doc in doc["pairs"]:
+        if keys and pair_doc["name"] in keys:
+            pair_doc["key"] = keys[pair_doc["name"]]
+    if conflict:
+        doc["conflict"] = conflict
+    regions.config = write_topology(regions.workdir / "topology.yaml", doc)
+    provision_local(regions.config, report=lambda _line: None)
+
+
+def start(regions: Any, *names: str) -> dict[str, DaemonProcess]:
+    daemons = {region: regions.daemon(region) for region in names}
+    for daemon in daemons.values():
+        daemon.wait_ready(READY_S)
+    return daemons
+
+
+def restart(regions: Any, daemons: dict[str, DaemonProcess], region: str) -> None:
+    """A new daemon (another instance id) in place of the stopped one: it resumes from the checkpoints."""
+    daemons.update(start(regions, region))
+
+
+def stop(daemons: dict[str, DaemonProcess], region: str) -> None:
+    assert daemons[region].terminate() == 0, daemons[region].log_tail()
+
+
+# --- draining -----------------------------------------------------------------------------------
+
+
+def _last_sequence(get_records: Any, iterator: str | None) -> str | None:
+    last = None
+    while iterator:
+        page = get_records(ShardIterator=iterator, Limit=1000)
+        if not page["Records"]:
+            break
+        last = page["Records"][-1].get("SequenceNumber") or page["Records"][-1]["dynamodb"]["SequenceNumber"]
+        iterator = page.get("NextShardIterator")
+    return last
+
+
+class Drain:
+    """Every shard of both pipelines of every pair, in both regions, is checkpointed at its stream's
+    last record, and nothing moved since the previous poll.
+
+    Positions rather than the daemons' counters: these survive the daemon restarts the tests
+    force. Any work still to do starts from a record past some checkpoint: a change not yet
+    forwarded, a record not yet applied, or what an apply or a repair just wrote.
+    """
+
+    def __init__(self, regions: Any, pairs: tuple[Pair, ...]) -> None:
+        self.regions = regions
+        self.pairs = pairs
+        self.last: tuple[Any, ...] = ()
+
+    def positions(self, region: str) -> list[tuple[str, str | None, str | None]]:
+        """(shard, checkpoint, last sequence number) for every shard the daemons of `region` read."""
+        ddb = self.regions.client("dynamodb", region)
+        streams = self.regions.client("dynamodbstreams", region)
+        kinesis = self.regions.client("kinesis", region)
+        checkpoints = {}
+        for item in ddb.scan(TableName="replicatord_leases", ConsistentRead=True)["Items"]:
+            pipeline, rest = item["lease_key"]["S"].split("/", 1)
+            stream, shard = rest.rsplit("/", 1)
+            checkpoints[(pipeline, stream.split("@")[0], shard)] = item.get("checkpoint", {}).get("S")
+        found = []
+        for pair in self.pairs:
+            table = pair.tables[region]
+            arn = ddb.describe_table(TableName=table)["Table"]["LatestStreamArn"]
+            for shard in streams.describe_stream(StreamArn=arn)["StreamDescription"]["Shards"]:
+                iterator = streams.get_shard_iterator(StreamArn=arn, ShardId=shard["ShardId"],
+                                                      ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
+                key = ("forwarder", table, shard["ShardId"])
+                found.append(("/".join(key), checkpoints.get(key, "no lease"),
+                              _last_sequence(streams.get_records, iterator)))
+            stream = pair.streams[region]
+            for shard in kinesis.list_shards(StreamName=stream)["Shards"]:
+                iterator = kinesis.get_shard_iterator(StreamName=stream, ShardId=shard["ShardId"],
+                                                      ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
+                key = ("applier", stream, shard["ShardId"])
+                found.append(("/".join(key), checkpoints.get(key, "no lease"),
+                              _last_sequence(kinesis.get_records, iterator)))
+        return found
+
+    def __call__(self) -> bool:
+        now = tuple(tuple(self.positions(region)) for region in REGIONS)
+        quiet, self.last = now == self.last, now
+        return quiet and all(checkpoint == end for shards in now for _, checkpoint, end in shards)
+
+
+def drained(regions: Any, pairs: tuple[Pair, ...] = (USER,)) -> None:
+    # Polls a second apart: quiet for a whole poll interval (the daemons poll every 250 ms).
+    wait_for(Drain(regions, pairs), DRAIN_S, "both regions' pipelines to drain", interval_s=1.0)
+
+
+# --- the application's changes and their winners ------------------------------------------------
+
+
+def canonical(value: Any) -> Any:
+    """An attribute value with its sets sorted: DynamoDB does not keep a set's order."""
+    (kind, inner), = value.items()
+    if kind in ("SS", "NS", "BS"):
+        return {kind: sorted(inner)}
+    if kind == "L":
+        return {"L": [canonical(v) for v in inner]}
+    if kind == "M":
+        return {"M": canonical_item(inner)}
+    return value
+
+
+def canonical_item(item: Item | None) -> Item | None:
+    return None if item is None else {name: canonical(value) for name, value in item.items()}
+
+
+@dataclass
+class Ledger:
+    """The application of one pair, writing in both regions: it makes each change with the region's
+    own client and keeps every key's versions, to know which one must win."""
+
+    regions: Any
+    pair: Pair = USER
+    versions: dict[str, list[tuple[Version, Item | None]]] = field(default_factory=dict)
+    keys: dict[str, Item] = field(default_factory=dict)
+
+    def _ddb(self, region: str) -> Any:
+        return self.regions.client("dynamodb", region)
+
+    def _record(self, key: Item, version: Version, image: Item | None) -> None:
+        canon = partition_key(key)
+        self.keys[canon] = key
+        self.versions.setdefault(canon, []).append((version, image))
+
+    def put(self, region: str, key: Item, ts: Decimal | int, **attributes: Any) -> Item:
+        """PutItem stamped (FUTURE + ts, region), the whole item as the application wrote it."""
+        stamp = FUTURE + ts
+        item = {**key, TS: {"N": str(stamp)}, RG: {"S": region}, **attributes}
+        self._ddb(region).put_item(TableName=self.pair.tables[region], Item=item)
+        self._record(key, (stamp, PUT, region), item)
+        return item
+
+    def update(self, region: str, key: Item, ts: Decimal | int, **attributes: Any) -> Item:
+        """UpdateItem: sets `attributes` and a new version, keeps the others."""
+        stamp = FUTURE + ts
+        values = {TS: {"N": str(stamp)}, RG: {"S": region}, **attributes}
+        names = {f"#a{i}": name for i, name in enumerate(values)}
+        item = self._ddb(region).update_item(
+            TableName=self.pair.tables[region], Key=key, ReturnValues="ALL_NEW",
+            UpdateExpression="SET " + ", ".join(f"#a{i} = :v{i}" for i in range(len(values))),
+            ExpressionAttributeNames=names,
+            ExpressionAttributeValues={f":v{i}": value for i, value in enumerate(values.values())},
+        )["Attributes"]
+        self._record(key, (stamp, PUT, region), item)
+        return dict(item)
+
+    def delete(self, region: str, key: Item) -> None:
+        """DeleteItem; its version is (max(now, removed item's timestamp), DELETE, region)."""
+        now = Decimal(str(time.time()))
+        old = self._ddb(region).delete_item(TableName=self.pair.tables[region], Key=key,
+                                            ReturnValues="ALL_OLD").get("Attributes")
+        assert old is not None, f"{key} was not in {region}: a delete of nothing is no change"
+        self._record(key, (max(now, Decimal(old[TS]["N"])), DELETE, region), None)
+
+    def winner(self, key: Item) -> Item | None:
+        """What `key` must hold in every region: its highest version's image, or nothing."""
+        version, image = max(self.versions[partition_key(key)], key=lambda change: change[0])
+        return None if version[1] == DELETE else image
+
+    def assert_winners(self) -> None:
+        for region in REGIONS:
+            ddb = self._ddb(region)
+            for key in self.keys.values():
+                got = ddb.get_item(TableName=self.pair.tables[region], Key=key, ConsistentRead=True).get("Item")
+                assert canonical_item(got) == canonical_item(self.winner(key)), f"{self.pair.name} {key} in {region}"
+
+
+def assert_identical(regions: Any, pair: Pair = USER) -> Any:
+    diff = compare_tables({r: regions.client("dynamodb", r) for r in REGIONS}, pair.tables)
+    assert diff.identical, "\n".join(diff.describe())
+    return diff
+
+
+def assert_converged(regions: Any, *ledgers: Ledger) -> None:
+    for ledger in ledgers:
+        assert_identical(regions, ledger.pair)
+        ledger.assert_winners()
+
+
+def pk(name: str) -> Item:
+    return {"PK": {"S": name}}
+
+
+def conflicts(daemon: DaemonProcess, kind: str) -> float:
+    return metric_sum(daemon.metrics(), "replicatord_conflicts_total", kind=kind)
+
+
+# --- the cases ----------------------------------------------------------------------------------
+
+
+def test_exact_tie_goes_to_cn_north_1(regions: Any) -> None:
+    provision(regions)
+    start(regions, CN, SG)
+    app = Ledger(regions)
+    from_cn = {}
+    for i in range(4):
+        # Both regions write the key with the same timestamp, in either order, within milliseconds.
+        key = pk(f"tie-{i}")
+        for region in (CN, SG) if i % 2 else (SG, CN):
+            item = app.put(region, key, 100, writer={"S": region})
+            if region == CN:
+                from_cn[partition_key(key)] = item
+    drained(regions)
+
+    assert_converged(regions, app)
+    assert {k: app.winner(key) for k, key in app.keys.items()} == from_cn
+
+
+@pytest.mark.parametrize("order", ["delete_first", "put_first"])
+def test_delete_beats_an_older_put_in_either_order(regions: Any, order: str) -> None:
+    provision(regions)
+    daemons = start(regions, CN, SG)
+    app = Ledger(regions)
+    k = pk("k")
+    app.put(CN, k, 100, v={"S": "original"})
+    drained(regions)
+
+    if order == "delete_first":
+        stop(daemons, SG)  # SG has not heard of the delete when its application writes
+        app.delete(CN, k)
+        app.put(SG, k, 50, v={"S": "older"})
+        restart(regions, daemons, SG)
+    else:
+        stop(daemons, CN)  # CN has not heard of the older write when its application deletes
+        app.put(SG, k, 50, v={"S": "older"})
+        app.delete(CN, k)
+        restart(regions, daemons, CN)
+    drained(regions)
+
+    assert_converged(regions, app)
+    assert app.winner(k) is None
+
+
+@pytest.mark.parametrize("order", ["delete_first", "put_first"])
+def test_newer_put_beats_a_delete_in_either_order(regions: Any, order: str) -> None:
+    provision(regions)
+    daemons = start(regions, CN, SG)
+    app = Ledger(regions)
+    k = pk("k")
+    app.put(CN, k, 100, v={"S": "original"})
+    drained(regions)
+
+    if order == "delete_first":
+        stop(daemons, SG)
+        app.delete(CN, k)
+        newer = app.put(SG, k, 200, v={"S": "newer"})
+        restart(regions, daemons, SG)
+    else:
+        stop(daemons, CN)
+        newer = app.put(SG, k, 200, v={"S": "newer"})
+        app.delete(CN, k)
+        restart(regions, daemons, CN)
+    drained(regions)
+
+    assert_converged(regions, app)
+    assert app.winner(k) == newer
+
+
+def test_stale_local_write_is_repaired(regions: Any) -> None:
+    provision(regions)
+    daemons = start(regions, CN, SG)
+    app = Ledger(regions)
+    k = pk("k")
+    newer = app.put(SG, k, 100, v={"S": "newer, from Singapore"})
+    drained(regions)
+
+    # The application in Beijing overwrites the replicated item with an older timestamp.
+    app.put(CN, k, 50, v={"S": "older, from Beijing"})
+    drained(regions)
+
+    assert_converged(regions, app)
+    assert app.winner(k) == newer
+    assert conflicts(daemons[CN], "stale_write") > 0
+
+
+def test_resurrection_is_repaired_and_the_tombstone_kept(regions: Any) -> None:
+    provision(regions)
+    daemons = start(regions, CN, SG)
+    app = Ledger(regions)
+    k = pk("k")
+    app.put(CN, k, 100, v={"S": "original"})
+    drained(regions)
+
+    stop(daemons, SG)
+    app.delete(CN, k)
+    app.put(SG, k, 50, v={"S": "older, written while Singapore's daemon was down"})
+    restart(regions, daemons, SG)
+    drained(regions)
+    assert_converged(regions, app)
+    assert app.winner(k) is None
+
+    tomb = regions.client("dynamodb", CN).get_item(
+        TableName="replicatord_tombstones", Key={"tomb_key": {"S": tomb_key("user", k)}}, ConsistentRead=True,
+    ).get("Item")
+    assert tomb is not None, "no tombstone for the deleted key in cn-north-1"
+    assert (Decimal(tomb["ts"]["N"]), tomb["region"]["S"]) == (FUTURE + 100, CN)
+    assert Decimal(tomb["expires_at"]["N"]) > Decimal(time.time() + 3600)
+
+    # Now that Singapore knows the delete, an older write there is a resurrection: repaired at once.
+    app.put(SG, k, 60, v={"S": "older again, written after the delete arrived"})
+    drained(regions)
+    assert_converged(regions, app)
+    assert conflicts(daemons[SG], "resurrection") > 0
+
+
+def test_composite_and_binary_keys(regions: Any) -> None:
+    provision(regions, pairs=(USER, BLOBS), keys={"user": {"PK": "S", "SK": "N"}, "blobs": {"BK": "B"}})
+    start(regions, CN, SG)
+    users, blobs = Ledger(regions, USER), Ledger(regions, BLOBS)
+
+    def row(sk: int) -> Item:
+        return {"PK": {"S": "customer#1"}, "SK": {"N": str(sk)}}
+
+    def blob(key: bytes) -> Item:
+        return {"BK": {"B": key}}
+
+    binary_keys = [b"\x00", b"\xff\xfe\x00", "k\u00e9y".encode(), bytes(range(32))]
+    for sk in range(1, 5):
+        users.put(CN, row(sk), 10 + sk, v={"S": f"cn {sk}"})
+        users.put(SG, row(sk + 4), 10 + sk, v={"S": f"sg {sk + 4}"})
+    for i, key in enumerate(binary_keys):
+        blobs.put((CN, SG)[i % 2], blob(key), 10 + i, v={"N": str(i)})
+    drained(regions, (USER, BLOBS))
+    assert_converged(regions, users, blobs)
+
+    users.update(CN, row(5), 30, v={"S": "cn updated sg's row"})
+    users.update(SG, row(1), 30, extra={"L": [{"S": "sg updated cn's row"}]})
+    users.delete(CN, row(6))
+    users.delete(SG, row(2))
+    users.put(SG, row(9), 30, v={"S": "new row"})
+    blobs.update(SG, blob(binary_keys[0]), 30, v={"N": "-1"})
+    blobs.delete(CN, blob(binary_keys[1]))
+    drained(regions, (USER, BLOBS))
+
+    assert_converged(regions, users, blobs)
+    counts = {r: regions.client("dynamodb", r).scan(TableName=USER.tables[r], Select="COUNT")["Count"]
+              for r in REGIONS}
+    assert counts == {CN: 7, SG: 7}
+
+
+def every_type(origin: str) -> dict[str, Any]:
+    return {
+        "s": {"S": f"plain {origin}"},
+        "empty": {"S": ""},
+        "unicode": {"S": "北京 → Singapore ☃ 🦆 ñ \u00e9\u0301 \t\n\"quoted\" \\"},
+        "n": {"N": "-42"},
+        "big": {"N": "123456789012345678901234567890.123"},
+        "tiny": {"N": "0.000000000000000000000000000000000001"},
+        "huge": {"N": "99999999999999999999999999999999999999"},
+        "b": {"B": bytes(range(256))},
+        "ss": {"SS": ["a", "ü", "🦆", "z z"]},
+        "ns": {"NS": ["1", "-2.5", "123456789012345678901234567890.123"]},
+        "bs": {"BS": [b"\x00", b"\xff", b"bytes"]},
+        "bool_t": {"BOOL": True},
+        "bool_f": {"BOOL": False},
+        "null": {"NULL": True},
+        "list": {"L": [{"S": "x"}, {"N": "1"}, {"NULL": True}, {"BOOL": False}, {"B": b"\x01\x02"},
+                       {"L": []}, {"M": {}}, {"SS": ["in", "list"]}]},
+        "map": {"M": {"nested": {"M": {"deeper": {"L": [{"M": {"leaf": {"S": "🌿"}}}]}, "n": {"N": "0"}}},
+                      "名前": {"S": "キー"}, "empty": {"S": ""}}},
+        "attribute name with spaces & ünïcödé ☃": {"S": "value"},
+    }
+
+
+def test_every_attribute_type_round_trips_both_ways(regions: Any) -> None:
+    provision(regions)
+    start(regions, CN, SG)
+    app = Ledger(regions)
+    for region in REGIONS:
+        app.put(region, pk(f"types from {region}"), 100, **every_type(region))
+    drained(regions)
+    assert_converged(regions, app)
+
+
+def test_item_near_the_400_kb_limit(regions: Any) -> None:
+    provision(regions)
+    start(regions, CN, SG)
+    app = Ledger(regions)
+    for n, region in enumerate(REGIONS):
+        payload = bytes((i * 7 + n) % 256 for i in range(390_000))
+        item = app.put(region, pk(f"big from {region}"), 100, blob={"B": payload}, text={"S": "ü" * 4_500})
+        size = sum(len(name.encode()) + len(v.get("B", b"")) + len(v.get("S", v.get("N", "")).encode())
+                   for name, v in item.items())
+        assert 398_000 < size < 400 * 1024
+    drained(regions)
+    assert_converged(regions, app)
+
+
+def dead_letters(regions: Any, region: str, queue: str) -> list[dict[str, Any]]:
+    sqs = regions.client("sqs", region)
+    url = sqs.get_queue_url(QueueName=queue)["QueueUrl"]
+    messages: list[dict[str, Any]] = []
+
+    def received() -> bool:
+        for message in sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10).get("Messages", []):
+            messages.append(json.loads(message["Body"]))
+        return bool(messages)
+
+    wait_for(received, 120, f"a dead letter in {queue}", interval_s=0.5)
+    return messages
+
+
+@pytest.mark.parametrize("policy", ["dead_letter", "stamp"])
+def test_items_without_version_attributes(regions: Any, policy: str) -> None:
+    provision(regions, conflict={"missing_version": policy})
+    daemons = start(regions, CN, SG)
+    app = Ledger(regions)
+    queues = {CN: "ddbreplicatorcn", SG: "ddbreplicatorsg"}
+    unversioned = {region: pk(f"unversioned from {region}") for region in REGIONS}
+    began = time.time()
+    for region in REGIONS:
+        app.put(region, pk(f"versioned from {region}"), 100)
+        regions.client("dynamodb", region).put_item(
+            TableName=USER.tables[region], Item={**unversioned[region], "v": {"S": "no version"}})
+    drained(regions)
+    ddb = {r: regions.client("dynamodb", r) for r in REGIONS}
+
+    if policy == "dead_letter":
+        diff = compare_tables(ddb, USER.tables)
+        assert not diff.different
+        assert diff.only_in == {region: [unversioned[region]] for region in REGIONS}
+        app.assert_winners()
+        for region in REGIONS:
+            letters = dead_letters(regions, region, queues[region])
+            assert [m["reason"] for m in letters] == ["no_version"]
+            assert json.loads(letters[0]["payload"])["dynamodb"]["Keys"] == unversioned[region]
+            assert metric_sum(daemons[region].metrics(), "replicatord_unversioned_total", action="dead_letter") == 1
+        return
+
+    assert_converged(regions, app)
+    for region in REGIONS:
+        item = ddb[region].get_item(TableName=USER.tables[region], Key=unversioned[region])["Item"]
+        # Stamped where it was written, with the stream record's creation time.
+        assert item[RG] == {"S": region}
+        assert began - 60 < float(item[TS]["N"]) < time.time() + 60
+        assert item["v"] == {"S": "no version"}
+        assert metric_sum(daemons[region].metrics(), "replicatord_unversioned_total", action="stamped") == 1

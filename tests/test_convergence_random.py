@@ -1,0 +1,298 @@
+"""Randomized convergence against the real emulators (DESIGN.md §4), reproducible from its seed.
+
+Per seed: 20 keys written from both regions at once with puts, updates and deletes, timestamps
+near the wall clock with clock skew between regions, exact ties across regions and stale
+application writes; duplicates and reordering injected on the Kinesis streams (records put
+again, in shuffled order, on other shards); daemon restarts (kill -9 or SIGTERM). After the
+writes stop and the pipelines drain, both tables must be identical and every key must hold the
+last writer's version: the highest among all application writes and deletes to it. A delete's
+version is read back from the region's DynamoDB stream (when the delete happened there).
+
+    CONVERGENCE_SEEDS=300 .venv/bin/pytest tests/test_convergence_random.py      # the long run
+    CONVERGENCE_SEED_START=1234 CONVERGENCE_SEEDS=1 ...                          # one seed again
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from replicatord.config import Conflict
+from replicatord.conflict import PUT, Version, being_deleted, delete_version, version_of
+from replicatord.records import creation_seconds
+from replicatord.tools import emulators
+from replicatord.tools.local import (
+    REGIONS,
+    DaemonProcess,
+    client,
+    metric_sum,
+    provision_local,
+    topology_document,
+    wait_for,
+    write_topology,
+)
+from replicatord.tools.verify import diff_items
+
+pytestmark = pytest.mark.e2e
+
+CN, SG = REGIONS
+TABLES = {CN: "user-cn", SG: "user-sg"}
+STREAMS = {CN: "ddb_replication_stream_cn", SG: "ddb_replication_stream_sg"}
+START = int(os.environ.get("CONVERGENCE_SEED_START", "0"))
+SEEDS = int(os.environ.get("CONVERGENCE_SEEDS", "30"))
+KEYS = 20
+OPS_PER_REGION = 40
+TUNING = {"failover_s": 3, "renew_interval_s": 1, "lease_take_interval_s": 0.3, "poll_interval_ms": 100}
+CONFLICT = Conflict()
+
+
+class StreamLog:
+    """Every record of a region's DynamoDB stream so far, read forward across seeds."""
+
+    def __init__(self, region: str, endpoint: str) -> None:
+        self.ddb = client("dynamodb", region, endpoint)
+        self.streams = client("dynamodbstreams", region, endpoint)
+        self.region = region
+        self.records: list[dict[str, Any]] = []
+        self.after: str | None = None
+
+    def read(self) -> list[dict[str, Any]]:
+        arn = self.ddb.describe_table(TableName=TABLES[self.region])["Table"]["LatestStreamArn"]
+        (shard,) = self.streams.describe_stream(StreamArn=arn)["StreamDescription"]["Shards"]
+        kwargs: dict[str, Any] = {"StreamArn": arn, "ShardId": shard["ShardId"]}
+        if self.after:
+            kwargs.update(ShardIteratorType="AFTER_SEQUENCE_NUMBER", SequenceNumber=self.after)
+        else:
+            kwargs.update(ShardIteratorType="TRIM_HORIZON")
+        iterator = self.streams.get_shard_iterator(**kwargs)["ShardIterator"]
+        while True:
+            page = self.streams.get_records(ShardIterator=iterator, Limit=1000)
+            if not page["Records"]:
+                return self.records
+            self.records.extend(page["Records"])
+            self.after = page["Records"][-1]["dynamodb"]["SequenceNumber"]
+            iterator = page["NextShardIterator"]
+
+
+@dataclass
+class World:
+    workdir: Path
+    endpoints: dict[str, str]
+    config: Path
+    daemons: dict[str, DaemonProcess] = field(default_factory=dict)
+    logs: dict[str, StreamLog] = field(default_factory=dict)
+    restarts: int = 0
+
+    def ddb(self, region: str) -> Any:
+        return client("dynamodb", region, self.endpoints[region])
+
+    def start(self, region: str) -> DaemonProcess:
+        self.restarts += 1
+        daemon = DaemonProcess(self.config, region, self.workdir, f"{region}-{self.restarts}").start()
+        self.daemons[region] = daemon
+        return daemon
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    os.environ.update(emulators.LOCAL_CREDENTIALS)
+    workdir = tmp_path_factory.mktemp("convergence")
+    ports = {r: emulators.free_port() for r in REGIONS}
+    with emulators.running(ports, workdir) as emus:
+        endpoints = {r: e.endpoint_url for r, e in emus.items()}
+        config = write_topology(workdir / "topology.yaml",
+                                topology_document(endpoints, kinesis_shards=2, tuning=TUNING))
+        provision_local(config, report=lambda _line: None)
+        w = World(workdir, endpoints, config)
+        w.logs = {r: StreamLog(r, endpoints[r]) for r in REGIONS}
+        for region in REGIONS:
+            w.start(region).wait_ready()
+        try:
+            yield w
+        finally:
+            for daemon in w.daemons.values():
+                daemon.terminate(timeout_s=15)
+
+
+@dataclass
+class Workload:
+    """One region's application: puts, updates and deletes of the seed's keys."""
+
+    region: str
+    ops: list[tuple[str, str, Decimal | None]]  # (action, key, timestamp)
+
+
+def plan_workloads(seed: int, keys: list[str]) -> list[Workload]:
+    rnd = random.Random(seed)
+    now = Decimal(int(time.time()))
+    workloads = []
+    for region in REGIONS:
+        skew = rnd.choice([-2, -1, 0, 0, 1, 2])  # this region's clock against the other's
+        used: set[tuple[str, Decimal]] = set()
+        ops: list[tuple[str, str, Decimal | None]] = []
+        for i in range(OPS_PER_REGION):
+            key = rnd.choice(keys)
+            action = rnd.choices(["put", "update", "delete"], [55, 20, 25])[0]
+            if action == "delete":
+                ops.append(("delete", key, None))
+                continue
+            # Whole seconds, so the two regions often stamp exactly the same time; sometimes
+            # stale (an application stamping an old clock); never the same (key, time) twice in a
+            # region: that pair names one change (DESIGN.md §4).
+            ts = now + i // 8 + skew + rnd.choice([0, 0, 0, 1, -1, -4])
+            while (key, ts) in used:
+                ts += 1
+            used.add((key, ts))
+            ops.append((action, key, ts))
+        workloads.append(Workload(region, ops))
+    return workloads
+
+
+def run_workload(world: World, workload: Workload, seed: int, pace: random.Random) -> list[tuple[str, Version]]:
+    ddb = world.ddb(workload.region)
+    table = TABLES[workload.region]
+    writes = []
+    for n, (action, key, ts) in enumerate(workload.ops):
+        item_key = {"PK": {"S": key}}
+        if action == "delete":
+            ddb.delete_item(TableName=table, Key=item_key)
+        elif action == "put":
+            assert ts is not None
+            ddb.put_item(TableName=table, Item={
+                **item_key, "last_update_timestamp": {"N": str(ts)}, "last_updater_region": {"S": workload.region},
+                "value": {"S": f"{workload.region}/{seed}/{n}"}, "n": {"N": str(n)},
+            })
+            writes.append((key, Version(ts, PUT, workload.region)))
+        else:
+            assert ts is not None
+            ddb.update_item(
+                TableName=table, Key=item_key,
+                UpdateExpression="SET last_update_timestamp = :ts, last_updater_region = :rg, updated = :u",
+                ExpressionAttributeValues={":ts": {"N": str(ts)}, ":rg": {"S": workload.region},
+                                           ":u": {"S": f"{workload.region}/{seed}/{n}"}},
+            )
+            writes.append((key, Version(ts, PUT, workload.region)))
+        time.sleep(pace.uniform(0, 0.02))  # pacing of the application, not synchronisation
+    return writes
+
+
+def inject_duplicates(world: World, seed: int, prefix: str, rnd: random.Random) -> int:
+    """Put again a random sample of the seed's replication records, shuffled, with random
+    partition keys (so they land on other shards, out of order): what an at-least-once
+    transport may do."""
+    injected = 0
+    for region in REGIONS:
+        kinesis = client("kinesis", region, world.endpoints[region])
+        records = []
+        for shard in kinesis.list_shards(StreamName=STREAMS[region])["Shards"]:
+            iterator = kinesis.get_shard_iterator(StreamName=STREAMS[region], ShardId=shard["ShardId"],
+                                                  ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
+            while iterator:
+                page = kinesis.get_records(ShardIterator=iterator, Limit=10000)
+                records += [r["Data"] for r in page["Records"] if f'"{prefix}'.encode() in r["Data"]]
+                if not page["Records"]:
+                    break
+                iterator = page["NextShardIterator"]
+        sample = rnd.sample(records, k=len(records) // 3)
+        rnd.shuffle(sample)
+        for start in range(0, len(sample), 100):
+            batch = sample[start:start + 100]
+            kinesis.put_records(StreamName=STREAMS[region], Records=[
+                {"Data": data, "PartitionKey": str(rnd.random())} for data in batch
+            ])
+        injected += len(sample)
+    return injected
+
+
+def app_deletes(world: World, prefix: str) -> list[tuple[str, Version]]:
+    """Application deletes of the seed's keys, with their versions, from both regions' streams."""
+    deletes = []
+    for region, log in world.logs.items():
+        for record in log.read():
+            ddb = record["dynamodb"]
+            key = ddb["Keys"]["PK"]["S"]
+            if record["eventName"] != "REMOVE" or not key.startswith(prefix):
+                continue
+            old = ddb.get("OldImage")
+            if being_deleted(old, CONFLICT):
+                continue  # removed by replicatord: a replicated delete or a repair
+            approx = creation_seconds(ddb["ApproximateCreationDateTime"])
+            deletes.append((key, delete_version(old, approx, region, CONFLICT)))
+    return deletes
+
+
+def quiet(world: World) -> Any:
+    last: list[tuple[float, ...]] = [()]
+
+    def check() -> bool:
+        metrics = [d.metrics() for d in world.daemons.values()]
+        if not all(metrics):
+            return False
+        reads = tuple(metric_sum(m, "replicatord_records_read_total") for m in metrics)
+        held = [metric_sum(m, "replicatord_leases_held") for m in metrics]
+        same, last[0] = reads == last[0], reads
+        # Quiet for a whole poll, and every shard (2 Kinesis + 1 DynamoDB stream per region) held.
+        return same and held == [3.0, 3.0]
+
+    return check
+
+
+@pytest.mark.parametrize("seed", range(START, START + SEEDS), ids=lambda s: f"seed-{s}")
+def test_random_interleavings_converge_to_the_last_writer(world: World, seed: int) -> None:
+    rnd = random.Random(seed)
+    prefix = f"s{seed}-"
+    keys = [f"{prefix}{i:02d}" for i in range(KEYS)]
+    workloads = plan_workloads(seed, keys)
+    writes: list[tuple[str, Version]] = []
+    lock = threading.Lock()
+
+    def run(workload: Workload, pace_seed: int) -> None:
+        done = run_workload(world, workload, seed, random.Random(pace_seed))
+        with lock:
+            writes.extend(done)
+
+    threads = [threading.Thread(target=run, args=(w, seed * 7 + i)) for i, w in enumerate(workloads)]
+    for t in threads:
+        t.start()
+    restart = rnd.choice([None, None, "kill", "term"])
+    if restart:
+        region = rnd.choice(REGIONS)
+        victim = world.daemons[region]
+        if restart == "kill":
+            victim.kill()
+        else:
+            assert victim.terminate() == 0
+        world.start(region)
+    for t in threads:
+        t.join(timeout=120)
+    inject_duplicates(world, seed, prefix, rnd)
+    for daemon in world.daemons.values():
+        daemon.wait_ready(60)
+    wait_for(quiet(world), 120, f"seed {seed}: the pipelines to drain", interval_s=1.0)
+
+    best: dict[str, Version] = {}
+    for key, version in writes + app_deletes(world, prefix):
+        if key not in best or best[key] < version:
+            best[key] = version
+    tables = {}
+    for region in REGIONS:
+        items = {}
+        for item in world.ddb(region).scan(TableName=TABLES[region], ConsistentRead=True,
+                                           FilterExpression="begins_with(PK, :p)",
+                                           ExpressionAttributeValues={":p": {"S": prefix}})["Items"]:
+            items[item["PK"]["S"]] = item
+        tables[region] = (["PK"], items)
+    diff = diff_items(tables)
+    assert diff.identical, f"seed {seed} (restart: {restart}): " + "\n".join(diff.describe())
+    held = {key: version_of(item, CONFLICT) for key, item in tables[CN][1].items()}
+    expected = {key: version for key, version in best.items() if version.op == PUT}
+    assert held == expected, f"seed {seed} (restart: {restart}): tables hold {held}, last writers {best}"
