@@ -152,6 +152,7 @@ class Drain:
     def __call__(self) -> bool:
         now = tuple(tuple(self.positions(region)) for region in REGIONS)
         quiet, self.last = now == self.last, now
+        print("DRAIN", time.time(), now, flush=True)
         return quiet and all(checkpoint == end for shards in now for _, checkpoint, end in shards)
 
 
