@@ -99,7 +99,7 @@ class Daemon:
             peers = {peer: (peer_clients[peer], pair.streams[peer]) for peer in s.peers}
             applier = Applier(self.aws, pair.name, plan.table, me.stats_table, tombstones, topology.conflict,
                               topology.tuning, dlq, self.metrics)
-            forwarder = Forwarder(self.aws, pair.name, plan.table, peers, tombstones, topology.conflict,
+            forwarder = Forwarder(self.aws, pair.name, peers, tombstones, topology.conflict,
                                   topology.tuning, dlq, applier, self.metrics, self.stop)
             for source, processor in (
                 (DynamoStreamSource(self.aws, plan.table, plan.stream_arn), forwarder),

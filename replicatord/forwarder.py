@@ -108,7 +108,6 @@ class Forwarder:
         self,
         aws: Aws,
         pair: str,
-        table: str,
         peers: dict[str, tuple[Any, str]],  # peer region -> (kinesis client, stream name)
         tombstones: TombstoneTable,
         conflict: Conflict,
@@ -121,7 +120,6 @@ class Forwarder:
         self.aws = aws
         self.repairer = repairer
         self.pair = pair
-        self.table = table
         self.region = aws.settings.region
         self.peers = peers
         self.tombstones = tombstones
