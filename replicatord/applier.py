@@ -38,6 +38,9 @@ from replicatord.tombstones import Tombstones, TombstoneTable
 
 log = logging.getLogger(__name__)
 
+# DynamoDB's message (and the emulator's) for an item over 400 KB.
+ITEM_TOO_LARGE = "maximum allowed size"
+
 # How often a replicated delete retries when the item changed between marking and deleting.
 DELETE_ATTEMPTS = 3
 
@@ -161,7 +164,7 @@ class Applier:
         mark = mark_condition(record.keys, record.version, self.conflict)
         remove = delete_condition(record.version, self.conflict)
         for _ in range(DELETE_ATTEMPTS):
-            if not await self._write("update_item", mark, Key=record.keys, UpdateExpression="SET #m = :m"):
+            if not await self._mark(record.keys, mark):
                 # Absent, or holds a newer version. A newer UpdateItem keeps the attributes it does
                 # not name, so a marker of ours from an earlier attempt may still be on the item.
                 await self._write("update_item", unmark_condition(record.version, self.conflict),
@@ -171,3 +174,27 @@ class Applier:
                 return True
             # An application write replaced the item in between: decide again.
         raise Transient(f"item {record.keys} kept changing while it was being deleted")
+
+    async def _mark(self, keys: Item, mark: WriteCondition) -> bool:
+        """Put the delete marker on the item; False if the mark's condition did not hold.
+
+        An item within a few bytes of DynamoDB's 400 KB limit has no room for the marker. It is on
+        its way out, so then the marked item replaces it with only its key and version (a PutItem:
+        the emulator refuses an UpdateItem whose SET overflows even when its REMOVE makes room).
+        """
+        try:
+            return await self._write("update_item", mark, Key=keys, UpdateExpression="SET #m = :m")
+        except InvalidRequest as exc:
+            if ITEM_TOO_LARGE not in str(exc):
+                raise
+        found = await self.aws.call("dynamodb", "get_item", TableName=self.table, Key=keys, ConsistentRead=True)
+        kept = {*keys, self.conflict.timestamp_attribute, self.conflict.region_attribute}
+        marked = {name: value for name, value in found.get("Item", {}).items() if name in kept}
+        if not marked:
+            return False  # gone since
+        log.info("applier %s: %s is too large for the delete marker; marking it without its payload",
+                 self.pair, keys)
+        marked[self.conflict.marker_attribute] = mark.values[":m"]
+        condition = WriteCondition(mark.expression, {n: v for n, v in mark.names.items() if n != "#m"},
+                                   {n: v for n, v in mark.values.items() if n != ":m"})
+        return await self._write("put_item", condition, Item=marked)

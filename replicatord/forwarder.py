@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from replicatord.aws import Aws
 from replicatord.config import Conflict, Tuning
-from replicatord.conflict import Version, being_deleted, delete_version, version_of, without_marker
+from replicatord.conflict import PUT, Item, Version, being_deleted, delete_version, version_of, without_marker
 from replicatord.dlq import DeadLetterQueue, stream_record_text
 from replicatord.errors import InvalidRequest, ReplicatorError
 from replicatord.metrics import Metrics
@@ -33,6 +33,15 @@ from replicatord.tombstones import TombstoneTable
 log = logging.getLogger(__name__)
 
 
+def stream_keys(ddb: dict[str, Any]) -> Item:
+    """The changed item's key. Key values come from the record's image when it has one: moto 5
+    base64-encodes binary values in `Keys` twice (an emulator bug); the image holds what was
+    written, and on AWS the two agree."""
+    keys: Item = ddb.get("Keys") or {}
+    image = ddb.get("NewImage") or ddb.get("OldImage") or {}
+    return {name: image.get(name, value) for name, value in keys.items()}
+
+
 @dataclass(frozen=True)
 class Skip:
     reason: str  # replicated | delete_marker | known_delete | no_version | unknown_event
@@ -42,7 +51,7 @@ def plan_forward(stream_record: dict[str, Any], pair: str, region: str, conflict
     """What to do with one local DynamoDB stream record: a record to forward, or why not."""
     event = stream_record.get("eventName")
     ddb = stream_record.get("dynamodb", {})
-    keys = ddb.get("Keys") or {}
+    keys = stream_keys(ddb)
     sequence = str(ddb.get("SequenceNumber", ""))
     created = creation_seconds(ddb.get("ApproximateCreationDateTime", 0))
     if event in ("INSERT", "MODIFY"):
@@ -74,16 +83,22 @@ def plan_repair(stream_record: dict[str, Any], pair: str, region: str, conflict:
     if stream_record.get("eventName") != "MODIFY":
         return None
     ddb = stream_record.get("dynamodb", {})
+    return plan_restore(ddb, version_of(ddb.get("NewImage"), conflict), pair, conflict)
+
+
+def plan_restore(
+    ddb: dict[str, Any], new_version: Version | None, pair: str, conflict: Conflict
+) -> ReplicationRecord | None:
+    """The PUT that restores the image a change of version `new_version` replaced, if that image
+    is newer: it won. None otherwise."""
     old = ddb.get("OldImage") or {}
     if being_deleted(old, conflict):
         return None  # the replaced image was on its way out: nothing to restore
-    new_version = version_of(ddb.get("NewImage"), conflict)
     old_version = version_of(old, conflict)
     if new_version is None or old_version is None or not new_version < old_version:
         return None
-    image = without_marker(old, conflict)
     return ReplicationRecord(
-        "PUT", pair, ddb.get("Keys") or {}, image, old_version, old_version.region,
+        "PUT", pair, stream_keys(ddb), without_marker(old, conflict), old_version, old_version.region,
         str(ddb.get("SequenceNumber", "")), float(creation_seconds(ddb.get("ApproximateCreationDateTime", 0))),
     )
 
@@ -170,10 +185,7 @@ class Forwarder:
             await self.tombstones.record(self.pair, delete.keys, delete.version)
         repairs += await self._resurrections(written)
         for kind, record in repairs:
-            if await self._repair(record):
-                self.metrics.conflicts.labels(kind).inc()
-                log.info("forwarder %s: %s repair of %s: applied %s %s", self.pair, kind, record.keys,
-                         record.op, record.version.encode())
+            await self._repair(kind, record)
 
     async def _resurrections(
         self, written: list[tuple[dict[str, Any], Version]]
@@ -183,11 +195,11 @@ class Forwarder:
         the tombstone with the normal DELETE rule."""
         if not written:
             return []
-        tombstones = await self.tombstones.fetch(self.pair, [r["dynamodb"].get("Keys") or {} for r, _ in written])
+        tombstones = await self.tombstones.fetch(self.pair, [stream_keys(r["dynamodb"]) for r, _ in written])
         repairs = []
         for stream_record, version in written:
             ddb = stream_record["dynamodb"]
-            keys = ddb.get("Keys") or {}
+            keys = stream_keys(ddb)
             tombstone = tombstones.get(self.pair, keys)
             if tombstone is not None and version < tombstone:
                 repairs.append(("resurrection", ReplicationRecord(
@@ -210,17 +222,28 @@ class Forwarder:
             )
             return
         # stamp: give the item a version (when the change was made, here); that change replicates.
-        keys = ddb.get("Keys") or {}
-        stamped = await self.repairer.stamp(keys, creation_seconds(ddb.get("ApproximateCreationDateTime", 0)))
+        created = creation_seconds(ddb.get("ApproximateCreationDateTime", 0))
+        stamped = await self.repairer.stamp(stream_keys(ddb), created)
         self.metrics.unversioned.labels(self.pair, "stamped" if stamped else "already_versioned").inc()
+        if stamped:
+            # The stamped write may be older than the item it overwrote: a stale write, repaired
+            # here because the stamp's own change shows an unversioned image as the one it replaced.
+            repair = plan_restore(ddb, Version(created, PUT, self.region), self.pair, self.conflict)
+            if repair is not None:
+                await self._repair("stale_write", repair)
 
-    async def _repair(self, repair: ReplicationRecord) -> bool:
+    async def _repair(self, kind: str, repair: ReplicationRecord) -> None:
+        """Apply a repair with the normal rules; count and log it if it landed."""
         try:
-            return await self.repairer.apply(repair)
+            landed = await self.repairer.apply(repair)
         except InvalidRequest as exc:
             # The image it would restore is refused by DynamoDB; record it, don't stall the shard.
             await self.dlq.send(self.pair, "forwarder", "repair_rejected", str(exc), encode_record(repair))
-            return False
+            return
+        if landed:
+            self.metrics.conflicts.labels(kind).inc()
+            log.info("forwarder %s: %s repair of %s: applied %s %s", self.pair, kind, repair.keys,
+                     repair.op, repair.version.encode())
 
     async def _put(self, peer: str, entries: list[Entry]) -> None:
         """PutRecords in batches; retry only the entries that failed, with capped backoff."""

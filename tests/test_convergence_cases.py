@@ -19,6 +19,7 @@ from decimal import Decimal
 from typing import Any, NamedTuple
 
 import pytest
+from botocore.exceptions import ClientError
 
 from replicatord.conflict import DELETE, PUT
 from replicatord.records import partition_key
@@ -29,6 +30,7 @@ from replicatord.tools.local import (
     metric_sum,
     provision_local,
     topology_document,
+    wait_drained,
     wait_for,
     write_topology,
 )
@@ -95,70 +97,8 @@ def stop(daemons: dict[str, DaemonProcess], region: str) -> None:
 # --- draining -----------------------------------------------------------------------------------
 
 
-def _last_sequence(get_records: Any, iterator: str | None) -> str | None:
-    last = None
-    while iterator:
-        page = get_records(ShardIterator=iterator, Limit=1000)
-        if not page["Records"]:
-            break
-        last = page["Records"][-1].get("SequenceNumber") or page["Records"][-1]["dynamodb"]["SequenceNumber"]
-        iterator = page.get("NextShardIterator")
-    return last
-
-
-class Drain:
-    """Every shard of both pipelines of every pair, in both regions, is checkpointed at its stream's
-    last record, and nothing moved since the previous poll.
-
-    Positions rather than the daemons' counters: these survive the daemon restarts the tests
-    force. Any work still to do starts from a record past some checkpoint: a change not yet
-    forwarded, a record not yet applied, or what an apply or a repair just wrote.
-    """
-
-    def __init__(self, regions: Any, pairs: tuple[Pair, ...]) -> None:
-        self.regions = regions
-        self.pairs = pairs
-        self.last: tuple[Any, ...] = ()
-
-    def positions(self, region: str) -> list[tuple[str, str | None, str | None]]:
-        """(shard, checkpoint, last sequence number) for every shard the daemons of `region` read."""
-        ddb = self.regions.client("dynamodb", region)
-        streams = self.regions.client("dynamodbstreams", region)
-        kinesis = self.regions.client("kinesis", region)
-        checkpoints = {}
-        for item in ddb.scan(TableName="replicatord_leases", ConsistentRead=True)["Items"]:
-            pipeline, rest = item["lease_key"]["S"].split("/", 1)
-            stream, shard = rest.rsplit("/", 1)
-            checkpoints[(pipeline, stream.split("@")[0], shard)] = item.get("checkpoint", {}).get("S")
-        found = []
-        for pair in self.pairs:
-            table = pair.tables[region]
-            arn = ddb.describe_table(TableName=table)["Table"]["LatestStreamArn"]
-            for shard in streams.describe_stream(StreamArn=arn)["StreamDescription"]["Shards"]:
-                iterator = streams.get_shard_iterator(StreamArn=arn, ShardId=shard["ShardId"],
-                                                      ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
-                key = ("forwarder", table, shard["ShardId"])
-                found.append(("/".join(key), checkpoints.get(key, "no lease"),
-                              _last_sequence(streams.get_records, iterator)))
-            stream = pair.streams[region]
-            for shard in kinesis.list_shards(StreamName=stream)["Shards"]:
-                iterator = kinesis.get_shard_iterator(StreamName=stream, ShardId=shard["ShardId"],
-                                                      ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
-                key = ("applier", stream, shard["ShardId"])
-                found.append(("/".join(key), checkpoints.get(key, "no lease"),
-                              _last_sequence(kinesis.get_records, iterator)))
-        return found
-
-    def __call__(self) -> bool:
-        now = tuple(tuple(self.positions(region)) for region in REGIONS)
-        quiet, self.last = now == self.last, now
-        print("DRAIN", time.time(), now, flush=True)
-        return quiet and all(checkpoint == end for shards in now for _, checkpoint, end in shards)
-
-
 def drained(regions: Any, pairs: tuple[Pair, ...] = (USER,)) -> None:
-    # Polls a second apart: quiet for a whole poll interval (the daemons poll every 250 ms).
-    wait_for(Drain(regions, pairs), DRAIN_S, "both regions' pipelines to drain", interval_s=1.0)
+    wait_drained(regions.client, {r: [(p.tables[r], p.streams[r]) for p in pairs] for r in REGIONS}, DRAIN_S)
 
 
 # --- the application's changes and their winners ------------------------------------------------
@@ -189,9 +129,12 @@ class Ledger:
     pair: Pair = USER
     versions: dict[str, list[tuple[Version, Item | None]]] = field(default_factory=dict)
     keys: dict[str, Item] = field(default_factory=dict)
+    clients: dict[str, Any] = field(default_factory=dict)
 
     def _ddb(self, region: str) -> Any:
-        return self.regions.client("dynamodb", region)
+        if region not in self.clients:
+            self.clients[region] = self.regions.client("dynamodb", region)
+        return self.clients[region]
 
     def _record(self, key: Item, version: Version, image: Item | None) -> None:
         canon = partition_key(key)
@@ -243,7 +186,7 @@ class Ledger:
 
 def assert_identical(regions: Any, pair: Pair = USER) -> Any:
     diff = compare_tables({r: regions.client("dynamodb", r) for r in REGIONS}, pair.tables)
-    assert diff.identical, "\n".join(diff.describe())
+    assert diff.identical, "\n".join(line[:2000] for line in diff.describe())  # items of 400 KB: cut
     return diff
 
 
@@ -379,39 +322,39 @@ def test_resurrection_is_repaired_and_the_tombstone_kept(regions: Any) -> None:
     assert conflicts(daemons[SG], "resurrection") > 0
 
 
-def test_composite_and_binary_keys(regions: Any) -> None:
-    provision(regions, pairs=(USER, BLOBS), keys={"user": {"PK": "S", "SK": "N"}, "blobs": {"BK": "B"}})
-    start(regions, CN, SG)
-    users, blobs = Ledger(regions, USER), Ledger(regions, BLOBS)
+def write_update_delete(regions: Any, app: Ledger, keys: list[Item]) -> None:
+    """Each region writes half of `keys`; then both update, delete and overwrite some of them,
+    their own and the other region's. Converged after each phase."""
+    for i, key in enumerate(keys):
+        app.put(REGIONS[i % 2], key, 10 + i, v={"N": str(i)})
+    drained(regions, (app.pair,))
+    assert_converged(regions, app)
 
-    def row(sk: int) -> Item:
-        return {"PK": {"S": "customer#1"}, "SK": {"N": str(sk)}}
-
-    def blob(key: bytes) -> Item:
-        return {"BK": {"B": key}}
-
-    binary_keys = [b"\x00", b"\xff\xfe\x00", "k\u00e9y".encode(), bytes(range(32))]
-    for sk in range(1, 5):
-        users.put(CN, row(sk), 10 + sk, v={"S": f"cn {sk}"})
-        users.put(SG, row(sk + 4), 10 + sk, v={"S": f"sg {sk + 4}"})
-    for i, key in enumerate(binary_keys):
-        blobs.put((CN, SG)[i % 2], blob(key), 10 + i, v={"N": str(i)})
-    drained(regions, (USER, BLOBS))
-    assert_converged(regions, users, blobs)
-
-    users.update(CN, row(5), 30, v={"S": "cn updated sg's row"})
-    users.update(SG, row(1), 30, extra={"L": [{"S": "sg updated cn's row"}]})
-    users.delete(CN, row(6))
-    users.delete(SG, row(2))
-    users.put(SG, row(9), 30, v={"S": "new row"})
-    blobs.update(SG, blob(binary_keys[0]), 30, v={"N": "-1"})
-    blobs.delete(CN, blob(binary_keys[1]))
-    drained(regions, (USER, BLOBS))
-
-    assert_converged(regions, users, blobs)
-    counts = {r: regions.client("dynamodb", r).scan(TableName=USER.tables[r], Select="COUNT")["Count"]
+    app.update(CN, keys[1], 30, v={"S": "cn updated sg's item"})
+    app.update(SG, keys[0], 30, extra={"L": [{"S": "sg updated cn's item"}]})
+    app.delete(CN, keys[3])
+    app.delete(SG, keys[2])
+    app.put(SG, keys[4], 30, v={"S": "sg overwrote cn's item"})
+    drained(regions, (app.pair,))
+    assert_converged(regions, app)
+    counts = {r: regions.client("dynamodb", r).scan(TableName=app.pair.tables[r], Select="COUNT")["Count"]
               for r in REGIONS}
-    assert counts == {CN: 7, SG: 7}
+    assert counts == {CN: len(keys) - 2, SG: len(keys) - 2}
+
+
+def test_composite_keys_sharing_a_hash_key(regions: Any) -> None:
+    provision(regions, keys={"user": {"PK": "S", "SK": "N"}})
+    start(regions, CN, SG)
+    rows = [{"PK": {"S": "customer#1"}, "SK": {"N": str(sk)}} for sk in (1, 2, 3, 10, 20, 300, -5, 7)]
+    write_update_delete(regions, Ledger(regions), rows)
+
+
+def test_binary_hash_key(regions: Any) -> None:
+    provision(regions, pairs=(BLOBS,), keys={"blobs": {"BK": "B"}})
+    start(regions, CN, SG)
+    blobs = [{"BK": {"B": key}} for key in (b"\x00", b"\xff\xfe\x00", "k\u00e9y".encode(), bytes(range(32)),
+                                            b"AP8=", b"\x00\xff", b"x" * 100, b"\n")]
+    write_update_delete(regions, Ledger(regions, BLOBS), blobs)
 
 
 def every_type(origin: str) -> dict[str, Any]:
@@ -448,6 +391,12 @@ def test_every_attribute_type_round_trips_both_ways(regions: Any) -> None:
     assert_converged(regions, app)
 
 
+def item_size(item: Item) -> int:
+    """An item's size as DynamoDB counts it, for the flat S/N/B items of these tests."""
+    return sum(len(name.encode()) + len(v.get("B", b"")) + len(v.get("S", v.get("N", "")).encode())
+               for name, v in item.items())
+
+
 def test_item_near_the_400_kb_limit(regions: Any) -> None:
     provision(regions)
     start(regions, CN, SG)
@@ -455,11 +404,49 @@ def test_item_near_the_400_kb_limit(regions: Any) -> None:
     for n, region in enumerate(REGIONS):
         payload = bytes((i * 7 + n) % 256 for i in range(390_000))
         item = app.put(region, pk(f"big from {region}"), 100, blob={"B": payload}, text={"S": "ü" * 4_500})
-        size = sum(len(name.encode()) + len(v.get("B", b"")) + len(v.get("S", v.get("N", "")).encode())
-                   for name, v in item.items())
-        assert 398_000 < size < 400 * 1024
+        assert 399_000 < item_size(item) < 400 * 1024
     drained(regions)
     assert_converged(regions, app)
+
+
+def put_largest(app: Ledger, region: str, key: Item, ts: int) -> Item:
+    """Put the largest item of this shape the table accepts (to 1 byte): an item at the size limit.
+
+    The size is probed in a table that is not replicated (the loader's stats table, keyed by PK too).
+    """
+    ddb = app.regions.client("dynamodb", region)
+
+    def attributes(pad: int) -> Item:
+        return {"blob": {"B": bytes(390_000)}, "text": {"S": "x" * pad}}
+
+    low, high = 0, 20_000  # bytes of padding: fits, does not fit
+    while high - low > 1:
+        pad = (low + high) // 2
+        try:
+            ddb.put_item(TableName="loader_stats",
+                         Item={**key, TS: {"N": str(FUTURE + ts)}, RG: {"S": region}, **attributes(pad)})
+        except ClientError as exc:
+            assert "size" in str(exc), exc
+            high = pad
+        else:
+            low = pad
+    ddb.delete_item(TableName="loader_stats", Key=key)
+    return app.put(region, key, ts, **attributes(low))
+
+
+def test_delete_of_an_item_at_the_size_limit(regions: Any) -> None:
+    provision(regions)
+    start(regions, CN, SG)
+    app = Ledger(regions)
+    k = pk("at the limit")
+    item = put_largest(app, CN, k, 100)
+    assert item_size(item) > 399_000
+    drained(regions)
+    assert_converged(regions, app)  # it replicates
+
+    app.delete(CN, k)
+    drained(regions)
+    assert_converged(regions, app)  # and so should its delete
 
 
 def dead_letters(regions: Any, region: str, queue: str) -> list[dict[str, Any]]:
@@ -476,38 +463,64 @@ def dead_letters(regions: Any, region: str, queue: str) -> list[dict[str, Any]]:
     return messages
 
 
-@pytest.mark.parametrize("policy", ["dead_letter", "stamp"])
-def test_items_without_version_attributes(regions: Any, policy: str) -> None:
+def write_unversioned(regions: Any, policy: str) -> tuple[Ledger, dict[str, Item]]:
+    """Each region writes a versioned item and one without the version attributes; drained."""
     provision(regions, conflict={"missing_version": policy})
     daemons = start(regions, CN, SG)
     app = Ledger(regions)
-    queues = {CN: "ddbreplicatorcn", SG: "ddbreplicatorsg"}
     unversioned = {region: pk(f"unversioned from {region}") for region in REGIONS}
-    began = time.time()
     for region in REGIONS:
         app.put(region, pk(f"versioned from {region}"), 100)
         regions.client("dynamodb", region).put_item(
             TableName=USER.tables[region], Item={**unversioned[region], "v": {"S": "no version"}})
     drained(regions)
-    ddb = {r: regions.client("dynamodb", r) for r in REGIONS}
+    for region, daemon in daemons.items():
+        action = "dead_letter" if policy == "dead_letter" else "stamped"
+        assert metric_sum(daemon.metrics(), "replicatord_unversioned_total", action=action) >= 1, region
+    return app, unversioned
 
-    if policy == "dead_letter":
-        diff = compare_tables(ddb, USER.tables)
-        assert not diff.different
-        assert diff.only_in == {region: [unversioned[region]] for region in REGIONS}
-        app.assert_winners()
-        for region in REGIONS:
-            letters = dead_letters(regions, region, queues[region])
-            assert [m["reason"] for m in letters] == ["no_version"]
-            assert json.loads(letters[0]["payload"])["dynamodb"]["Keys"] == unversioned[region]
-            assert metric_sum(daemons[region].metrics(), "replicatord_unversioned_total", action="dead_letter") == 1
-        return
+
+def test_unversioned_items_go_to_the_dead_letter_queue(regions: Any) -> None:
+    app, unversioned = write_unversioned(regions, "dead_letter")
+
+    diff = compare_tables({r: regions.client("dynamodb", r) for r in REGIONS}, USER.tables)
+    assert not diff.different
+    assert diff.only_in == {region: [unversioned[region]] for region in REGIONS}  # not replicated
+    app.assert_winners()
+    for region, queue in ((CN, "ddbreplicatorcn"), (SG, "ddbreplicatorsg")):
+        # At least once: a replayed page may send its dead letter again.
+        letters = dead_letters(regions, region, queue)
+        assert {m["reason"] for m in letters} == {"no_version"}
+        assert all(json.loads(m["payload"])["dynamodb"]["Keys"] == unversioned[region] for m in letters)
+
+
+def test_unversioned_items_are_stamped_and_replicate(regions: Any) -> None:
+    began = time.time()
+    app, unversioned = write_unversioned(regions, "stamp")
 
     assert_converged(regions, app)
     for region in REGIONS:
-        item = ddb[region].get_item(TableName=USER.tables[region], Key=unversioned[region])["Item"]
+        item = regions.client("dynamodb", region).get_item(TableName=USER.tables[region], Key=unversioned[region],
+                                                           ConsistentRead=True)["Item"]
         # Stamped where it was written, with the stream record's creation time.
         assert item[RG] == {"S": region}
         assert began - 60 < float(item[TS]["N"]) < time.time() + 60
         assert item["v"] == {"S": "no version"}
-        assert metric_sum(daemons[region].metrics(), "replicatord_unversioned_total", action="stamped") == 1
+
+
+def test_stamped_overwrite_older_than_the_item_it_replaced(regions: Any) -> None:
+    provision(regions, conflict={"missing_version": "stamp"})
+    daemons = start(regions, CN, SG)
+    app = Ledger(regions)
+    k = pk("k")
+    newer = app.put(SG, k, 100, v={"S": "versioned, from Singapore"})
+    drained(regions)
+
+    # The application in Beijing overwrites the replicated item without the version attributes.
+    # The stamp gives that write the stream record's creation time: older than the replaced item.
+    regions.client("dynamodb", CN).put_item(TableName=USER.tables[CN], Item={**k, "v": {"S": "unversioned"}})
+    drained(regions)
+
+    assert_converged(regions, app)
+    assert app.winner(k) == newer
+    assert conflicts(daemons[CN], "stale_write") == 1

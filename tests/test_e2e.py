@@ -10,13 +10,14 @@ from typing import Any
 import pytest
 
 from replicatord.tools.load import load
-from replicatord.tools.local import REGIONS, metric_sum, read_counter, wait_for
+from replicatord.tools.local import REGIONS, Drained, metric_sum, read_counter, wait_drained, wait_for
 from replicatord.tools.verify import compare_tables, scan_items
 
 pytestmark = pytest.mark.e2e
 
 CN, SG = REGIONS
 TABLES = {CN: "user-cn", SG: "user-sg"}
+STREAMS = {CN: "ddb_replication_stream_cn", SG: "ddb_replication_stream_sg"}
 DRAIN_S = 180
 
 
@@ -84,31 +85,8 @@ def _shared_writes(regions: Any, keys: int, seed: int) -> dict[str, tuple[Decima
     return winners
 
 
-class Drain:
-    """Both pipelines are idle: every record a region forwarded was applied or found stale on the
-    other side, and nothing was read anywhere since the previous poll."""
-
-    def __init__(self, daemons: dict[str, Any]) -> None:
-        self.daemons = daemons
-        self.last: tuple[float, ...] = ()
-
-    def __call__(self) -> bool:
-        metrics = {r: d.metrics() for r, d in self.daemons.items()}
-        reads = tuple(metric_sum(metrics[r], "replicatord_records_read_total") for r in REGIONS)
-        quiet, self.last = reads == self.last, reads
-        for src, dst in ((CN, SG), (SG, CN)):
-            forwarded = metric_sum(metrics[src], "replicatord_records_forwarded_total", peer=dst)
-            done = metric_sum(metrics[dst], "replicatord_records_applied_total") + metric_sum(
-                metrics[dst], "replicatord_records_stale_total"
-            )
-            if forwarded == 0 or done < forwarded:
-                return False
-        return quiet
-
-
-def _drained(regions: Any, daemons: dict[str, Any]) -> None:
-    # Polls a second apart: quiet for a whole poll interval (the daemons poll every 250 ms).
-    wait_for(Drain(daemons), DRAIN_S, "both pipelines to drain", interval_s=1.0)
+def _drained(regions: Any) -> None:
+    wait_drained(regions.client, {r: [(TABLES[r], STREAMS[r])] for r in REGIONS}, DRAIN_S)
 
 
 def _assert_identical(regions: Any) -> Any:
@@ -127,7 +105,7 @@ def test_both_directions_through_squid_converge(regions: Any, squid: Any) -> Non
     loads = Loads(regions, 2000)
     winners = _shared_writes(regions, keys=40, seed=7)
     loads.join()
-    _drained(regions, daemons)
+    _drained(regions)
 
     diff = _assert_identical(regions)
     assert diff.counts == {CN: 4040, SG: 4040}
@@ -170,7 +148,7 @@ def test_deletes_replicate_without_echo(regions: Any) -> None:
     for d in daemons.values():
         d.wait_ready()
     Loads(regions, 200, processes=1).join()
-    _drained(regions, daemons)
+    _drained(regions)
 
     ddb = {r: regions.client("dynamodb", r) for r in REGIONS}
     deleted: dict[str, list[str]] = {}
@@ -188,7 +166,7 @@ def test_deletes_replicate_without_echo(regions: Any) -> None:
         )
 
     wait_for(gone, DRAIN_S, "deletes to reach the other region")
-    _drained(regions, daemons)
+    _drained(regions)
     diff = _assert_identical(regions)
     assert diff.counts == {CN: 350, SG: 350}
     for src, dst in ((CN, SG), (SG, CN)):
@@ -203,22 +181,9 @@ def test_deletes_replicate_without_echo(regions: Any) -> None:
     forwarder = [item for item in leases if item["lease_key"]["S"].startswith("forwarder/user-cn@")]
     assert len(forwarder) == 1
     assert "owner" not in forwarder[0]
-    assert forwarder[0]["checkpoint"]["S"] == _last_stream_sequence(regions, CN, TABLES[CN])
-
-
-def _last_stream_sequence(regions: Any, region: str, table: str) -> str:
-    arn = regions.client("dynamodb", region).describe_table(TableName=table)["Table"]["LatestStreamArn"]
-    streams = regions.client("dynamodbstreams", region)
-    (shard,) = streams.describe_stream(StreamArn=arn)["StreamDescription"]["Shards"]
-    iterator = streams.get_shard_iterator(StreamArn=arn, ShardId=shard["ShardId"],
-                                          ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
-    last = ""
-    while True:
-        page = streams.get_records(ShardIterator=iterator, Limit=1000)
-        if not page["Records"]:
-            return last
-        last = page["Records"][-1]["dynamodb"]["SequenceNumber"]
-        iterator = page["NextShardIterator"]
+    positions = Drained(regions.client, {CN: [(TABLES[CN], STREAMS[CN])]}).positions()
+    ((_, _, checkpoint, end),) = [p for p in positions if p[1].startswith("forwarder/")]
+    assert checkpoint == forwarder[0]["checkpoint"]["S"] == end
 
 
 def test_kill_9_mid_load_then_restart_loses_nothing(regions: Any) -> None:

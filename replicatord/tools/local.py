@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,11 @@ import boto3
 import yaml
 from botocore.config import Config
 
+from replicatord.config import Region
 from replicatord.tools.emulators import LOCAL_CREDENTIALS, free_port
 
 REGIONS = ("cn-north-1", "ap-southeast-1")
+LEASE_TABLE: str = Region.model_fields["lease_table"].default
 SUFFIX = {"cn-north-1": "cn", "ap-southeast-1": "sg"}
 DEMO_KEY_PAIR = ("AKIDLOCALDEMO", "local-emulator-dummy")  # the emulator accepts any key pair
 
@@ -97,6 +99,77 @@ def wait_for(condition: Callable[[], bool], deadline_s: float, what: str, interv
         if time.monotonic() > end:
             raise TimeoutError(f"timed out after {deadline_s:.0f}s waiting for {what}")
         time.sleep(interval_s)
+
+
+class Drained:
+    """A wait_for condition: every shard the daemons read, of every pair in every region, is
+    checkpointed at its stream's last record, and nothing moved since the previous poll.
+
+    Positions, not the daemons' counters: a count stands still while a daemon waits on a slow
+    call, and positions survive restarts. Work still to do always starts at a record past some
+    checkpoint: a change not yet forwarded, a record not yet applied, or what an apply or a repair
+    just wrote. Each poll reads the streams on from where the previous one stopped.
+    """
+
+    def __init__(self, client: Callable[[str, str], Any], pipelines: Mapping[str, Sequence[tuple[str, str]]]) -> None:
+        """`client(service, region)`; `pipelines`: region -> (table, Kinesis stream) of every pair."""
+        self.pipelines = pipelines
+        self.clients = {(service, region): client(service, region)
+                        for service in ("dynamodb", "dynamodbstreams", "kinesis") for region in pipelines}
+        self.tails: dict[tuple[str, str], tuple[str | None, str | None]] = {}  # -> (iterator, last sequence)
+        self.last: list[tuple[str, str, str | None, str | None]] = []
+
+    def __call__(self) -> bool:
+        now = self.positions()
+        quiet, self.last = now == self.last, now
+        return quiet and all(checkpoint == end for _, _, checkpoint, end in now)
+
+    def positions(self) -> list[tuple[str, str, str | None, str | None]]:
+        """(region, shard, its checkpoint, its stream's last sequence number) for every shard."""
+        found = []
+        for region, pairs in self.pipelines.items():
+            ddb, streams, kinesis = (self.clients[s, region] for s in ("dynamodb", "dynamodbstreams", "kinesis"))
+            checkpoints: dict[str, str | None] = {}
+            for item in ddb.scan(TableName=LEASE_TABLE, ConsistentRead=True)["Items"]:
+                pipeline, rest = item["lease_key"]["S"].split("/", 1)
+                stream, shard = rest.rsplit("/", 1)
+                checkpoints[f"{pipeline}/{stream.split('@')[0]}/{shard}"] = item.get("checkpoint", {}).get("S")
+            for table, stream in pairs:
+                arn = ddb.describe_table(TableName=table)["Table"]["LatestStreamArn"]
+                for shard in streams.describe_stream(StreamArn=arn)["StreamDescription"]["Shards"]:
+                    key = f"forwarder/{table}/{shard['ShardId']}"
+                    end = self._tail(region, key, streams, {"StreamArn": arn, "ShardId": shard["ShardId"]},
+                                     lambda r: r["dynamodb"]["SequenceNumber"])
+                    found.append((region, key, checkpoints.get(key, "no lease"), end))
+                for shard in kinesis.list_shards(StreamName=stream)["Shards"]:
+                    key = f"applier/{stream}/{shard['ShardId']}"
+                    end = self._tail(region, key, kinesis, {"StreamName": stream, "ShardId": shard["ShardId"]},
+                                     lambda r: r["SequenceNumber"])
+                    found.append((region, key, checkpoints.get(key, "no lease"), end))
+        return found
+
+    def _tail(self, region: str, key: str, client: Any, shard: dict[str, str],
+              sequence_of: Callable[[Any], str]) -> str | None:
+        """The sequence number of the shard's last record (None while it is empty). `client` is
+        the DynamoDB Streams or the Kinesis client: the same calls."""
+        if (region, key) not in self.tails:
+            start = client.get_shard_iterator(**shard, ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
+            self.tails[region, key] = (start, None)
+        iterator, last = self.tails[region, key]
+        while iterator is not None:
+            page = client.get_records(ShardIterator=iterator, Limit=1000)
+            if not page["Records"]:
+                break
+            last = sequence_of(page["Records"][-1])
+            iterator = page.get("NextShardIterator")  # None: a closed shard, read to its end
+        self.tails[region, key] = (iterator, last)
+        return last
+
+
+def wait_drained(client: Callable[[str, str], Any], pipelines: Mapping[str, Sequence[tuple[str, str]]],
+                 deadline_s: float, what: str = "both regions' pipelines to drain") -> None:
+    # Polls a second apart: quiet for a whole poll interval (the daemons poll every 250 ms).
+    wait_for(Drained(client, pipelines), deadline_s, what, interval_s=1.0)
 
 
 def parse_metrics(text: str) -> dict[str, float]:

@@ -11,7 +11,7 @@ import pytest
 
 from replicatord.config import Conflict, Tuning
 from replicatord.conflict import DELETE, PUT, Version, delete_version
-from replicatord.forwarder import Skip, plan_forward
+from replicatord.forwarder import Skip, plan_forward, plan_repair, plan_restore, stream_keys
 from replicatord.records import ReplicationRecord, creation_seconds, decode_record, encode_record
 from replicatord.shards import backoff_s
 
@@ -214,6 +214,56 @@ def test_application_delete_of_an_item_with_a_stale_marker_is_forwarded() -> Non
 @pytest.mark.parametrize("event", [None, "UPDATE", "remove", "insert", ""])
 def test_unknown_event(event: str | None) -> None:
     assert plan_forward(stream_record(event, item(), item()), PAIR, CN, CONFLICT) == Skip("unknown_event")
+
+
+# --- keys and repairs -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("event", ["INSERT", "MODIFY", "REMOVE"])
+def test_binary_key_values_come_from_the_image(event: str) -> None:
+    """moto 5 base64-encodes binary `Keys` twice; the image holds the bytes that were written."""
+    image = {"BK": {"B": b"\x00\xff"}, "SK": {"N": "1"}, TS: {"N": "1"}, RG: {"S": CN}}
+    record = stream_record(event, new=None if event == "REMOVE" else image, old=image if event != "INSERT" else None)
+    record["dynamodb"]["Keys"] = {"BK": {"B": b"AP8="}, "SK": {"N": "1"}}
+    assert stream_keys(record["dynamodb"]) == {"BK": {"B": b"\x00\xff"}, "SK": {"N": "1"}}
+    planned = plan_forward(record, PAIR, CN, CONFLICT)
+    assert isinstance(planned, ReplicationRecord) and planned.keys == {"BK": {"B": b"\x00\xff"}, "SK": {"N": "1"}}
+
+
+def test_keys_without_an_image_are_the_records_keys() -> None:
+    assert stream_keys({"Keys": dict(KEYS)}) == KEYS
+
+
+def test_write_older_than_the_image_it_replaced_restores_that_image() -> None:
+    newer = item(ts="200", region=SG)
+    repair = plan_repair(stream_record("MODIFY", new=item(ts="100", region=CN), old=newer), PAIR, CN, CONFLICT)
+    assert repair is not None
+    assert (repair.op, repair.image, repair.origin) == ("PUT", newer, SG)
+    assert repair.version == Version(Decimal(200), PUT, SG)
+
+
+@pytest.mark.parametrize(("new_ts", "new_region"), [("300", CN), ("200", SG), ("200", "zz-last-1")])
+def test_write_as_new_or_newer_than_the_replaced_image_needs_no_repair(new_ts: str, new_region: str) -> None:
+    record = stream_record("MODIFY", new=item(ts=new_ts, region=new_region), old=item(ts="200", region=SG))
+    assert plan_repair(record, PAIR, CN, CONFLICT) is None
+
+
+def test_no_repair_of_inserts_unversioned_images_or_marked_images() -> None:
+    assert plan_repair(stream_record("INSERT", new=item(ts="1")), PAIR, CN, CONFLICT) is None
+    assert plan_repair(stream_record("MODIFY", new=item(ts=None), old=item(ts="9")), PAIR, CN, CONFLICT) is None
+    assert plan_repair(stream_record("MODIFY", new=item(ts="1"), old=item(ts=None)), PAIR, CN, CONFLICT) is None
+    marked = item(ts="9", **{MARKER: {"S": '["10","DELETE","ap-southeast-1"]'}})
+    assert plan_repair(stream_record("MODIFY", new=item(ts="1"), old=marked), PAIR, CN, CONFLICT) is None
+
+
+def test_stamped_version_older_than_the_replaced_image_restores_it() -> None:
+    """`missing_version: stamp`: the unversioned write gets the record's creation time, which may be
+    older than the item it overwrote."""
+    newer = item(ts="4000000000", region=SG)
+    ddb = stream_record("MODIFY", new=item(ts=None, region=None), old=newer)["dynamodb"]
+    repair = plan_restore(ddb, Version(CREATED_S, PUT, CN), PAIR, CONFLICT)
+    assert repair is not None and repair.image == newer
+    assert plan_restore(ddb, Version(Decimal(4_000_000_001), PUT, CN), PAIR, CONFLICT) is None
 
 
 # --- backoff ---------------------------------------------------------------------------------
