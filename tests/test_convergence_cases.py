@@ -349,6 +349,14 @@ def test_composite_keys_sharing_a_hash_key(regions: Any) -> None:
     write_update_delete(regions, Ledger(regions), rows)
 
 
+def test_number_hash_and_binary_range_keys(regions: Any) -> None:
+    provision(regions, keys={"user": {"PK": "N", "SK": "B"}})
+    start(regions, CN, SG)
+    rows = [{"PK": {"N": pk_}, "SK": {"B": sk}}
+            for pk_, sk in (("1", b"\x00"), ("1", b"\xff\x00"), ("-2.5", b"a"), ("1000", b"AP8="), ("7", b"\n"))]
+    write_update_delete(regions, Ledger(regions), rows)
+
+
 def test_binary_hash_key(regions: Any) -> None:
     provision(regions, pairs=(BLOBS,), keys={"blobs": {"BK": "B"}})
     start(regions, CN, SG)
