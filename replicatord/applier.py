@@ -20,6 +20,7 @@ from replicatord.conflict import (
     delete_condition,
     mark_condition,
     put_condition,
+    stamp_condition,
     unmark_condition,
 )
 from replicatord.dlq import DeadLetterQueue
@@ -145,14 +146,10 @@ class Applier:
 
     async def stamp(self, keys: Item, timestamp: Decimal) -> bool:
         """Give an unversioned local item the version attributes (`missing_version: stamp`)."""
+        condition = stamp_condition(keys, self.conflict)
         return await self._write(
-            "update_item",
-            WriteCondition(
-                "attribute_exists(#k) AND (attribute_not_exists(#ts) OR attribute_not_exists(#rg))",
-                {"#k": next(iter(keys)), "#ts": self.conflict.timestamp_attribute,
-                 "#rg": self.conflict.region_attribute},
-                {":ts": {"N": str(timestamp)}, ":rg": {"S": self.aws.settings.region}},
-            ),
+            "update_item", WriteCondition(condition.expression, condition.names, {
+                **condition.values, ":ts": {"N": str(timestamp)}, ":rg": {"S": self.aws.settings.region}}),
             Key=keys, UpdateExpression="SET #ts = :ts, #rg = :rg",
         )
 

@@ -124,15 +124,30 @@ class WriteCondition:
     values: Item
 
 
+# An item without a usable version (version_of is None): either attribute missing, or of the
+# wrong type. Any versioned change beats it.
+_UNVERSIONED = ("attribute_not_exists(#ts) OR attribute_not_exists(#rg)"
+                " OR NOT attribute_type(#ts, :n) OR NOT attribute_type(#rg, :s)")
+_TYPES = {":n": {"S": "N"}, ":s": {"S": "S"}}
+
+
+def _version_names(conflict: Conflict) -> dict[str, str]:
+    return {"#ts": conflict.timestamp_attribute, "#rg": conflict.region_attribute}
+
+
 def put_condition(keys: Item, incoming: Version, conflict: Conflict) -> WriteCondition:
     """Condition for a replicated PUT: absent, unversioned, older, or same time and lower region."""
-    hash_key = next(iter(keys))
     return WriteCondition(
-        "attribute_not_exists(#k) OR attribute_not_exists(#ts) OR attribute_not_exists(#rg)"
-        " OR NOT attribute_type(#ts, :n) OR #ts < :ts OR (#ts = :ts AND #rg < :rg)",
-        {"#k": hash_key, "#ts": conflict.timestamp_attribute, "#rg": conflict.region_attribute},
-        {":ts": {"N": str(incoming.timestamp)}, ":rg": {"S": incoming.region}, ":n": {"S": "N"}},
+        f"attribute_not_exists(#k) OR {_UNVERSIONED} OR #ts < :ts OR (#ts = :ts AND #rg < :rg)",
+        {"#k": next(iter(keys)), **_version_names(conflict)},
+        {":ts": {"N": str(incoming.timestamp)}, ":rg": {"S": incoming.region}, **_TYPES},
     )
+
+
+def stamp_condition(keys: Item, conflict: Conflict) -> WriteCondition:
+    """Condition to stamp a version on an item (`missing_version: stamp`): present, unversioned."""
+    return WriteCondition(f"attribute_exists(#k) AND ({_UNVERSIONED})",
+                          {"#k": next(iter(keys)), **_version_names(conflict)}, dict(_TYPES))
 
 
 def mark_condition(keys: Item, incoming: Version, conflict: Conflict) -> WriteCondition:
@@ -140,13 +155,10 @@ def mark_condition(keys: Item, incoming: Version, conflict: Conflict) -> WriteCo
 
     Items are PUT versions and DELETE ranks above PUT, so "not newer" is timestamp <= delete's.
     """
-    hash_key = next(iter(keys))
     return WriteCondition(
-        "attribute_exists(#k) AND (attribute_not_exists(#ts) OR attribute_not_exists(#rg)"
-        " OR NOT attribute_type(#ts, :n) OR #ts <= :ts)",
-        {"#k": hash_key, "#ts": conflict.timestamp_attribute, "#rg": conflict.region_attribute,
-         "#m": conflict.marker_attribute},
-        {":ts": {"N": str(incoming.timestamp)}, ":m": {"S": incoming.encode()}, ":n": {"S": "N"}},
+        f"attribute_exists(#k) AND ({_UNVERSIONED} OR #ts <= :ts)",
+        {"#k": next(iter(keys)), **_version_names(conflict), "#m": conflict.marker_attribute},
+        {":ts": {"N": str(incoming.timestamp)}, ":m": {"S": incoming.encode()}, **_TYPES},
     )
 
 
@@ -154,10 +166,9 @@ def delete_condition(incoming: Version, conflict: Conflict) -> WriteCondition:
     """Condition to delete an item this daemon marked: the marker is still the delete's, and no
     newer write updated the item since (UpdateItem keeps the marker)."""
     return WriteCondition(
-        "#m = :m AND (attribute_not_exists(#ts) OR attribute_not_exists(#rg) OR NOT attribute_type(#ts, :n)"
-        " OR #ts <= :ts)",
-        {"#m": conflict.marker_attribute, "#ts": conflict.timestamp_attribute, "#rg": conflict.region_attribute},
-        {":m": {"S": incoming.encode()}, ":ts": {"N": str(incoming.timestamp)}, ":n": {"S": "N"}},
+        f"#m = :m AND ({_UNVERSIONED} OR #ts <= :ts)",
+        {"#m": conflict.marker_attribute, **_version_names(conflict)},
+        {":m": {"S": incoming.encode()}, ":ts": {"N": str(incoming.timestamp)}, **_TYPES},
     )
 
 

@@ -165,7 +165,9 @@ class Forwarder:
             if isinstance(planned, Skip):
                 self.metrics.records_skipped.labels(self.pair, planned.reason).inc()
                 if planned.reason == "no_version":
-                    await self._unversioned(stream_record)
+                    restore = await self._unversioned(stream_record)
+                    if restore is not None:
+                        repairs.append(("stale_write", restore))
                 elif planned.reason == "unknown_event":
                     await self.dlq.send(self.pair, "forwarder", planned.reason, "unknown stream event",
                                         stream_record_text(stream_record))
@@ -209,8 +211,14 @@ class Forwarder:
                 )))
         return repairs
 
-    async def _unversioned(self, stream_record: dict[str, Any]) -> None:
-        """A local change without the version attributes: the `conflict.missing_version` policy."""
+    async def _unversioned(self, stream_record: dict[str, Any]) -> ReplicationRecord | None:
+        """A local change without the version attributes: the `conflict.missing_version` policy.
+
+        With `stamp`, returns the repair that restores the image the change replaced when that
+        image is newer than the stamp: the unversioned write lost. Planned whether or not this
+        attempt stamped, so a replayed page, or a newer write that got in before the stamp,
+        still gets it (a conditional PUT: it lands only while the replaced image wins).
+        """
         ddb = stream_record.get("dynamodb", {})
         if self.conflict.missing_version == "dead_letter":
             self.metrics.unversioned.labels(self.pair, "dead_letter").inc()
@@ -220,17 +228,12 @@ class Forwarder:
                 f"{self.conflict.timestamp_attribute!r}/{self.conflict.region_attribute!r}",
                 stream_record_text(stream_record),
             )
-            return
+            return None
         # stamp: give the item a version (when the change was made, here); that change replicates.
         created = creation_seconds(ddb.get("ApproximateCreationDateTime", 0))
         stamped = await self.repairer.stamp(stream_keys(ddb), created)
         self.metrics.unversioned.labels(self.pair, "stamped" if stamped else "already_versioned").inc()
-        if stamped:
-            # The stamped write may be older than the item it overwrote: a stale write, repaired
-            # here because the stamp's own change shows an unversioned image as the one it replaced.
-            repair = plan_restore(ddb, Version(created, PUT, self.region), self.pair, self.conflict)
-            if repair is not None:
-                await self._repair("stale_write", repair)
+        return plan_restore(ddb, Version(created, PUT, self.region), self.pair, self.conflict)
 
     async def _repair(self, kind: str, repair: ReplicationRecord) -> None:
         """Apply a repair with the normal rules; count and log it if it landed."""

@@ -109,6 +109,8 @@ class Drained:
     call, and positions survive restarts. Work still to do always starts at a record past some
     checkpoint: a change not yet forwarded, a record not yet applied, or what an apply or a repair
     just wrote. Each poll reads the streams on from where the previous one stopped.
+
+    For the emulators: an empty page is the end of a shard there, and iterators never expire.
     """
 
     def __init__(self, client: Callable[[str, str], Any], pipelines: Mapping[str, Sequence[tuple[str, str]]]) -> None:

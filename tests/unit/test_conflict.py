@@ -20,6 +20,7 @@ from replicatord.conflict import (
     delete_version,
     mark_condition,
     put_condition,
+    stamp_condition,
     version_of,
 )
 
@@ -283,7 +284,7 @@ def test_put_condition_names_and_values_match() -> None:
     assert names == set(cond.names)
     assert values == set(cond.values)
     assert cond.names == {"#k": "PK", "#ts": TS, "#rg": RG}
-    assert cond.values == {":ts": {"N": "1700000000.5"}, ":rg": {"S": SG}, ":n": {"S": "N"}}
+    assert cond.values == {":ts": {"N": "1700000000.5"}, ":rg": {"S": SG}, ":n": {"S": "N"}, ":s": {"S": "S"}}
 
 
 def test_mark_condition_defines_the_marker_for_the_update() -> None:
@@ -402,7 +403,11 @@ def evaluate(cond: WriteCondition, item: dict[str, Any] | None) -> bool:
     return result
 
 
-LOCAL_ITEMS = [None, image(ts=None, region=None)] + [
+LOCAL_ITEMS = [
+    None, image(ts=None, region=None),
+    image(region=None, **{TS: {"S": "10"}, RG: {"S": CN}}),  # a timestamp that is not a number
+    image(ts="10", region=None, **{RG: {"N": "1"}}),  # a region that is not a string
+] + [
     image(ts, region) for ts in ("9", "10", "10.0", "11") for region in (CN, SG)
 ]
 INCOMING = [v(ts, op, region) for ts in ("9.5", "10", "1e1") for op in (PUT, DELETE) for region in (CN, SG)]
@@ -421,6 +426,12 @@ def test_conditions_agree_with_decide_apply(local: dict[str, Any] | None, incomi
             assert local is not None
             after_mark = {**local, CONFLICT.marker_attribute: {"S": incoming.encode()}}
             assert evaluate(delete_condition(incoming, CONFLICT), after_mark)
+
+
+@pytest.mark.parametrize("local", LOCAL_ITEMS, ids=lambda i: "absent" if i is None else str(i.get(TS)))
+def test_stamp_condition_holds_for_present_unversioned_items(local: dict[str, Any] | None) -> None:
+    expected = local is not None and version_of(local, CONFLICT) is None
+    assert evaluate(stamp_condition(KEYS, CONFLICT), local) is expected
 
 
 @pytest.mark.parametrize("op", [PUT, DELETE], ids=["put", "delete"])
