@@ -197,11 +197,11 @@ class Forwarder:
         the tombstone with the normal DELETE rule."""
         if not written:
             return []
-        tombstones = await self.tombstones.fetch(self.pair, [stream_keys(r["dynamodb"]) for r, _ in written])
+        keyed = [(stream_record["dynamodb"], stream_keys(stream_record["dynamodb"]), version)
+                 for stream_record, version in written]
+        tombstones = await self.tombstones.fetch(self.pair, [keys for _, keys, _ in keyed])
         repairs = []
-        for stream_record, version in written:
-            ddb = stream_record["dynamodb"]
-            keys = stream_keys(ddb)
+        for ddb, keys, version in keyed:
             tombstone = tombstones.get(self.pair, keys)
             if tombstone is not None and version < tombstone:
                 repairs.append(("resurrection", ReplicationRecord(
