@@ -103,6 +103,13 @@ class Tuning(_Model):
     backoff_base_ms: Annotated[int, Field(ge=1)] = 100
     backoff_max_ms: Annotated[int, Field(ge=1)] = 5_000
     aws_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    # A record whose write fails with an error not known to be passing (an unknown AWS error
+    # code, access denied, a missing resource) is tried this many times, then dead-lettered.
+    # Known passing conditions (throttling, 5xx, unreachable) are retried until they pass.
+    max_record_attempts: Annotated[int, Field(ge=1, le=1000)] = 10
+    # Optional: such a record is dead-lettered at its next failure once it is older than this
+    # (time since it entered the stream), whatever its attempts.
+    max_record_age_s: Annotated[float, Field(gt=0)] | None = None
 
     @model_validator(mode="after")
     def _renew_within_failover(self) -> Tuning:
