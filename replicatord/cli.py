@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import os
 import sys
@@ -14,12 +15,39 @@ from collections.abc import Callable
 
 from replicatord.aws import StartupError
 from replicatord.config import ConfigError, Settings, Topology, load_topology, resolve_settings
+from replicatord.tools.load_args import add_arguments as add_load_arguments
 
 log = logging.getLogger("replicatord")
 
 EXIT_USAGE = 2
 EXIT_CONFIG = 3
 EXIT_STARTUP = 4
+
+# `load` and `demo` need the `local` extra, which a production install leaves out: faker for the
+# generated items, and for the demo moto's server (moto[server] brings flask) in the emulator
+# processes it starts. Checked before their modules are imported, so that a missing extra is one
+# line naming it instead of a traceback (or, for the demo, emulators dying in subprocesses).
+LOCAL_EXTRA_MODULES: dict[str, tuple[str, ...]] = {
+    "load": ("faker",),
+    "demo": ("faker", "moto", "flask"),
+}
+
+
+class MissingExtra(Exception):
+    """A subcommand needs an optional dependency group that is not installed; one line."""
+
+
+def require_local_extra(command: str) -> None:
+    """Raise MissingExtra unless every module `command` needs from the `local` extra is importable.
+
+    Looks the modules up without importing them: importing moto alone takes most of a second.
+    """
+    missing = [name for name in LOCAL_EXTRA_MODULES[command] if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MissingExtra(
+            f"'replicatord {command}' needs the 'local' extra ({', '.join(missing)} not installed): "
+            "pip install 'replicatord[local]'"
+        )
 
 
 def _setup_logging(level: str) -> None:
@@ -121,12 +149,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
+    require_local_extra("load")
     from replicatord.tools import load
 
     return load.run(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    require_local_extra("demo")
     from replicatord.tools.demo import run_demo
 
     return run_demo(args)
@@ -164,13 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(st)
     st.set_defaults(func=cmd_status)
 
-    from replicatord.tools import load
-
-    ld = sub.add_parser("load", help="write test items (compatible with the sample's load_items.py)")
-    load.add_arguments(ld)
+    ld = sub.add_parser(
+        "load",
+        help="write test items (compatible with the sample's load_items.py; needs the 'local' extra)",
+    )
+    add_load_arguments(ld)
     ld.set_defaults(func=cmd_load)
 
-    demo = sub.add_parser("demo", help="two emulated regions, two daemons, load both ways, verify")
+    demo = sub.add_parser(
+        "demo", help="two emulated regions, two daemons, load both ways, verify (needs the 'local' extra)"
+    )
     demo.add_argument("--items", type=int, default=1000, help="items loaded into each region")
     demo.add_argument("--processes", type=int, default=2, help="loader processes per region")
     demo.add_argument("--timeout", type=float, default=180.0, help="seconds to converge after the load")
@@ -190,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {line}", file=sys.stderr)
         return EXIT_CONFIG
     except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
+    except MissingExtra as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_STARTUP
     except KeyboardInterrupt:

@@ -26,6 +26,9 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from faker import Faker
 
+# Re-exported: the flags moved to load_args so that the CLI can build its parser without faker.
+from replicatord.tools.load_args import add_arguments as add_arguments
+
 # The original updated loader_stats every 100 items; so does a chunk here.
 CHUNK_ITEMS = 100
 LOADED_COUNT_KEY = "loaded_count"
@@ -208,44 +211,6 @@ def load(
             if progress is not None:
                 progress(written)
     return written
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the load options; the short flags are those of the original load_items.py."""
-    parser.add_argument(
-        "-n", "--count", type=_non_negative_int, default=100, help="number of items to write (default 100)"
-    )
-    parser.add_argument("-t", "--table", required=True, help="DynamoDB table to load")
-    parser.add_argument("-r", "--region", required=True, help="region of the table, e.g. cn-north-1")
-    parser.add_argument(
-        "-b",
-        "--batched",
-        action="store_true",
-        help="write with BatchWriteItem instead of one PutItem per item",
-    )
-    parser.add_argument(
-        "--processes", type=_positive_int, default=1, metavar="N", help="worker processes (default 1)"
-    )
-    parser.add_argument("--endpoint-url", default=None, help="DynamoDB endpoint (emulator or VPC endpoint)")
-    parser.add_argument(
-        "--loader-stats-table",
-        default="loader_stats",
-        help="table whose item PK=loaded_count counts the items written (default loader_stats)",
-    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,60 @@
+"""`replicatord` starts without the `local` extra; `load` and `demo` name it when it is missing.
+
+The import check runs in a fresh interpreter so that what this test process already imported
+cannot hide a regression. tests/test_install.py checks the same against a real install.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from replicatord import cli
+
+CN = "cn-north-1"
+
+
+def _modules_after(code: str) -> set[str]:
+    """Top-level modules imported by a fresh interpreter that runs `code`."""
+    probe = code + "\nimport json, sys\nprint(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    return set(json.loads(result.stdout.splitlines()[-1]))
+
+
+# The `local` extra's packages; moto[server] brings flask and werkzeug.
+EXTRA_ONLY = {"faker", "moto", "flask", "werkzeug"}
+
+
+def test_production_commands_import_nothing_from_the_local_extra() -> None:
+    # Everything run, check-config, provision and status import, and the full parser (which
+    # defines load's flags). These packages are installed in the dev venv, so an eager import
+    # anywhere on these paths shows up here.
+    imported = _modules_after(
+        "import replicatord.cli as c; c.build_parser()\n"
+        "import replicatord.daemon, replicatord.tools.provision, replicatord.tools.status"
+    )
+    assert "replicatord" in imported and "aiobotocore" in imported  # the probe really ran
+    assert not imported & EXTRA_ONLY, sorted(imported & EXTRA_ONLY)
+
+
+def test_the_local_extra_check_sees_installed_packages() -> None:
+    # The dev venv has the extra: the check passes, so `load` and `demo` would go on to run.
+    cli.require_local_extra("load")
+    cli.require_local_extra("demo")
+
+
+def test_load_without_its_extra_says_so_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The seam is the table of modules each command needs; tests/test_install.py checks the same
+    # against a real install without the extra.
+    monkeypatch.setitem(cli.LOCAL_EXTRA_MODULES, "load", ("faker", "replicatord_no_such_module"))
+    assert cli.main(["load", "-t", "x", "-r", CN]) == cli.EXIT_STARTUP
+    err = capsys.readouterr().err
+    assert err == (
+        "error: 'replicatord load' needs the 'local' extra (replicatord_no_such_module not installed): "
+        "pip install 'replicatord[local]'\n"
+    )
