@@ -15,7 +15,7 @@ from typing import Any
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
-from replicatord.config import Settings
+from replicatord.config import Settings, redact_url
 from replicatord.errors import AWS_ERRORS, NotFound, ReplicatorError, classify
 from replicatord.metrics import Metrics
 
@@ -94,7 +94,7 @@ class Aws:
         log.info(
             "peer %s: kinesis via %s, credentials from SSM %s* in %s",
             peer,
-            target.proxy or "direct connection",
+            redact_url(target.proxy) if target.proxy else "direct connection",
             target.credentials.ssm_prefix,
             self.settings.region,
         )

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 
 from replicatord.aws import StartupError
-from replicatord.config import ConfigError, Settings, Topology, load_topology, resolve_settings
+from replicatord.config import ConfigError, Settings, Topology, load_topology, redact_url, resolve_settings
 from replicatord.tools.load_args import add_arguments as add_load_arguments
 
 log = logging.getLogger("replicatord")
@@ -122,7 +122,7 @@ def describe_plan(settings: Settings) -> str:
         lines += [
             f"  peer {peer}:",
             f"    endpoint: {target.endpoint_url or 'default for ' + peer}",
-            f"    proxy: {target.proxy or 'none (direct)'}",
+            f"    proxy: {redact_url(target.proxy) if target.proxy else 'none (direct)'}",
             f"    credentials: {creds}",
         ]
     for pair in t.pairs:

@@ -257,3 +257,28 @@ def resolve_settings(
     else:
         host, port = parse_listen(topology.metrics.listen, "metrics.listen")
     return Settings(topology, region, instance_id, host, port)
+
+
+def redact_url(url: str) -> str:
+    """`url` with the secret of its user info replaced by ``***``, for logs and printed plans.
+
+    ``http://user:s3cret@host:3128`` becomes ``http://user:***@host:3128``: the user name stays
+    (it tells an operator which proxy account is configured; it authenticates nothing alone),
+    the password goes. User info without a password (``http://token@host``) may itself be a
+    token, so all of it becomes ``***``. A URL without user info comes back unchanged.
+
+    Everything between the scheme and the last ``@`` counts as user info, so a password holding
+    an unescaped ``@``, ``/``, ``?`` or ``#`` is hidden too (a URL parser would cut it into
+    the path and print it); a URL with an ``@`` in its path is over-redacted, which is harmless.
+    """
+    scheme, sep, rest = url.partition("://")
+    # No scheme ("user:pass@host:3128", which botocore accepts for a proxy), or a "://" that sits
+    # inside the password: then all of the URL is scanned for user info.
+    if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*", scheme):
+        scheme, sep, rest = "", "", url
+    userinfo, at, hostport = rest.rpartition("@")
+    if not at:
+        return url
+    user, colon, _password = userinfo.partition(":")
+    shown = f"{user}:***" if colon else "***"
+    return f"{scheme}{sep}{shown}@{hostport}"
