@@ -1,14 +1,19 @@
 """Applier: local Kinesis stream -> conditional writes to the local table (last writer wins).
 
-Independent keys are applied concurrently; the records of one key are applied in order.
-A record that cannot be decoded goes to the dead-letter queue with the reason; the page goes on.
+Independent keys are applied concurrently; the records of one key are applied in order. Each
+record stands alone (retry.py): one that cannot be decoded, or whose write DynamoDB refuses or
+keeps failing, goes to the dead-letter queue with the reason while the rest of the page goes
+on, and a retry repeats only the write that failed. Pages are decoded in a worker thread, so a
+large record never holds up the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -24,16 +29,18 @@ from replicatord.conflict import (
     unmark_condition,
 )
 from replicatord.dlq import DeadLetterQueue
-from replicatord.errors import ConditionFailed, InvalidRequest, Transient
+from replicatord.errors import ConditionFailed, Contended, InvalidRequest, ReplicatorError
 from replicatord.metrics import Metrics
 from replicatord.records import (
     RecordError,
     ReplicationRecord,
+    creation_seconds,
     decode_record,
-    encode_record,
     partition_key,
     same_key_runs,
+    shown,
 )
+from replicatord.retry import GAVE_UP, Letter, RecordRetry
 from replicatord.shards import run_together
 from replicatord.tombstones import Tombstones, TombstoneTable
 
@@ -44,6 +51,26 @@ ITEM_TOO_LARGE = "maximum allowed size"
 
 # How often a replicated delete retries when the item changed between marking and deleting.
 DELETE_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class Incoming:
+    record: ReplicationRecord
+    letter: Letter
+
+
+def decode_page(payloads: list[bytes], pair: str) -> list[tuple[str, ReplicationRecord] | RecordError]:
+    """Each payload as (partition key, record), or the RecordError that says why it is not one."""
+    out: list[tuple[str, ReplicationRecord] | RecordError] = []
+    for data in payloads:
+        try:
+            record = decode_record(data)
+            if record.pair != pair:
+                raise RecordError(f"record of pair {shown(record.pair)} on the stream of pair {pair!r}")
+            out.append((partition_key(record.keys), record))
+        except RecordError as exc:
+            out.append(exc)
+    return out
 
 
 class Applier:
@@ -58,6 +85,7 @@ class Applier:
         tuning: Tuning,
         dlq: DeadLetterQueue,
         metrics: Metrics,
+        stop: asyncio.Event,
     ) -> None:
         self.aws = aws
         self.pair = pair
@@ -65,51 +93,72 @@ class Applier:
         self.tombstones = tombstones
         self.stats_table = stats_table
         self.conflict = conflict
-        self.dlq = dlq
         self.metrics = metrics
         self.limit = asyncio.Semaphore(tuning.apply_concurrency)
+        self.retry = RecordRetry(pair, "applier", dlq, tuning, metrics, stop)
+        self.unreported = 0  # changes applied but not yet added to replicated_count
 
     async def process(self, shard_id: str, records: list[dict[str, Any]]) -> None:
-        decoded: list[tuple[str, ReplicationRecord]] = []
-        for kinesis_record in records:
-            data: bytes = kinesis_record["Data"]
-            try:
-                record = decode_record(data)
-                if record.pair != self.pair:
-                    raise RecordError(f"record of pair {record.pair!r} on the stream of pair {self.pair!r}")
-            except RecordError as exc:
+        """Apply a page: returns once every record is applied, stale or dead-lettered."""
+        payloads: list[bytes] = [r["Data"] for r in records]
+        decoded = await asyncio.to_thread(decode_page, payloads, self.pair)
+        incoming: list[tuple[str, Incoming]] = []
+        for kinesis_record, outcome in zip(records, decoded, strict=True):
+            arrived = kinesis_record.get("ApproximateArrivalTimestamp")
+            letter = Letter(kinesis_record["Data"], float(creation_seconds(arrived)) if arrived else time.time())
+            if isinstance(outcome, RecordError):
                 self.metrics.errors.labels("applier", "bad_record").inc()
-                await self.dlq.send(self.pair, "applier", "bad_record", str(exc), data)
+                await self.retry.dead_letter("bad_record", str(outcome), letter)
                 continue
-            decoded.append((partition_key(record.keys), record))
-        applied = [0]
-        tombstones = await self.tombstones.fetch(self.pair, [record.keys for _, record in decoded])
-        await run_together(self._apply_key(run, tombstones, applied) for run in same_key_runs(decoded).values())
-        if applied[0]:
+            key, record = outcome
+            incoming.append((key, Incoming(record, letter)))
+        if not incoming:
+            return
+        tombstones = await self.retry.step(
+            functools.partial(self.tombstones.fetch, self.pair, [i.record.keys for _, i in incoming]),
+            "tombstone read",
+        )
+        counts = [0]
+        await run_together(self._apply_key(run, tombstones, counts) for run in same_key_runs(incoming).values())
+        await self._report(counts[0])
+
+    async def _apply_key(self, run: list[Incoming], tombstones: Tombstones, counts: list[int]) -> None:
+        for incoming in run:
+            record = incoming.record
+            done = await self.retry.run(functools.partial(self._apply_limited, record, tombstones),
+                                        incoming.letter, f"{record.op} of {shown(record.keys)}")
+            if done is GAVE_UP:
+                continue
+            if done:
+                counts[0] += 1
+                self.metrics.records_applied.labels(self.pair, record.op).inc()
+                self.metrics.latency.labels(self.pair).observe(
+                    max(0.0, time.time() - record.approximate_creation_time)
+                )
+            else:
+                self.metrics.records_stale.labels(self.pair).inc()
+
+    async def _apply_limited(self, record: ReplicationRecord, tombstones: Tombstones) -> bool:
+        async with self.limit:  # held per attempt, not while a retry waits
+            return await self.apply(record, tombstones)
+
+    async def _report(self, applied: int) -> None:
+        """Add to replicated_count (the sample's counter). Best effort: a failure keeps the count
+        for the next page and never makes a page run again."""
+        count, self.unreported = self.unreported + applied, 0
+        if not count:
+            return
+        try:
             await self.aws.call(
                 "dynamodb", "update_item", TableName=self.stats_table,
                 Key={"PK": {"S": "replicated_count"}}, UpdateExpression="ADD cnt :n",
-                ExpressionAttributeValues={":n": {"N": str(applied[0])}},
+                ExpressionAttributeValues={":n": {"N": str(count)}},
             )
-
-    async def _apply_key(self, records: list[ReplicationRecord], tombstones: Tombstones, applied: list[int]) -> None:
-        async with self.limit:
-            for record in records:
-                try:
-                    done = await self.apply(record, tombstones)
-                except InvalidRequest as exc:
-                    # DynamoDB refuses the write itself (too large, bad attribute): retrying cannot help.
-                    self.metrics.errors.labels("applier", exc.kind).inc()
-                    await self.dlq.send(self.pair, "applier", "rejected", str(exc), encode_record(record))
-                    continue
-                if done:
-                    applied[0] += 1
-                    self.metrics.records_applied.labels(self.pair, record.op).inc()
-                    self.metrics.latency.labels(self.pair).observe(
-                        max(0.0, time.time() - record.approximate_creation_time)
-                    )
-                else:
-                    self.metrics.records_stale.labels(self.pair).inc()
+        except ReplicatorError as exc:
+            self.unreported += count
+            self.metrics.errors.labels("applier", f"stats_{exc.kind}").inc()
+            log.warning("applier %s: cannot add %d to %s replicated_count (kept for the next page): %s",
+                        self.pair, count, self.stats_table, exc)
 
     async def apply(self, record: ReplicationRecord, tombstones: Tombstones | None = None) -> bool:
         """Apply one change with the last-writer-wins rule; False if the local item (or the key's
@@ -170,7 +219,7 @@ class Applier:
             if await self._write("delete_item", remove, Key=record.keys):
                 return True
             # An application write replaced the item in between: decide again.
-        raise Transient(f"item {record.keys} kept changing while it was being deleted")
+        raise Contended(f"item {shown(record.keys)} kept changing while it was being deleted")
 
     async def _mark(self, keys: Item, mark: WriteCondition) -> bool:
         """Put the delete marker on the item; False if the mark's condition did not hold.

@@ -35,18 +35,38 @@ class Version(NamedTuple):
         return json.dumps([str(self.timestamp), OP_NAMES[self.op], self.region], separators=(",", ":"))
 
 
-# DynamoDB number syntax (stricter than Decimal(), which also takes "1_000" or " 5 ").
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+# DynamoDB number syntax (stricter than Decimal(), which also takes "1_000" or " 5 "). Each string
+# has one way to match, so matching is linear in its length (a pattern like "\d+\.?\d*" makes the
+# engine try every split of a long digit run: quadratic).
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+# DynamoDB numbers: at most 38 significant digits, magnitude 1E-130 to 9.99...E+125, or zero.
+MAX_SIGNIFICANT_DIGITS = 38
+MIN_ADJUSTED_EXPONENT, MAX_ADJUSTED_EXPONENT = -130, 125
+# The longest spelling accepted: 38 digits written out at the smallest exponent need about 170
+# characters; anything longer is not a number DynamoDB stores.
+MAX_NUMBER_CHARS = 200
 
 
-def parse_timestamp(value: object) -> Decimal | None:
-    """A DynamoDB number (in its string form) as a Decimal, or None if it is not one."""
-    if not isinstance(value, str) or not _NUMBER.fullmatch(value):
+def parse_number(value: object) -> Decimal | None:
+    """A DynamoDB number (in its string form) as a Decimal, or None if it is not one DynamoDB
+    stores: its syntax, at most 38 significant digits, and its range. Linear in the length."""
+    if not isinstance(value, str) or len(value) > MAX_NUMBER_CHARS or not _NUMBER.fullmatch(value):
         return None
     try:
-        return Decimal(value)
-    except InvalidOperation:
+        number = Decimal(value)
+    except InvalidOperation:  # an exponent beyond what Decimal holds
         return None
+    if number.is_zero():
+        return number
+    digits = number.as_tuple().digits
+    significant = len(digits)
+    while digits[significant - 1] == 0:  # trailing zeros are not significant ("1.50" has 2)
+        significant -= 1
+    if significant > MAX_SIGNIFICANT_DIGITS:
+        return None
+    if not MIN_ADJUSTED_EXPONENT <= number.adjusted() <= MAX_ADJUSTED_EXPONENT:
+        return None
+    return number
 
 
 def version_of(image: Item | None, conflict: Conflict) -> Version | None:
@@ -57,7 +77,7 @@ def version_of(image: Item | None, conflict: Conflict) -> Version | None:
     region = image.get(conflict.region_attribute)
     if not isinstance(ts, dict) or not isinstance(region, dict) or not isinstance(region.get("S"), str):
         return None
-    timestamp = parse_timestamp(ts.get("N"))
+    timestamp = parse_number(ts.get("N"))
     if timestamp is None:
         return None
     return Version(timestamp, PUT, region["S"])
@@ -69,7 +89,7 @@ def decode_marker(text: object) -> Version | None:
         ts, op, region = json.loads(text) if isinstance(text, str) else (None, None, None)
     except (ValueError, TypeError):
         return None
-    timestamp = parse_timestamp(ts)
+    timestamp = parse_number(ts)
     if timestamp is None or op not in OPS or not isinstance(region, str):
         return None
     return Version(timestamp, OPS[op], region)

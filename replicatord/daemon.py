@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from replicatord.applier import Applier
 from replicatord.aws import Aws, StartupError
 from replicatord.config import Settings
-from replicatord.dlq import DeadLetterQueue
+from replicatord.dlq import MAX_BODY_BYTES, DeadLetterQueue
 from replicatord.errors import NotFound, ReplicatorError
 from replicatord.forwarder import Forwarder
 from replicatord.leases import LeaseTable
@@ -86,8 +86,8 @@ class Daemon:
         s = self.settings
         me = s.me
         topology = s.topology
-        queue_url = await self._queue_url(me.dead_letter_queue)
-        dlq = DeadLetterQueue(self.aws, queue_url, self.metrics)
+        queue_url, max_body_bytes = await self._queue(me.dead_letter_queue)
+        dlq = DeadLetterQueue(self.aws, queue_url, self.metrics, max_body_bytes)
         await self._require_table(me.lease_table, "lease table")
         await self._require_table(me.stats_table, "stats table")
         await self._require_table(me.tombstone_table, "tombstone table")
@@ -98,7 +98,7 @@ class Daemon:
             plan = await self._plan_pair(pair.name, pair.tables[s.region], pair.streams[s.region])
             peers = {peer: (peer_clients[peer], pair.streams[peer]) for peer in s.peers}
             applier = Applier(self.aws, pair.name, plan.table, me.stats_table, tombstones, topology.conflict,
-                              topology.tuning, dlq, self.metrics)
+                              topology.tuning, dlq, self.metrics, self.stop)
             forwarder = Forwarder(self.aws, pair.name, peers, tombstones, topology.conflict,
                                   topology.tuning, dlq, applier, self.metrics, self.stop)
             for source, processor in (
@@ -147,16 +147,20 @@ class Daemon:
 
     # -- startup checks ----------------------------------------------------------------------
 
-    async def _queue_url(self, name: str) -> str:
+    async def _queue(self, name: str) -> tuple[str, int]:
+        """The dead-letter queue's URL and its message size limit (messages are cut to fit it)."""
         try:
-            result = await self.aws.call("sqs", "get_queue_url", QueueName=name)
+            url = str((await self.aws.call("sqs", "get_queue_url", QueueName=name))["QueueUrl"])
+            attributes = await self.aws.call("sqs", "get_queue_attributes", QueueUrl=url,
+                                             AttributeNames=["MaximumMessageSize"])
         except NotFound:
             raise StartupError(
                 f"dead-letter queue {name!r} not found in {self.settings.region} (run 'replicatord provision')"
             ) from None
         except ReplicatorError as exc:
             raise StartupError(f"dead-letter queue {name!r} in {self.settings.region}: {exc}") from None
-        return str(result["QueueUrl"])
+        size = attributes.get("Attributes", {}).get("MaximumMessageSize", "")
+        return url, int(size) if size.isdigit() else MAX_BODY_BYTES
 
     async def _require_table(self, table: str, what: str) -> dict[str, Any]:
         try:

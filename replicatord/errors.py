@@ -63,6 +63,22 @@ class InvalidRequest(ReplicatorError):
     kind = "invalid_request"
 
 
+class Unclassified(ReplicatorError):
+    """An error code this table does not know, answered as the caller's fault (4xx). It may pass,
+    so a record is retried, but only up to `tuning.max_record_attempts` (pipelines/retry.py)."""
+
+    retriable = True
+    kind = "unknown"
+
+
+class Contended(ReplicatorError):
+    """The application kept rewriting an item while replicatord tried to change it: retried a
+    bounded number of times per record, like an unknown error."""
+
+    retriable = True
+    kind = "contended"
+
+
 class LeaseLost(ReplicatorError):
     """Another instance owns the lease now (fencing): stop working on that shard."""
 
@@ -88,13 +104,31 @@ _CODES: dict[str, type[ReplicatorError]] = {
     "UnrecognizedClientException": AccessDenied,
     "InvalidSignatureException": AccessDenied,
     "ExpiredTokenException": AccessDenied,
+    "RequestThrottled": Throttled,
+    "OverLimit": Throttled,
+    "IncompleteSignature": AccessDenied,
+    "InvalidClientTokenId": AccessDenied,
+    "MissingAuthenticationToken": AccessDenied,
+    "KMSAccessDeniedException": AccessDenied,
+    "KMSDisabledException": AccessDenied,
+    "KMSInvalidStateException": AccessDenied,
+    "KMSNotFoundException": AccessDenied,
+    "KMSOptInRequired": AccessDenied,
     "InternalServerError": Transient,
     "InternalFailure": Transient,
     "InternalError": Transient,
     "ServiceUnavailable": Transient,
+    "ServiceUnavailableException": Transient,
     "KMSInternalException": Transient,
+    # Another request (a transaction, a multi-region strongly consistent write) holds the item.
+    "TransactionConflictException": Transient,
+    "ReplicatedWriteConflictException": Transient,
     "ValidationException": InvalidRequest,
     "InvalidArgumentException": InvalidRequest,
+    "SerializationException": InvalidRequest,
+    "InvalidMessageContents": InvalidRequest,
+    # A local secondary index's item collection is over 10 GB: this item cannot be written.
+    "ItemCollectionSizeLimitExceededException": InvalidRequest,
 }
 
 
@@ -112,11 +146,12 @@ def classify(exc: BaseException) -> ReplicatorError:
             codes = {r.get("Code") for r in reasons}
             cls = ConditionFailed if "ConditionalCheckFailed" in codes else Transient
         if cls is None:
-            # Unknown codes are retried: dead-lettering a record is only right when the request
-            # itself is invalid (ValidationException), not for a passing condition of the service.
-            # The emulator answers a bad iterator with HTTP 500 (DESIGN.md §7): also Transient,
-            # and the shard worker takes a new iterator from the checkpoint.
-            cls = Transient
+            # A code this table does not know: a server error (5xx) is the service's passing
+            # trouble; anything else is retried a bounded number of times per record, then the
+            # record is dead-lettered (never retried forever). The emulator answers a bad iterator
+            # with HTTP 500 (DESIGN.md §7): Transient, and the shard worker takes a new iterator.
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            cls = Transient if isinstance(status, int) and status >= 500 else Unclassified
         typed: ReplicatorError = cls(f"{code}: {message}")
     elif isinstance(exc, ConnectionError | HTTPClientError | aiohttp.ClientError | OSError):
         typed = Unreachable(str(exc) or type(exc).__name__)

@@ -7,7 +7,9 @@ carries the peer's region, and the applier's own deletes carry the delete marker
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import time
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol
@@ -15,19 +17,32 @@ from typing import Any, Protocol
 from replicatord.aws import Aws
 from replicatord.config import Conflict, Tuning
 from replicatord.conflict import PUT, Item, Version, being_deleted, delete_version, version_of, without_marker
-from replicatord.dlq import DeadLetterQueue, stream_record_text
-from replicatord.errors import InvalidRequest, ReplicatorError
+from replicatord.dlq import DeadLetterQueue
+from replicatord.errors import AccessDenied, NotFound, ReplicatorError, Throttled, Transient, Unreachable
 from replicatord.metrics import Metrics
 from replicatord.records import (
     Entry,
+    RecordError,
     ReplicationRecord,
     creation_seconds,
     encode_record,
     oversized,
     partition_key,
     plan_batches,
+    shown,
 )
-from replicatord.shards import Abandoned, backoff_s, run_together, sleep_or_stop
+from replicatord.retry import (
+    GAVE_UP,
+    Abandoned,
+    Letter,
+    RecordRetry,
+    Verdict,
+    backoff_s,
+    reason_of,
+    sleep_or_stop,
+    verdict,
+)
+from replicatord.shards import run_together
 from replicatord.tombstones import TombstoneTable
 
 log = logging.getLogger(__name__)
@@ -118,6 +133,46 @@ def written_version(stream_record: dict[str, Any], conflict: Conflict) -> Versio
     return version_of(image, conflict)
 
 
+@dataclass(frozen=True)
+class RecordPlan:
+    """What the forwarder does with one local stream record, worked out away from the event loop."""
+
+    stream_record: dict[str, Any]
+    created_s: float
+    forward: ReplicationRecord | Skip | None = None
+    entry: Entry | None = None  # the encoded record; None if it is over Kinesis' size limit
+    repair: ReplicationRecord | None = None  # a stale write's restore
+    written: Version | None = None  # the version an INSERT/MODIFY wrote
+    error: Exception | None = None  # planning failed on this record: it goes to the dead-letter queue
+
+
+def plan_page(records: list[dict[str, Any]], pair: str, region: str, conflict: Conflict) -> list[RecordPlan]:
+    """Plan every record of a page; one that breaks planning is reported, not raised."""
+    plans = []
+    for stream_record in records:
+        created = time.time()
+        try:
+            created = float(creation_seconds(stream_record["dynamodb"]["ApproximateCreationDateTime"]))
+            if not stream_keys(stream_record["dynamodb"]):
+                raise RecordError("stream record without Keys")
+            forward = plan_forward(stream_record, pair, region, conflict)
+            entry = None
+            if isinstance(forward, ReplicationRecord):
+                entry = Entry(encode_record(forward), partition_key(forward.keys))
+                entry = None if oversized(entry) else entry
+            plans.append(RecordPlan(stream_record, created, forward, entry,
+                                    plan_repair(stream_record, pair, region, conflict),
+                                    written_version(stream_record, conflict)))
+        except Exception as exc:  # noqa: BLE001 - one record that breaks planning never stops the page
+            plans.append(RecordPlan(stream_record, created, error=exc))
+    return plans
+
+
+# Failures of a whole PutRecords call that concern the peer, not the records in it: retried
+# until they pass (an outage, a revoked key or a missing stream is fixed there, not here).
+PEER_TROUBLE = (Throttled, Transient, Unreachable, AccessDenied, NotFound)
+
+
 class Forwarder:
     def __init__(
         self,
@@ -140,78 +195,88 @@ class Forwarder:
         self.tombstones = tombstones
         self.conflict = conflict
         self.tuning = tuning
-        self.dlq = dlq
         self.metrics = metrics
         self.stop = stop
+        self.retry = RecordRetry(pair, "forwarder", dlq, tuning, metrics, stop)
+        self.limit = asyncio.Semaphore(tuning.apply_concurrency)
 
     async def process(self, shard_id: str, records: list[dict[str, Any]]) -> None:
         """Forward the page's application changes, record their deletes' tombstones, then repair.
 
-        A crash anywhere replays the page: forwarding again is harmless, tombstones only grow,
-        and repairs are conditional writes with the normal rules.
+        Returns once every record is forwarded, skipped or dead-lettered; a failed step is
+        retried alone (retry.py), so nothing that succeeded is sent or written again. A crash
+        replays the page: forwarding again is harmless, tombstones only grow, and repairs are
+        conditional writes with the normal rules.
         """
-        entries: list[Entry] = []
-        app_deletes: list[ReplicationRecord] = []
-        repairs: list[tuple[str, ReplicationRecord]] = []
-        written: list[tuple[dict[str, Any], Version]] = []
-        for stream_record in records:
-            repair = plan_repair(stream_record, self.pair, self.region, self.conflict)
-            if repair is not None:
-                repairs.append(("stale_write", repair))
-            version = written_version(stream_record, self.conflict)
-            if version is not None:
-                written.append((stream_record, version))
-            planned = plan_forward(stream_record, self.pair, self.region, self.conflict)
+        plans = await asyncio.to_thread(plan_page, records, self.pair, self.region, self.conflict)
+        outgoing: list[tuple[Entry, Letter]] = []
+        app_deletes: list[tuple[ReplicationRecord, Letter]] = []
+        repairs: list[tuple[str, ReplicationRecord, Letter]] = []
+        written: list[tuple[dict[str, Any], Version, Letter]] = []
+        for plan in plans:
+            letter = Letter(plan.stream_record, plan.created_s)
+            if plan.error is not None:
+                self.metrics.records_skipped.labels(self.pair, "invalid").inc()
+                self.metrics.errors.labels("forwarder", reason_of(plan.error)).inc()
+                if not isinstance(plan.error, RecordError):
+                    log.error("forwarder %s: planning a stream record failed", self.pair, exc_info=plan.error)
+                await self.retry.dead_letter(reason_of(plan.error), str(plan.error), letter)
+                continue
+            if plan.repair is not None:
+                repairs.append(("stale_write", plan.repair, letter))
+            if plan.written is not None:
+                written.append((plan.stream_record, plan.written, letter))
+            planned = plan.forward
             if isinstance(planned, Skip):
                 self.metrics.records_skipped.labels(self.pair, planned.reason).inc()
                 if planned.reason == "no_version":
-                    restore = await self._unversioned(stream_record)
+                    restore = await self._unversioned(plan.stream_record, letter)
                     if restore is not None:
-                        repairs.append(("stale_write", restore))
+                        repairs.append(("stale_write", restore, letter))
                 elif planned.reason == "unknown_event":
-                    await self.dlq.send(self.pair, "forwarder", planned.reason, "unknown stream event",
-                                        stream_record_text(stream_record))
+                    await self.retry.dead_letter(planned.reason, "unknown stream event", letter)
                 continue
-            entry = Entry(encode_record(planned), partition_key(planned.keys))
-            if oversized(entry):
+            assert planned is not None
+            if plan.entry is None:
                 self.metrics.records_skipped.labels(self.pair, "oversized").inc()
-                await self.dlq.send(self.pair, "forwarder", "oversized",
-                                    f"record of {entry.size} bytes exceeds Kinesis' 1 MiB", entry.data)
+                await self.retry.dead_letter("oversized", "the record exceeds Kinesis' 1 MiB", letter)
                 continue
-            entries.append(entry)
+            outgoing.append((plan.entry, letter))
             if planned.op == "DELETE":
-                app_deletes.append(planned)
-        if entries:
-            await run_together(self._put(peer, entries) for peer in self.peers)
-        for delete in app_deletes:  # after forwarding: a crash in between forwards it again
-            await self.tombstones.record(self.pair, delete.keys, delete.version)
+                app_deletes.append((planned, letter))
+        if outgoing:
+            await run_together(self._put(peer, outgoing) for peer in self.peers)
+        for delete, letter in app_deletes:  # after forwarding: a crash in between forwards it again
+            await self.retry.run(functools.partial(self.tombstones.record, self.pair, delete.keys, delete.version),
+                                 letter, f"tombstone of {shown(delete.keys)}")
         repairs += await self._resurrections(written)
-        for kind, record in repairs:
-            await self._repair(kind, record)
+        for kind, record, letter in repairs:
+            await self._repair(kind, record, letter)
 
     async def _resurrections(
-        self, written: list[tuple[dict[str, Any], Version]]
-    ) -> list[tuple[str, ReplicationRecord]]:
+        self, written: list[tuple[dict[str, Any], Version, Letter]]
+    ) -> list[tuple[str, ReplicationRecord, Letter]]:
         """Writes older than their key's tombstone: an old PUT that slipped in before the
         tombstone existed, or an application write older than a known delete. The repair applies
         the tombstone with the normal DELETE rule."""
         if not written:
             return []
-        keyed = [(stream_record["dynamodb"], stream_keys(stream_record["dynamodb"]), version)
-                 for stream_record, version in written]
-        tombstones = await self.tombstones.fetch(self.pair, [keys for _, keys, _ in keyed])
+        keyed = [(stream_record["dynamodb"], stream_keys(stream_record["dynamodb"]), version, letter)
+                 for stream_record, version, letter in written]
+        tombstones = await self.retry.step(
+            functools.partial(self.tombstones.fetch, self.pair, [keys for _, keys, _, _ in keyed]), "tombstone read")
         repairs = []
-        for ddb, keys, version in keyed:
+        for ddb, keys, version, letter in keyed:
             tombstone = tombstones.get(self.pair, keys)
             if tombstone is not None and version < tombstone:
                 repairs.append(("resurrection", ReplicationRecord(
                     "DELETE", self.pair, keys, None, tombstone, tombstone.region,
                     str(ddb.get("SequenceNumber", "")),
                     float(creation_seconds(ddb.get("ApproximateCreationDateTime", 0))),
-                )))
+                ), letter))
         return repairs
 
-    async def _unversioned(self, stream_record: dict[str, Any]) -> ReplicationRecord | None:
+    async def _unversioned(self, stream_record: dict[str, Any], letter: Letter) -> ReplicationRecord | None:
         """A local change without the version attributes: the `conflict.missing_version` policy.
 
         With `stamp`, returns the repair that restores the image the change replaced when that
@@ -222,62 +287,89 @@ class Forwarder:
         ddb = stream_record.get("dynamodb", {})
         if self.conflict.missing_version == "dead_letter":
             self.metrics.unversioned.labels(self.pair, "dead_letter").inc()
-            await self.dlq.send(
-                self.pair, "forwarder", "no_version",
+            await self.retry.dead_letter(
+                "no_version",
                 f"{stream_record.get('eventName')} without the version attributes "
                 f"{self.conflict.timestamp_attribute!r}/{self.conflict.region_attribute!r}",
-                stream_record_text(stream_record),
+                letter,
             )
             return None
         # stamp: give the item a version (when the change was made, here); that change replicates.
         created = creation_seconds(ddb.get("ApproximateCreationDateTime", 0))
-        stamped = await self.repairer.stamp(stream_keys(ddb), created)
+        keys = stream_keys(ddb)
+        stamped = await self.retry.run(functools.partial(self.repairer.stamp, keys, created), letter,
+                                       f"stamp of {shown(keys)}")
+        if stamped is GAVE_UP:
+            return None
         self.metrics.unversioned.labels(self.pair, "stamped" if stamped else "already_versioned").inc()
         return plan_restore(ddb, Version(created, PUT, self.region), self.pair, self.conflict)
 
-    async def _repair(self, kind: str, repair: ReplicationRecord) -> None:
-        """Apply a repair with the normal rules; count and log it if it landed."""
-        try:
-            landed = await self.repairer.apply(repair)
-        except InvalidRequest as exc:
-            # The image it would restore is refused by DynamoDB; record it, don't stall the shard.
-            await self.dlq.send(self.pair, "forwarder", "repair_rejected", str(exc), encode_record(repair))
+    async def _repair(self, kind: str, repair: ReplicationRecord, letter: Letter) -> None:
+        """Apply a repair with the normal rules; count and log it if it landed. One that DynamoDB
+        refuses or that keeps failing goes to the dead-letter queue with the stream record."""
+        landed = await self.retry.run(functools.partial(self.repairer.apply, repair), letter,
+                                      f"{kind} repair of {shown(repair.keys)}")
+        if landed is GAVE_UP:
             return
         if landed:
             self.metrics.conflicts.labels(kind).inc()
-            log.info("forwarder %s: %s repair of %s: applied %s %s", self.pair, kind, repair.keys,
+            log.info("forwarder %s: %s repair of %s: applied %s %s", self.pair, kind, shown(repair.keys),
                      repair.op, repair.version.encode())
 
-    async def _put(self, peer: str, entries: list[Entry]) -> None:
-        """PutRecords in batches; retry only the entries that failed, with capped backoff."""
+    async def _put(self, peer: str, outgoing: list[tuple[Entry, Letter]]) -> None:
+        """PutRecords to `peer` in batches within Kinesis' limits."""
+        pending = iter(outgoing)
+        for batch in plan_batches(entry for entry, _ in outgoing):
+            await self._send(peer, [next(pending) for _ in batch])
+
+    async def _send(self, peer: str, batch: list[tuple[Entry, Letter]]) -> None:
+        """Put `batch` on the peer's stream until every entry is accepted or dead-lettered.
+
+        Only the entries the peer did not accept are sent again. A call that fails for the peer
+        (outage, throttling, a refused key, a missing stream) is retried until it passes; one
+        the peer refuses for its content (invalid, or an unknown error) is split into single
+        entries, and an entry refused on its own goes the per-record way (retry.py).
+        """
         client, stream = self.peers[peer]
         reachable = self.metrics.peer_reachable.labels(peer)
-        for batch in plan_batches(entries):
-            attempt = 0
-            while batch:
-                try:
-                    result = await self.aws.call(
-                        "kinesis", "put_records", client=client, StreamName=stream,
-                        Records=[{"Data": e.data, "PartitionKey": e.partition_key} for e in batch],
-                    )
-                except ReplicatorError as exc:
-                    reachable.set(0)
-                    failed, reason = batch, exc.kind
-                    detail = str(exc)
-                else:
-                    reachable.set(1)
-                    failed = [e for e, r in zip(batch, result["Records"], strict=True) if r.get("ErrorCode")]
-                    codes = {r["ErrorCode"] for r in result["Records"] if r.get("ErrorCode")}
-                    reason = "throttled" if "ProvisionedThroughputExceededException" in codes else "put_failed"
-                    detail = ", ".join(sorted(codes))
-                    sent = len(batch) - len(failed)
-                    self.metrics.records_forwarded.labels(self.pair, peer).inc(sent)
-                if not failed:
-                    break
+        attempt = 0
+        while batch:
+            try:
+                result = await self.aws.call(
+                    "kinesis", "put_records", client=client, StreamName=stream,
+                    Records=[{"Data": e.data, "PartitionKey": e.partition_key} for e, _ in batch],
+                )
+            except ReplicatorError as exc:
                 attempt += 1
-                self.metrics.errors.labels("forwarder", reason).inc()
-                log.warning("forwarder %s -> %s: %d of %d records not accepted (%s); retry %d",
-                            self.pair, peer, len(failed), len(batch), detail, attempt)
-                batch = failed
-                if await sleep_or_stop(self.stop, backoff_s(attempt, self.tuning)):
-                    raise Abandoned
+                if not isinstance(exc, PEER_TROUBLE):
+                    reachable.set(1)  # it answered
+                    if len(batch) > 1:
+                        await run_together(self._send_one(peer, item) for item in batch)
+                        return
+                    entry, letter = batch[0]
+                    if verdict(exc, attempt, time.time() - letter.created_s, self.tuning) is Verdict.DEAD_LETTER:
+                        self.metrics.errors.labels("forwarder", reason_of(exc)).inc()
+                        await self.retry.dead_letter(reason_of(exc), f"put to {peer}: {exc}", letter)
+                        return
+                else:
+                    reachable.set(0)
+                reason, detail, failed = exc.kind, str(exc), len(batch)
+            else:
+                reachable.set(1)
+                kept = [item for item, r in zip(batch, result["Records"], strict=True) if r.get("ErrorCode")]
+                codes = {r["ErrorCode"] for r in result["Records"] if r.get("ErrorCode")}
+                self.metrics.records_forwarded.labels(self.pair, peer).inc(len(batch) - len(kept))
+                if not kept:
+                    return
+                attempt += 1
+                reason = "throttled" if "ProvisionedThroughputExceededException" in codes else "put_failed"
+                detail, failed, batch = ", ".join(sorted(codes)), len(kept), kept
+            self.metrics.errors.labels("forwarder", reason).inc()
+            log.warning("forwarder %s -> %s: %d records not accepted (%s); retry %d",
+                        self.pair, peer, failed, detail, attempt)
+            if await sleep_or_stop(self.stop, backoff_s(attempt, self.tuning)):
+                raise Abandoned
+
+    async def _send_one(self, peer: str, item: tuple[Entry, Letter]) -> None:
+        async with self.limit:
+            await self._send(peer, [item])

@@ -10,12 +10,14 @@ import base64
 import binascii
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Sequence
+import math
+import reprlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
 
-from replicatord.conflict import OP_NAMES, OPS, Item, Version, parse_timestamp
+from replicatord.conflict import OP_NAMES, OPS, Item, Version, parse_number
 
 SCHEMA_VERSION = 1
 
@@ -23,6 +25,14 @@ SCHEMA_VERSION = 1
 MAX_BATCH_RECORDS = 500
 MAX_BATCH_BYTES = 5 * 1024 * 1024
 MAX_RECORD_BYTES = 1024 * 1024
+
+# Decoding bounds, from DynamoDB's own: M and L nest at most 32 levels, an attribute name is at
+# most 64 KB. Text fields (pair, region, origin, sequence number) are short in every valid record.
+MAX_DEPTH = 32
+MAX_NAME_CHARS = 65535
+MAX_FIELD_CHARS = 256
+MAX_INT_DIGITS = 20
+MAX_EPOCH_S = 10**11
 
 Op = Literal["PUT", "DELETE"]
 
@@ -73,65 +83,142 @@ def item_to_json(item: Item, path: str = "item") -> dict[str, Any]:
     return {name: _value_to_json(value, f"{path}.{name}") for name, value in item.items()}
 
 
-def _b64(text: Any, path: str) -> bytes:
+class _Invalid(Exception):
+    """A bad attribute value; the path to it is collected while the walk unwinds (so the
+    success path builds no strings)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.path: list[str] = []
+
+    def record_error(self, root: str) -> RecordError:
+        return RecordError(f"{root}{''.join(reversed(self.path))}: {self.reason}")
+
+
+def shown(value: Any) -> str:
+    """A bounded, printable rendering of a value from a record, for reasons and logs."""
+    return _REPR.repr(value)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+
+
+def _name(name: str) -> str:
+    return name if len(name) <= 60 and name.isprintable() else shown(name)
+
+
+def _text(value: str) -> str:
+    """`value` if it is valid Unicode: JSON escapes can carry lone surrogates, which no UTF-8
+    encoder (DynamoDB's, SQS's, ours) takes."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _Invalid("not valid Unicode (lone surrogate)") from None
+    return value
+
+
+def _b64(text: Any) -> bytes:
+    """Strict base64: the alphabet, padding, and the one canonical spelling of the bytes."""
     if not isinstance(text, str):
-        raise RecordError(f"{path}: binary must be a base64 string")
+        raise _Invalid("binary must be a base64 string")
+    if not text.isascii():
+        raise _Invalid("invalid base64")
     try:
-        return base64.b64decode(text, validate=True)
+        raw = base64.b64decode(text, validate=True)
     except binascii.Error:
-        raise RecordError(f"{path}: invalid base64") from None
+        raise _Invalid("invalid base64") from None
+    if base64.b64encode(raw) != text.encode("ascii"):
+        raise _Invalid("invalid base64 (not canonical)")
+    return raw
 
 
-def _str_list(inner: Any, path: str) -> list[str]:
-    if not isinstance(inner, list) or not all(isinstance(s, str) for s in inner):
-        raise RecordError(f"{path}: expected a list of strings")
-    return inner
+def _number(text: Any) -> str:
+    if parse_number(text) is None:
+        raise _Invalid("N must be a number DynamoDB stores, in a string")
+    return str(text)
 
 
-def _value_from_json(value: Any, path: str) -> Any:
+def _set(inner: Any, member: Callable[[Any], Any], key: Callable[[Any], Any] = lambda m: m) -> list[Any]:
+    """A DynamoDB set: a non-empty list without duplicates."""
+    if not isinstance(inner, list) or not all(isinstance(m, str) for m in inner):
+        raise _Invalid("expected a list of strings")
+    if not inner:
+        raise _Invalid("a set cannot be empty")
+    members = [member(m) for m in inner]
+    if len({key(m) for m in members}) != len(members):
+        raise _Invalid("a set cannot hold duplicates")
+    return members
+
+
+def _value_from_json(value: Any, depth: int) -> Any:
     if not isinstance(value, dict) or len(value) != 1:
-        raise RecordError(f"{path}: not a DynamoDB attribute value")
+        raise _Invalid("not a DynamoDB attribute value")
     (kind, inner), = value.items()
     if kind == "S":
         if not isinstance(inner, str):
-            raise RecordError(f"{path}: S must be a string")
-        return {"S": inner}
+            raise _Invalid("S must be a string")
+        return {"S": _text(inner)}
     if kind == "N":
-        if parse_timestamp(inner) is None:
-            raise RecordError(f"{path}: N must be a number in a string")
-        return {"N": inner}
+        return {"N": _number(inner)}
     if kind == "B":
-        return {"B": _b64(inner, path)}
+        return {"B": _b64(inner)}
     if kind == "SS":
-        return {kind: _str_list(inner, path)}
+        return {"SS": _set(inner, _text)}
     if kind == "NS":
-        numbers = _str_list(inner, path)
-        if any(parse_timestamp(n) is None for n in numbers):
-            raise RecordError(f"{path}: NS members must be numbers in strings")
-        return {kind: numbers}
+        return {"NS": _set(inner, _number, key=Decimal)}
     if kind == "BS":
-        return {"BS": [_b64(b, path) for b in _str_list(inner, path)]}
+        return {"BS": _set(inner, _b64)}
     if kind == "BOOL":
         if not isinstance(inner, bool):
-            raise RecordError(f"{path}: BOOL must be true or false")
+            raise _Invalid("BOOL must be true or false")
         return {"BOOL": inner}
     if kind == "NULL":
         if inner is not True:
-            raise RecordError(f"{path}: NULL must be true")
+            raise _Invalid("NULL must be true")
         return {"NULL": True}
+    if kind in ("L", "M") and depth >= MAX_DEPTH:
+        raise _Invalid(f"nested deeper than DynamoDB's {MAX_DEPTH} levels")
     if kind == "L":
         if not isinstance(inner, list):
-            raise RecordError(f"{path}: L must be a list")
-        return {"L": [_value_from_json(v, f"{path}[{i}]") for i, v in enumerate(inner)]}
+            raise _Invalid("L must be a list")
+        values = []
+        for i, member in enumerate(inner):
+            try:
+                values.append(_value_from_json(member, depth + 1))
+            except _Invalid as exc:
+                exc.path.append(f"[{i}]")
+                raise
+        return {"L": values}
     if kind == "M":
-        return {"M": item_from_json(inner, path)}
-    raise RecordError(f"{path}: unknown attribute type {kind!r}")
+        return {"M": _map_from_json(inner, depth + 1)}
+    raise _Invalid(f"unknown attribute type {shown(kind)}")
+
+
+def _map_from_json(data: Any, depth: int) -> Item:
+    if not isinstance(data, dict):
+        raise _Invalid("expected an attribute map")
+    item = {}
+    for name, value in data.items():
+        try:
+            if not name or len(name) > MAX_NAME_CHARS or len(_text(name).encode()) > MAX_NAME_CHARS:
+                raise _Invalid(f"attribute names are 1 to {MAX_NAME_CHARS} bytes")
+            item[name] = _value_from_json(value, depth)
+        except _Invalid as exc:
+            exc.path.append(f".{_name(name)}")
+            raise
+    return item
 
 
 def item_from_json(data: Any, path: str = "item") -> Item:
-    if not isinstance(data, dict):
-        raise RecordError(f"{path}: expected an attribute map")
-    return {str(name): _value_from_json(value, f"{path}.{name}") for name, value in data.items()}
+    """An attribute map in the record's JSON form as botocore wants it; RecordError naming the
+    path of the first bad value."""
+    try:
+        return _map_from_json(data, 0)
+    except _Invalid as exc:
+        raise exc.record_error(path) from None
 
 
 # --- records ------------------------------------------------------------------------------
@@ -165,10 +252,44 @@ def _field(doc: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any
     return value
 
 
-def decode_record(data: bytes) -> ReplicationRecord:
-    """Parse and validate a payload; raise RecordError with the reason if it is not one."""
+def _text_field(doc: dict[str, Any], name: str) -> str:
+    value: str = _field(doc, name, str)
+    if not 0 < len(value) <= MAX_FIELD_CHARS:
+        raise RecordError(f"field {name!r}: 1 to {MAX_FIELD_CHARS} characters")
     try:
-        doc = json.loads(data)
+        return _text(value)
+    except _Invalid as exc:
+        raise RecordError(f"field {name!r}: {exc.reason}") from None
+
+
+def _json_int(text: str) -> int:
+    if len(text) > MAX_INT_DIGITS:  # Python refuses int() of over 4,300 digits with a ValueError
+        raise RecordError(f"not JSON v1: an integer of {len(text)} digits")
+    return int(text)
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise RecordError(f"not JSON v1: {shown(text)} is out of range")
+    return value
+
+
+def _json_constant(text: str) -> Any:
+    raise RecordError(f"not JSON v1: {text} is not a JSON number")
+
+
+def decode_record(data: bytes) -> ReplicationRecord:
+    """Parse and validate a payload; raise RecordError with the reason if it is not one.
+
+    Every input either decodes or raises RecordError, in time linear in its size: the size, the
+    nesting, numbers, base64 and Unicode are bounded the way Kinesis and DynamoDB bound them.
+    """
+    if len(data) > MAX_RECORD_BYTES:
+        raise RecordError(f"record of {len(data)} bytes exceeds Kinesis' {MAX_RECORD_BYTES}")
+    try:
+        text = data.decode("utf-8")
+        doc = json.loads(text, parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RecordError(f"not JSON: {exc}") from None
     except RecursionError:
@@ -176,10 +297,10 @@ def decode_record(data: bytes) -> ReplicationRecord:
     if not isinstance(doc, dict):
         raise RecordError("not a JSON object")
     if type(doc.get("v")) is not int or doc.get("v") != SCHEMA_VERSION:
-        raise RecordError(f"unsupported record version {doc.get('v')!r}")
+        raise RecordError(f"unsupported record version {shown(doc.get('v'))}")
     op = _field(doc, "op", str)
     if op not in OPS:
-        raise RecordError(f"unknown op {op!r}")
+        raise RecordError(f"unknown op {shown(op)}")
     keys = item_from_json(_field(doc, "keys", dict), "keys")
     if not keys:
         raise RecordError("keys: empty")
@@ -188,23 +309,25 @@ def decode_record(data: bytes) -> ReplicationRecord:
         image = item_from_json(_field(doc, "image", dict), "image")
         for name, value in keys.items():
             if image.get(name) != value:
-                raise RecordError(f"image: key attribute {name!r} missing or different")
+                raise RecordError(f"image: key attribute {shown(name)} missing or different")
     version = _field(doc, "version", dict)
-    ts = parse_timestamp(_field(version, "ts", str))
+    ts = parse_number(_field(version, "ts", str))
     if ts is None:
         raise RecordError("version.ts: not a number")
     vop = _field(version, "op", str)
     if vop != op:
         raise RecordError("version.op does not match op")
     created = _field(doc, "created", (int, float))
+    if not 0 <= created < MAX_EPOCH_S:
+        raise RecordError("field 'created': not a time in epoch seconds")
     return ReplicationRecord(
         op=op,
-        pair=_field(doc, "pair", str),
+        pair=_text_field(doc, "pair"),
         keys=keys,
         image=image,
-        version=Version(ts, OPS[vop], _field(version, "region", str)),
-        origin=_field(doc, "origin", str),
-        sequence_number=_field(doc, "seq", str),
+        version=Version(ts, OPS[vop], _text_field(version, "region")),
+        origin=_text_field(doc, "origin"),
+        sequence_number=_text_field(doc, "seq"),
         approximate_creation_time=float(created),
     )
 

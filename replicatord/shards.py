@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import dataclass, replace
@@ -22,15 +21,11 @@ from replicatord.errors import ExpiredIterator, InvalidRequest, LeaseLost, Repli
 from replicatord.leases import HeldLease, LeaseTable, shard_of
 from replicatord.metrics import Metrics
 from replicatord.records import creation_seconds
+from replicatord.retry import Abandoned, backoff_s, sleep_or_stop
 
 log = logging.getLogger(__name__)
 
 RELEASE_TIMEOUT_S = 2.0
-
-
-@dataclass(frozen=True)
-class Abandoned(Exception):
-    """Shutdown came while a page was still failing: it is left to be replayed from the checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -44,21 +39,6 @@ class Page:
     records: list[dict[str, Any]]
     next_iterator: str | None
     behind_s: float = 0.0  # Kinesis MillisBehindLatest, when the page is empty
-
-
-def backoff_s(attempt: int, tuning: Tuning) -> float:
-    """Capped exponential backoff with full jitter."""
-    cap = min(tuning.backoff_max_ms, tuning.backoff_base_ms * 2 ** min(attempt, 20)) / 1000
-    return random.uniform(cap / 2, cap)
-
-
-async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
-    """Wait `seconds` or until `stop` is set; True if stopping."""
-    try:
-        await asyncio.wait_for(stop.wait(), seconds)
-    except TimeoutError:
-        return False
-    return True
 
 
 async def run_together(coroutines: Iterable[Coroutine[Any, Any, None]]) -> None:
@@ -186,7 +166,8 @@ class KinesisSource:
 
 class Processor(Protocol):
     async def process(self, shard_id: str, records: list[dict[str, Any]]) -> None:
-        """Deliver every record downstream or raise; the page is retried until it succeeds."""
+        """Handle every record of the page: delivered downstream, skipped, or dead-lettered.
+        Failures of single records are retried inside (retry.py); Abandoned if stopping."""
         ...
 
 
@@ -232,6 +213,10 @@ class ShardWorker:
         except Abandoned:
             log.info("%s %s: shard %s: page in flight abandoned at shutdown; it will be replayed",
                      pipeline, self.pair, self.shard_id)
+        except Exception:  # noqa: BLE001 - a bug must cost one shard a restart, never the daemon
+            self.metrics.errors.labels(pipeline, "internal_error").inc()
+            log.exception("%s %s: shard %s: worker failed; its lease is released and taken again",
+                          pipeline, self.pair, self.shard_id)
         finally:
             self.metrics.forget_shard(self.pair, pipeline, self.shard_id)
             if release:
@@ -305,13 +290,18 @@ class ShardWorker:
             try:
                 await self.processor.process(self.shard_id, records)
                 break
-            except LeaseLost:
+            except (LeaseLost, Abandoned):
                 raise
-            except ReplicatorError as exc:
+            except Exception as exc:  # noqa: BLE001 - records fail one by one inside; this is a bug
+                # The processor handles every record's failure itself; what reaches here failed
+                # outside any record. Run the page again rather than end the daemon.
                 attempt += 1
-                self.metrics.errors.labels(pipeline, exc.kind).inc()
-                log.warning("%s %s: shard %s: page of %d records failed: %s (retry %d)",
-                            pipeline, self.pair, self.shard_id, len(records), exc, attempt)
+                kind = exc.kind if isinstance(exc, ReplicatorError) else "internal_error"
+                self.metrics.errors.labels(pipeline, kind).inc()
+                log.error(  # noqa: TRY400 - a traceback only for what is not an AWS error
+                    "%s %s: shard %s: page of %d records failed: %s (retry %d)",
+                          pipeline, self.pair, self.shard_id, len(records), exc, attempt,
+                          exc_info=not isinstance(exc, ReplicatorError))
                 if await sleep_or_stop(self.stop, backoff_s(attempt, self.tuning)):
                     raise Abandoned from None
         newest = self.source.created_s(records[-1])

@@ -15,7 +15,7 @@ from decimal import Decimal
 from typing import Any
 
 from replicatord.aws import Aws
-from replicatord.conflict import DELETE, Item, Version, parse_timestamp
+from replicatord.conflict import DELETE, Item, Version, parse_number
 from replicatord.errors import ConditionFailed, Throttled
 from replicatord.records import item_to_json, partition_key
 
@@ -100,8 +100,8 @@ class TombstoneTable:
 
 
 def _version(item: dict[str, Any], now: float) -> Version | None:
-    ts = parse_timestamp(item.get("ts", {}).get("N"))
-    expires = parse_timestamp(item.get(EXPIRES_AT, {}).get("N"))
+    ts = parse_number(item.get("ts", {}).get("N"))
+    expires = parse_number(item.get(EXPIRES_AT, {}).get("N"))
     region = item.get("region", {}).get("S")
     if ts is None or not isinstance(region, str) or (expires is not None and expires < Decimal(str(now))):
         return None

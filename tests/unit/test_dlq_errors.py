@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ParamValidationError
 
-from replicatord.dlq import fit_body
+from replicatord.dlq import bodies
 from replicatord.errors import (
     AccessDenied,
     ConditionFailed,
@@ -17,19 +18,41 @@ from replicatord.errors import (
     Throttled,
     Transient,
     TrimmedData,
+    Unclassified,
     Unreachable,
     classify,
 )
 
+PAYLOADS = {
+    "text_large": "x" * 400_000,
+    "text_escapes": '"\\' * 200_000,
+    "text_controls": "\u0001" * 100_000,
+    "text_cjk": "\u77ed" * 300_000,
+    "text_surrogate": "ok \ud800 then",
+    "text_small": "ok",
+    "bytes_mib": bytes(range(256)) * 4096,
+    "bytes_small": b"\x00\xff",
+    "bytes_empty": b"",
+}
 
-@pytest.mark.parametrize("payload", ["x" * 400_000, '"\\' * 200_000, "\u0001" * 100_000, "短" * 300_000, "ok"])
-def test_dead_letter_body_fits_the_sqs_limit(payload: str) -> None:
-    body = fit_body({"reason": "r", "detail": "d"}, payload, limit=256 * 1024)
-    assert len(body.encode()) <= 256 * 1024
-    doc = json.loads(body)
-    assert payload.startswith(doc["payload"])
-    assert doc["truncated"] is (doc["payload"] != payload)
-    assert len(doc["payload"]) > 0
+
+@pytest.mark.parametrize("payload", list(PAYLOADS.values()), ids=list(PAYLOADS))
+@pytest.mark.parametrize("limit", [256 * 1024, 1024 * 1024, 8 * 1024])
+def test_dead_letter_bodies_fit_and_give_the_record_back_whole(payload: bytes | str, limit: int) -> None:
+    sent = bodies({"reason": "r", "detail": "d"}, payload, limit=limit)
+    docs = [json.loads(body) for body in sent]
+    for body in sent:
+        assert body.isascii() and len(body) <= limit  # SQS takes any ASCII; bytes == characters
+    assert [d["part"] for d in docs] == list(range(1, len(sent) + 1))
+    assert {d["parts"] for d in docs} == {len(sent)} and len({d["letter_id"] for d in docs}) == 1
+    joined = "".join(d["payload"] for d in docs)
+    if docs[0]["encoding"] == "text":
+        assert len(sent) == 1 and joined == payload
+    else:
+        raw = base64.b64decode(joined)
+        assert raw == (payload if isinstance(payload, bytes) else payload.encode("utf-8", "surrogatepass"))
+    # The same record gives the same letter id: a part sent twice is recognisably the same.
+    assert bodies({"reason": "r", "detail": "d"}, payload, limit=limit)[0] == sent[0]
 
 
 def _client_error(code: str, status: int = 400, **extra: object) -> ClientError:
@@ -49,11 +72,16 @@ def _client_error(code: str, status: int = 400, **extra: object) -> ClientError:
         ("AccessDeniedException", AccessDenied, False),
         ("ValidationException", InvalidRequest, False),
         ("InternalServerError", Transient, True),
-        ("ItemCollectionSizeLimitExceededException", Transient, True),  # unknown: retried, not dead-lettered
+        ("ItemCollectionSizeLimitExceededException", InvalidRequest, False),
+        ("UnrecognizedClientException", AccessDenied, False),
+        ("TransactionConflictException", Transient, True),
+        ("SomeFutureException", Unclassified, True),  # unknown: retried a bounded number of times
+        ("SomeFutureException/500", Transient, True),  # unknown, but the server says it failed
     ],
 )
 def test_error_codes(code: str, expected: type, retriable: bool) -> None:
-    typed = classify(_client_error(code))
+    code, _, status = code.partition("/")
+    typed = classify(_client_error(code, int(status or 400)))
     assert type(typed) is expected
     assert typed.retriable is retriable
     assert code in str(typed)
