@@ -194,15 +194,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(st)
     st.set_defaults(func=cmd_status)
 
+    # Their help works without the extra (it is what tells a production host the extra is needed).
+    needs_local = "Needs the 'local' extra: pip install 'replicatord[local]'."
     ld = sub.add_parser(
         "load",
         help="write test items (compatible with the sample's load_items.py; needs the 'local' extra)",
+        description="Write test items, like the original sample's load_items.py. " + needs_local,
     )
     add_load_arguments(ld)
     ld.set_defaults(func=cmd_load)
 
     demo = sub.add_parser(
-        "demo", help="two emulated regions, two daemons, load both ways, verify (needs the 'local' extra)"
+        "demo",
+        help="two emulated regions, two daemons, load both ways, verify (needs the 'local' extra)",
+        description="Two emulated regions, two daemons, a load both ways, then a comparison. " + needs_local,
     )
     demo.add_argument("--items", type=int, default=1000, help="items loaded into each region")
     demo.add_argument("--processes", type=int, default=2, help="loader processes per region")
