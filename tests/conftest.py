@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from replicatord.tools import emulators
 from replicatord.tools.local import (
@@ -25,6 +26,12 @@ from replicatord.tools.local import (
     topology_document,
     write_topology,
 )
+
+# Property-based tests: CI's share by default; scripts/fuzz.sh runs the long profile.
+settings.register_profile("default", max_examples=200)
+settings.register_profile("fuzz", max_examples=int(os.environ.get("FUZZ_EXAMPLES", "20000")),
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture(autouse=True)

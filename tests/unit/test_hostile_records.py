@@ -1,8 +1,8 @@
 """Hostile and malformed replication records (issue 7): every payload decodes to a valid record or
 raises RecordError with a reason, in time linear in its size, and what decodes encodes again.
 
-The Hypothesis profile sets the volume: `HYPOTHESIS_PROFILE=fuzz` (scripts/fuzz.sh) runs many more
-examples than CI's default.
+The Hypothesis profile sets the volume (tests/conftest.py): `HYPOTHESIS_PROFILE=fuzz`
+(scripts/fuzz.sh) runs many more examples than CI's default.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from replicatord.conflict import PUT, Version, parse_number
@@ -126,11 +126,6 @@ def test_limits_are_dynamodbs_own() -> None:
 
 # --- property-based ------------------------------------------------------------------------
 
-settings.register_profile("default", max_examples=300, deadline=DECODE_BOUND_S * 1000)
-settings.register_profile("fuzz", max_examples=20_000, deadline=DECODE_BOUND_S * 1000,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile("default")
-
 # Text with everything JSON can carry: control characters, astral planes and lone surrogates.
 any_text = st.text(st.characters(min_codepoint=0, max_codepoint=0x10FFFF, exclude_categories=()), max_size=40)
 json_leaf = st.one_of(
@@ -186,11 +181,13 @@ def dumps(doc: Any) -> bytes:
 
 
 @given(st.binary(max_size=2048))
+@settings(deadline=DECODE_BOUND_S * 1000)
 def test_any_bytes(payload: bytes) -> None:
     decodes_or_refuses(payload)
 
 
 @given(any_json)
+@settings(deadline=DECODE_BOUND_S * 1000)
 def test_any_json_document(doc: Any) -> None:
     decodes_or_refuses(dumps(doc))
 
@@ -200,6 +197,7 @@ FIELDS = ["v", "op", "pair", "keys", "image", "version", "origin", "seq", "creat
 
 
 @given(st.lists(st.tuples(st.sampled_from(FIELDS), st.one_of(any_json, attribute_values())), max_size=4))
+@settings(deadline=DECODE_BOUND_S * 1000)
 def test_valid_record_with_fields_replaced(changes: list[tuple[str, Any]]) -> None:
     doc = valid_doc()
     for path, value in changes:
@@ -213,6 +211,7 @@ def test_valid_record_with_fields_replaced(changes: list[tuple[str, Any]]) -> No
 
 
 @given(st.dictionaries(any_text, attribute_values(), max_size=6))
+@settings(deadline=DECODE_BOUND_S * 1000)
 def test_images_of_adversarial_attribute_values(extra: dict[str, Any]) -> None:
     doc = valid_doc()
     doc["image"].update({name: value for name, value in extra.items() if name != "PK"})
@@ -223,6 +222,7 @@ def test_images_of_adversarial_attribute_values(extra: dict[str, Any]) -> None:
 
 @given(st.sampled_from(["1", "9.", "[", '{"M":{"a":', '{"L":[', "\\u00e9", "\\ud800"]),
        st.integers(min_value=1, max_value=200_000))
+@settings(deadline=DECODE_BOUND_S * 1000)
 def test_long_repetitions_stay_linear(unit: str, times: int) -> None:
     """Repeated fragments in every field that has a parser of its own."""
     for path in ("image.n", "created", "version.ts", "image.x", "pair"):

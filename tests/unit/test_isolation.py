@@ -262,7 +262,7 @@ hostile = st.one_of(
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(deadline=None)
 @given(st.lists(st.one_of(
     st.builds(lambda n: ("ok", n), valid_names),
     st.builds(lambda b: ("hostile", b), hostile),
