@@ -9,6 +9,7 @@ shard worker finishes or abandons its page, checkpoints and releases its lease, 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -50,6 +51,20 @@ def sd_notify(message: str) -> None:
             log.warning("cannot notify systemd: %s", exc)
 
 
+PR_SET_DUMPABLE = 4
+
+
+def forbid_core_dumps() -> bool:
+    """Make this process non-dumpable (Linux prctl): no core file, and no ptrace or /proc/<pid>/mem
+    reads by other processes of the same user, so the peer's secret key stays in this process
+    whatever the host's core handler does with LimitCORE. False where prctl is not available."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
 @dataclass(frozen=True)
 class PairPlan:
     name: str
@@ -72,6 +87,8 @@ class Daemon:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def run(self) -> None:
+        if not forbid_core_dumps():
+            log.warning("cannot make the process non-dumpable (prctl); rely on LimitCORE=0")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)

@@ -29,6 +29,7 @@ MAX_RECORD_BYTES = 1024 * 1024
 # Decoding bounds, from DynamoDB's own: M and L nest at most 32 levels, an attribute name is at
 # most 64 KB. Text fields (pair, region, origin, sequence number) are short in every valid record.
 MAX_DEPTH = 32
+MAX_ITEM_BYTES = 400 * 1024
 MAX_NAME_CHARS = 65535
 MAX_FIELD_CHARS = 256
 MAX_INT_DIGITS = 20
@@ -212,6 +213,32 @@ def _map_from_json(data: Any, depth: int) -> Item:
     return item
 
 
+def item_size_floor(item: Item) -> int:
+    """A lower bound of an item's size as DynamoDB counts it: names, strings and binaries (numbers
+    and type overheads left out, so an item DynamoDB accepts is never refused by this bound)."""
+    size = 0
+    for name, value in item.items():
+        size += len(name.encode()) + _value_size_floor(value)
+    return size
+
+
+def _value_size_floor(value: dict[str, Any]) -> int:
+    (kind, inner), = value.items()
+    if kind == "S":
+        return len(inner.encode())
+    if kind == "B":
+        return len(inner)
+    if kind == "SS":
+        return sum(len(m.encode()) for m in inner)
+    if kind == "BS":
+        return sum(len(m) for m in inner)
+    if kind == "L":
+        return sum(_value_size_floor(v) for v in inner)
+    if kind == "M":
+        return item_size_floor(inner)
+    return 0
+
+
 def item_from_json(data: Any, path: str = "item") -> Item:
     """An attribute map in the record's JSON form as botocore wants it; RecordError naming the
     path of the first bad value."""
@@ -307,6 +334,10 @@ def decode_record(data: bytes) -> ReplicationRecord:
     image = None
     if op == "PUT":
         image = item_from_json(_field(doc, "image", dict), "image")
+        # An image is never larger than its JSON, so only a large payload can hold one DynamoDB
+        # refuses: refuse it here, before the request is built on the event loop and sent.
+        if len(data) > MAX_ITEM_BYTES and (size := item_size_floor(image)) > MAX_ITEM_BYTES:
+            raise RecordError(f"image: an item of at least {size} bytes exceeds DynamoDB's {MAX_ITEM_BYTES}")
         for name, value in keys.items():
             if image.get(name) != value:
                 raise RecordError(f"image: key attribute {shown(name)} missing or different")

@@ -28,7 +28,7 @@ CN, SG = REGIONS
 # The review's dozen, and more: each of these used to end the daemon or block its shard.
 CHOSEN = ["created_5000_digit_int", "v_5000_digit_int", "B_non_ascii", "BS_non_ascii", "M_nested_400",
           "S_lone_surrogate", "name_lone_surrogate", "N_quadratic_pattern", "created_nan", "utf16_json",
-          "invalid_utf8", "NS_duplicates", "array_bomb", "kind_huge"]
+          "invalid_utf8", "NS_duplicates", "array_bomb", "kind_huge", "image_over_400_kb"]
 
 
 def refused_writes() -> dict[str, bytes]:
@@ -40,7 +40,10 @@ def refused_writes() -> dict[str, bytes]:
 
     return {
         "key_of_the_wrong_type": record({"PK": {"N": "42"}}),
-        "item_over_400_kb": record({"PK": {"S": "too-big"}}, blob={"S": "x" * 420_000}),
+        "empty_key_string": record({"PK": {"S": ""}}),
+        # Under the decoder's floor (names, strings, binaries) but over 400 KB with the rest.
+        "item_just_over_400_kb": record({"PK": {"S": "too-big"}}, blob={"S": "x" * 409_000},
+                                        **{f"n{i}": {"N": "1" * 38} for i in range(100)}),
     }
     # Not here: a DELETE whose key has the wrong type. AWS refuses its conditional update with a
     # ValidationException; moto 5.2.5 does not check key types on UpdateItem (the condition just

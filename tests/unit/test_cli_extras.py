@@ -58,3 +58,12 @@ def test_load_without_its_extra_says_so_in_one_line(
         "error: 'replicatord load' needs the 'local' extra (replicatord_no_such_module not installed): "
         "pip install 'replicatord[local]'\n"
     )
+
+
+def test_the_daemon_makes_itself_non_dumpable() -> None:
+    """No core file and no ptrace by same-user processes: the peer secret stays in the process."""
+    script = ("import ctypes; from replicatord.daemon import forbid_core_dumps; "
+              "before = ctypes.CDLL(None).prctl(3, 0, 0, 0, 0); ok = forbid_core_dumps(); "
+              "print(before, ok, ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["1", "True", "0"]

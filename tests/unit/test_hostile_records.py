@@ -96,6 +96,8 @@ HOSTILE = {
     "op_huge": raw("op", '"' + "P" * 200_000 + '"'),
     "v_deep_list": raw("v", "[" * 900 + "]" * 900),
     "oversized": raw("image.big", '{"S": "' + "x" * MAX_RECORD_BYTES + '"}'),
+    # DynamoDB refuses it anyway: refused before a request is built for it.
+    "image_over_400_kb": raw("image.big", '{"B": "' + base64.b64encode(b"\x00" * 420_000).decode() + '"}'),
     "array_bomb": b"[" * MAX_RECORD_BYTES,
     "seq_empty": raw("seq", '""'),
     "pair_too_long": raw("pair", '"' + "p" * 10_000 + '"'),
