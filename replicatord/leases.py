@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import time
 from collections import Counter
@@ -22,6 +23,8 @@ from typing import Any
 
 from replicatord.aws import Aws
 from replicatord.errors import ConditionFailed, LeaseLost
+
+log = logging.getLogger(__name__)
 
 ACTIVE = "active"
 FINISHED = "finished"
@@ -151,7 +154,13 @@ class LeaseTable:
         kwargs: dict[str, Any] = {"TableName": self.table, "ConsistentRead": True}
         while True:
             page = await self.aws.call("dynamodb", "scan", **kwargs)
-            leases.extend(from_item(i) for i in page.get("Items", []) if i[LEASE_KEY]["S"].startswith(prefix))
+            for item in page.get("Items", []):
+                try:
+                    if item[LEASE_KEY]["S"].startswith(prefix):
+                        leases.append(from_item(item))
+                except (KeyError, TypeError, ValueError, AttributeError):
+                    # Edited by hand or by another tool: one bad item must not stop every shard.
+                    log.warning("lease table %s: ignoring a malformed item: %.200r", self.table, item)
             if "LastEvaluatedKey" not in page:
                 return leases
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]

@@ -88,6 +88,9 @@ class Pipeline:
                     except ReplicatorError as exc:
                         self.metrics.errors.labels(self.source.pipeline, exc.kind).inc()
                         log.warning("%s: lease cycle failed: %s", self.name, exc)
+                    except Exception:  # noqa: BLE001 - e.g. a lease item edited by hand: next cycle
+                        self.metrics.errors.labels(self.source.pipeline, "internal_error").inc()
+                        log.exception("%s: lease cycle failed", self.name)
                     gauge.set(self.held)
         finally:
             gauge.set(0)
@@ -171,8 +174,9 @@ class Pipeline:
                     await self.leases.renew(held)
                 except LeaseLost:
                     self._lost(key, task, "taken by another instance")
-                except ReplicatorError as exc:
-                    self.metrics.errors.labels(self.source.pipeline, exc.kind).inc()
+                except Exception as exc:  # noqa: BLE001 - a renewal that fails is judged by its age
+                    kind = exc.kind if isinstance(exc, ReplicatorError) else "internal_error"
+                    self.metrics.errors.labels(self.source.pipeline, kind).inc()
                     if time.monotonic() - held.renewed_at >= self.tuning.failover_s:
                         # Others may already consider it expired: stop before they take it.
                         self._lost(key, task, f"not renewed for {self.tuning.failover_s:.0f}s ({exc})")

@@ -200,3 +200,33 @@ async def test_a_trimmed_checkpoint_is_reported_and_reading_restarts_at_the_olde
     assert recorder2.seen == [("s", 51), ("s", 52)]
     assert metrics.registry.get_sample_value(
         "replicatord_checkpoint_trimmed_total", {"pair": "user", "pipeline": "applier"}) == 1
+
+
+class Flaky(Recorder):
+    """A processor with a bug that shows once per shard: the pipeline must survive it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed: set[str] = set()
+
+    async def process(self, shard_id: str, records: list[dict[str, Any]]) -> None:
+        if shard_id not in self.failed:
+            self.failed.add(shard_id)
+            raise RuntimeError("a bug that is not an AWS error")
+        await super().process(shard_id, records)
+
+
+async def test_a_malformed_lease_item_and_a_processor_bug_do_not_stop_the_pipeline(lease_env: Any) -> None:
+    aws, settings, metrics = lease_env
+    fake = FakeKinesis({"s": {"records": [1, 2, 3]}})
+    stop = asyncio.Event()
+    pipeline, _, leases = _pipeline(aws, settings, metrics, fake, stop)
+    flaky = Flaky()
+    pipeline.processor = flaky
+    await aws.call("dynamodb", "put_item", TableName=settings.me.lease_table, Item={
+        "lease_key": {"S": lease_key("applier", pipeline.source.stream, "hand-edited")},
+        "counter": {"S": "not a number"}})
+    await _run_until(pipeline, stop, lambda: ("s", 3) in flaky.seen)
+    assert flaky.seen == [("s", 1), ("s", 2), ("s", 3)]  # the page ran again after the bug, once
+    assert metrics.registry.get_sample_value(
+        "replicatord_errors_total", {"pipeline": "applier", "type": "internal_error"}) == 1
