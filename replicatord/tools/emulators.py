@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -23,6 +24,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 LOCAL_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -31,7 +33,8 @@ LOCAL_CREDENTIALS = {
 }
 
 
-def serve(host: str, port: int) -> None:
+def serve(host: str, port: int, behaviour: dict[str, Any] | None = None) -> None:
+    """Serve one region; with `behaviour` (aws_behaviour.Behaviour settings), as AWS behaves."""
     from moto.moto_server.werkzeug_app import (
         DomainDispatcherApplication,
         MotoRequestHandler,
@@ -44,7 +47,13 @@ def serve(host: str, port: int) -> None:
 
     signal.signal(signal.SIGTERM, _exit)
     signal.signal(signal.SIGINT, _exit)
-    app = DomainDispatcherApplication(create_backend_app)
+    app: Any = DomainDispatcherApplication(create_backend_app)
+    if behaviour is not None:
+        from replicatord.tools.aws_behaviour import Behaviour, install
+
+        settings = Behaviour()
+        settings.update(behaviour)
+        app = install(app, settings)
     run_simple(host, port, app, threaded=False, request_handler=MotoRequestHandler)
 
 
@@ -76,8 +85,11 @@ class Emulator:
         return f"http://127.0.0.1:{self.port}"
 
 
-def start(ports: Mapping[str, int], log_dir: Path | None = None) -> dict[str, Emulator]:
-    """Start one emulator per region and wait until each accepts connections."""
+def start(
+    ports: Mapping[str, int], log_dir: Path | None = None, behaviour: Mapping[str, Any] | None = None
+) -> dict[str, Emulator]:
+    """Start one emulator per region and wait until each accepts connections. With `behaviour`
+    (aws_behaviour settings; {} for AWS's own figures) each behaves as AWS does."""
     started: dict[str, Emulator] = {}
     try:
         for region, port in ports.items():
@@ -86,8 +98,9 @@ def start(ports: Mapping[str, int], log_dir: Path | None = None) -> dict[str, Em
                 log_dir.mkdir(parents=True, exist_ok=True)
                 log_path = str(log_dir / f"moto-{region}.log")
             with open(log_path, "ab") as out:
+                extra = [] if behaviour is None else ["--behaviour", json.dumps(dict(behaviour))]
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "replicatord.tools.emulators", "serve", "--port", str(port)],
+                    [sys.executable, "-m", "replicatord.tools.emulators", "serve", "--port", str(port), *extra],
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     env={**os.environ, **LOCAL_CREDENTIALS},
@@ -115,8 +128,10 @@ def stop(emulators: Iterable[Emulator]) -> None:
 
 
 @contextlib.contextmanager
-def running(ports: Mapping[str, int], log_dir: Path | None = None) -> Iterator[dict[str, Emulator]]:
-    emulators = start(ports, log_dir)
+def running(
+    ports: Mapping[str, int], log_dir: Path | None = None, behaviour: Mapping[str, Any] | None = None
+) -> Iterator[dict[str, Emulator]]:
+    emulators = start(ports, log_dir, behaviour)
     try:
         yield emulators
     finally:
@@ -139,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     srv = sub.add_parser("serve", help="one emulator in the foreground")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, required=True)
+    srv.add_argument("--behaviour", help="JSON: aws_behaviour settings ({} for AWS's own figures)")
     st = sub.add_parser("start", help="one emulator per REGION=PORT, in the background")
     st.add_argument("--dir", default=".aws-local", help="pid and log files")
     st.add_argument("regions", nargs="+", metavar="REGION=PORT")
@@ -146,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--dir", default=".aws-local")
     args = parser.parse_args(argv)
     if args.command == "serve":
-        serve(args.host, args.port)
+        serve(args.host, args.port, json.loads(args.behaviour) if args.behaviour else None)
         return 0
     workdir = Path(args.dir)
     if args.command == "start":
