@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from replicatord.tools import emulators
+from replicatord.tools.aws_behaviour import TEST_BEHAVIOUR, Control
 from replicatord.tools.local import (
     REGIONS,
     DaemonProcess,
@@ -54,6 +55,10 @@ class LocalRegions:
     def client(self, service: str, region: str) -> Any:
         return client(service, region, self.endpoints[region])
 
+    def control(self, region: str) -> Control:
+        """The AWS-behaviour layer of a region's emulator."""
+        return Control(self.endpoints[region])
+
     def write_config(self, **kwargs: Any) -> Path:
         self.config = write_topology(self.workdir / "topology.yaml", topology_document(self.endpoints, **kwargs))
         return self.config
@@ -71,9 +76,15 @@ class LocalRegions:
 
 
 @pytest.fixture
-def regions(tmp_path: Path) -> Iterator[LocalRegions]:
+def behaviour() -> dict[str, Any]:
+    """How the local regions behave: AWS's way, time scaled down (override in a test module)."""
+    return dict(TEST_BEHAVIOUR)
+
+
+@pytest.fixture
+def regions(tmp_path: Path, behaviour: dict[str, Any]) -> Iterator[LocalRegions]:
     ports = {region: emulators.free_port() for region in REGIONS}
-    with emulators.running(ports, tmp_path) as emus:
+    with emulators.running(ports, tmp_path, behaviour) as emus:
         local = LocalRegions(tmp_path, {r: e.endpoint_url for r, e in emus.items()})
         try:
             yield local

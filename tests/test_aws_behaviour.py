@@ -131,12 +131,17 @@ def test_stream_shards_roll_over_and_closed_shards_end(aws: Any) -> None:
     assert ended and [r["dynamodb"]["Keys"]["PK"]["S"] for r in records] == ["before"]
     assert records[-1]["dynamodb"]["SequenceNumber"] == parent["SequenceNumberRange"]["EndingSequenceNumber"]
     records, ended = read_shard(streams, arn, child["ShardId"])
-    assert not ended and [r["dynamodb"]["Keys"]["PK"]["S"] for r in records] == ["after"]
+    assert [r["dynamodb"]["Keys"]["PK"]["S"] for r in records] == ["after"]
+
+    aws.control.rollover(table)
+    aws.control.rollover(table)  # the third shard closes empty: it ends at once
+    empty = shards(streams, arn)[2]
+    assert read_shard(streams, arn, empty["ShardId"]) == ([], True)
 
     aws.control.behaviour(stream_rollover_s=0.5)  # on a timer too
     time.sleep(0.6)  # the interval under test
     put(ddb, table, "later")
-    assert len(shards(streams, arn)) == 3
+    assert len(shards(streams, arn)) == 5
 
 
 def test_stream_retention_trims_records_and_closed_shards(aws: Any) -> None:

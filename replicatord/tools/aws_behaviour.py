@@ -322,7 +322,10 @@ def streams_get_records(iterator: str, limit: int) -> dict[str, Any]:
     page = [r for _, r in shard.records if int(r.record["dynamodb"]["SequenceNumber"]) >= position][:limit]
     out: dict[str, Any] = {"Records": [r.to_json() for r in page]}
     next_position = int(page[-1].record["dynamodb"]["SequenceNumber"]) + 1 if page else position
-    ended = shard.closed_at is not None and (shard.end_seq is None or next_position > shard.end_seq)
+    # A closed shard ends with the page that holds its last record (or an empty page, if none
+    # are left after the iterator's position).
+    ended = shard.closed_at is not None and all(
+        int(r.record["dynamodb"]["SequenceNumber"]) < next_position for _, r in shard.records[-1:])
     if not ended:
         out["NextShardIterator"] = _iterator(arn, shard_id, next_position)
     return out

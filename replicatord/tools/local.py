@@ -110,7 +110,9 @@ class Drained:
     checkpoint: a change not yet forwarded, a record not yet applied, or what an apply or a repair
     just wrote. Each poll reads the streams on from where the previous one stopped.
 
-    For the emulators: an empty page is the end of a shard there, and iterators never expire.
+    A shard without a lease (new since the last lease sync) counts as drained while it is empty.
+    For the emulators: an empty page is the end of what a shard holds now (records are there as
+    soon as they are written).
     """
 
     def __init__(self, client: Callable[[str, str], Any], pipelines: Mapping[str, Sequence[tuple[str, str]]]) -> None:
@@ -142,30 +144,42 @@ class Drained:
                     key = f"forwarder/{table}/{shard['ShardId']}"
                     end = self._tail(region, key, streams, {"StreamArn": arn, "ShardId": shard["ShardId"]},
                                      lambda r: r["dynamodb"]["SequenceNumber"])
-                    found.append((region, key, checkpoints.get(key, "no lease"), end))
+                    found.append((region, key, checkpoints.get(key), end))
                 for shard in kinesis.list_shards(StreamName=stream)["Shards"]:
                     key = f"applier/{stream}/{shard['ShardId']}"
                     end = self._tail(region, key, kinesis, {"StreamName": stream, "ShardId": shard["ShardId"]},
                                      lambda r: r["SequenceNumber"])
-                    found.append((region, key, checkpoints.get(key, "no lease"), end))
+                    found.append((region, key, checkpoints.get(key), end))
         return found
 
     def _tail(self, region: str, key: str, client: Any, shard: dict[str, str],
               sequence_of: Callable[[Any], str]) -> str | None:
         """The sequence number of the shard's last record (None while it is empty). `client` is
-        the DynamoDB Streams or the Kinesis client: the same calls."""
-        if (region, key) not in self.tails:
-            start = client.get_shard_iterator(**shard, ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
-            self.tails[region, key] = (start, None)
-        iterator, last = self.tails[region, key]
+        the DynamoDB Streams or the Kinesis client: the same calls. Iterators expire between
+        polls (the AWS-behaviour layer): then a new one starts after the last record seen."""
+        iterator, last = self.tails.get((region, key), ("", None))
         while iterator is not None:
-            page = client.get_records(ShardIterator=iterator, Limit=1000)
+            if not iterator:
+                where = ({"ShardIteratorType": "TRIM_HORIZON"} if last is None else
+                         {"ShardIteratorType": "AFTER_SEQUENCE_NUMBER", self._sequence_param(client): last})
+                iterator = client.get_shard_iterator(**shard, **where)["ShardIterator"]
+            try:
+                page = client.get_records(ShardIterator=iterator, Limit=1000)
+            except client.exceptions.ExpiredIteratorException:
+                iterator = ""
+                continue
+            if page["Records"]:
+                last = sequence_of(page["Records"][-1])
+            iterator = page.get("NextShardIterator")  # None: a closed shard, read to its end
             if not page["Records"]:
                 break
-            last = sequence_of(page["Records"][-1])
-            iterator = page.get("NextShardIterator")  # None: a closed shard, read to its end
         self.tails[region, key] = (iterator, last)
         return last
+
+    @staticmethod
+    def _sequence_param(client: Any) -> str:
+        return "SequenceNumber" if client.meta.service_model.service_name == "dynamodbstreams" \
+            else "StartingSequenceNumber"
 
 
 def wait_drained(client: Callable[[str, str], Any], pipelines: Mapping[str, Sequence[tuple[str, str]]],
