@@ -22,6 +22,7 @@ from replicatord.metrics import Metrics
 log = logging.getLogger(__name__)
 
 LOCAL_SERVICES = ("dynamodb", "dynamodbstreams", "kinesis", "sqs", "ssm")
+LEASES = "leases"  # the DynamoDB client of the lease table (Aws.local)
 
 
 class StartupError(Exception):
@@ -43,14 +44,16 @@ class Aws:
         self.local: dict[str, Any] = {}
         self.peers: dict[str, Any] = {}
 
-    def _config(self, proxy: str | None = None) -> AioConfig:
+    def _config(self, proxy: str | None = None, timeout_s: float | None = None, pool: int = 64) -> AioConfig:
         tuning = self.settings.topology.tuning
+        timeout_s = timeout_s or tuning.aws_timeout_s
         return AioConfig(
-            connect_timeout=min(5.0, tuning.aws_timeout_s),
-            read_timeout=tuning.aws_timeout_s,
+            connect_timeout=min(5.0, timeout_s),
+            read_timeout=timeout_s,
             retries={"mode": "standard", "max_attempts": 3},
-            proxies={"http": proxy, "https": proxy} if proxy else None,
-            max_pool_connections=64,
+            # Never None: botocore then reads HTTP(S)_PROXY from the environment.
+            proxies={"http": proxy, "https": proxy} if proxy else {},
+            max_pool_connections=pool,
         )
 
     async def __aenter__(self) -> Aws:
@@ -64,6 +67,16 @@ class Aws:
                     config=self._config(),
                 )
             )
+        # Lease calls on connections of their own, with a deadline of one renewal interval: a
+        # renewal never waits behind apply traffic, nor longer than the lease can afford.
+        self.local[LEASES] = await self._stack.enter_async_context(
+            self._session.create_client(
+                "dynamodb",
+                region_name=self.settings.region,
+                endpoint_url=me.endpoint_url,
+                config=self._config(timeout_s=self.settings.topology.tuning.renew_interval_s, pool=16),
+            )
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -45,7 +45,9 @@ class Region(_Model):
     endpoint_url: str | None = None
     credentials: Credentials | None = None
     proxy: str | None = None
-    lease_table: str = "replicatord_leases"
+    # Versioned name: the layout changed in 0.2 (a partition per stream); `provision` copies the
+    # checkpoints of a 0.1 table named replicatord_leases into it.
+    lease_table: str = "replicatord_leases_v2"
     tombstone_table: str = "replicatord_tombstones"
     stats_table: str = "replicator_stats"
     loader_stats_table: str = "loader_stats"

@@ -22,12 +22,12 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from replicatord.applier import Applier
-from replicatord.aws import Aws, StartupError
+from replicatord.aws import LEASES, Aws, StartupError
 from replicatord.config import Settings
 from replicatord.dlq import MAX_BODY_BYTES, DeadLetterQueue
 from replicatord.errors import NotFound, ReplicatorError
 from replicatord.forwarder import Forwarder
-from replicatord.leases import LeaseTable
+from replicatord.leases import LEASE_TABLE_KEY, LEGACY_LEASE_KEY, LeaseTable
 from replicatord.metrics import Metrics
 from replicatord.pipeline import Pipeline
 from replicatord.shards import DynamoStreamSource, KinesisSource, poll
@@ -65,6 +65,22 @@ def forbid_core_dumps() -> bool:
         return False
 
 
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+
+
+def ignore_environment_proxies() -> list[str]:
+    """Drop HTTP(S)_PROXY and ALL_PROXY (any case) from this process's environment: the proxy of
+    the border path is the topology's, per peer, and must never capture DynamoDB, SQS, SSM or
+    instance-metadata (credentials) traffic. Returns the names dropped."""
+    dropped = [name for name in list(os.environ) if name.upper() in PROXY_VARIABLES]
+    for name in dropped:
+        del os.environ[name]
+    if dropped:
+        log.warning("ignoring %s from the environment: only the topology's per-peer proxies are used",
+                    ", ".join(sorted(dropped)))
+    return dropped
+
+
 @dataclass(frozen=True)
 class PairPlan:
     name: str
@@ -87,6 +103,7 @@ class Daemon:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def run(self) -> None:
+        ignore_environment_proxies()
         if not forbid_core_dumps():
             log.warning("cannot make the process non-dumpable (prctl); rely on LimitCORE=0")
         loop = asyncio.get_running_loop()
@@ -105,10 +122,16 @@ class Daemon:
         topology = s.topology
         queue_url, max_body_bytes = await self._queue(me.dead_letter_queue)
         dlq = DeadLetterQueue(self.aws, queue_url, self.metrics, max_body_bytes)
-        await self._require_table(me.lease_table, "lease table")
+        lease_table = await self._require_table(me.lease_table, "lease table")
+        if sorted(k["AttributeName"] for k in lease_table.get("KeySchema", [])) != sorted(LEASE_TABLE_KEY):
+            raise StartupError(
+                f"lease table {me.lease_table!r} in {s.region} has the layout of replicatord 0.1 (key "
+                f"{LEGACY_LEASE_KEY}); set regions.{s.region}.lease_table to a new name (default "
+                "replicatord_leases_v2) and run 'replicatord provision', which copies its checkpoints"
+            )
         await self._require_table(me.stats_table, "stats table")
         await self._require_table(me.tombstone_table, "tombstone table")
-        leases = LeaseTable(self.aws, me.lease_table)
+        leases = LeaseTable(self.aws, me.lease_table, self.aws.local[LEASES])
         tombstones = TombstoneTable(self.aws, me.tombstone_table, topology.conflict.tombstone_ttl_s)
         peer_clients = {peer: await self.aws.open_peer(peer) for peer in s.peers}
         for pair in topology.pairs:
@@ -249,11 +272,12 @@ class Daemon:
         held = sum(p.held for p in self.pipelines)
         if not held:
             return False, "standby: no shard leases"
+        # A peer out of reach is not this instance's fault, and every instance of the region sees
+        # the same: it shows in replicatord_peer_reachable and status, never here, so that a load
+        # balancer or an auto-scaling check does not cycle healthy instances in a border outage.
         down = [peer for peer in self.settings.peers
                 if self.metrics.peer_reachable.labels(peer)._value.get() != 1]  # noqa: SLF001
-        if down:
-            return False, "peer unreachable: " + ", ".join(down)
-        return True, f"ready: {held} shard leases"
+        return True, f"ready: {held} shard leases" + (f" (peer unreachable: {', '.join(down)})" if down else "")
 
     async def _serve_http(self) -> None:
         async def metrics(_: web.Request) -> web.Response:

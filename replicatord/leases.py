@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -29,7 +29,18 @@ log = logging.getLogger(__name__)
 ACTIVE = "active"
 FINISHED = "finished"
 
-LEASE_KEY = "lease_key"
+# The table's key: one partition per stream (a pipeline's read of one stream incarnation), one
+# item per shard, so a pipeline reads its own leases with a Query, never a Scan of the table.
+STREAM_KEY = "stream_id"
+SHARD_KEY = "shard_id"
+LEASE_TABLE_KEY = {STREAM_KEY: "S", SHARD_KEY: "S"}
+# The layout before the stream partition (replicatord 0.1): one `lease_key` hash key. `provision`
+# copies its checkpoints into the current table.
+LEGACY_LEASE_KEY = "lease_key"
+LEGACY_LEASE_TABLE = "replicatord_leases"
+# A checkpoint that is not a sequence number: read from the shard's newest record on (a pipeline
+# that starts at `latest`), until the first real checkpoint replaces it.
+LATEST = "LATEST"
 _NAMES = {"#owner": "owner", "#counter": "counter", "#state": "state"}  # reserved words in DynamoDB
 
 
@@ -41,6 +52,7 @@ class Lease:
     checkpoint: str | None
     parents: tuple[str, ...]  # lease keys of the parent shards
     state: str
+    checkpoint_at: float | None = None  # when the checkpoint's record entered its stream
 
 
 def lease_key(pipeline: str, stream: str, shard_id: str) -> str:
@@ -51,14 +63,26 @@ def shard_of(key: str) -> str:
     return key.rsplit("/", 1)[1]
 
 
+def stream_of(key: str) -> str:
+    """The lease table partition of a lease key: pipeline and stream."""
+    return key.rsplit("/", 1)[0]
+
+
+def item_key(key: str) -> dict[str, Any]:
+    stream, shard = key.rsplit("/", 1)
+    return {STREAM_KEY: {"S": stream}, SHARD_KEY: {"S": shard}}
+
+
 def from_item(item: dict[str, Any]) -> Lease:
+    at = item.get("checkpoint_at", {}).get("N")
     return Lease(
-        key=item[LEASE_KEY]["S"],
+        key=f"{item[STREAM_KEY]['S']}/{item[SHARD_KEY]['S']}",
         owner=item.get("owner", {}).get("S"),
         counter=int(item.get("counter", {}).get("N", "0")),
         checkpoint=item.get("checkpoint", {}).get("S"),
         parents=tuple(sorted(item.get("parents", {}).get("SS", ()))),
         state=item.get("state", {}).get("S", ACTIVE),
+        checkpoint_at=float(at) if at is not None else None,
     )
 
 
@@ -141,23 +165,34 @@ class HeldLease:
     def __init__(self, lease: Lease) -> None:
         self.lease = lease
         self.lock = asyncio.Lock()
+        # When the last successful renewal (or the take) was *sent*: other instances may count
+        # the lease expired from any moment after that, so this instance judges by it.
         self.renewed_at = time.monotonic()
 
 
 class LeaseTable:
-    def __init__(self, aws: Aws, table: str) -> None:
+    """The lease table of one region. `client` is a DynamoDB client of its own, so that apply
+    traffic cannot take the connections that renewals need."""
+
+    def __init__(self, aws: Aws, table: str, client: Any = None) -> None:
         self.aws = aws
         self.table = table
+        self.client = client
 
-    async def scan(self, prefix: str = "") -> list[Lease]:
+    async def _call(self, operation: str, **kwargs: Any) -> Any:
+        return await self.aws.call("dynamodb", operation, client=self.client, TableName=self.table, **kwargs)
+
+    async def query(self, stream: str, consistent: bool = False) -> list[Lease]:
+        """The leases of one stream (`stream_of` a lease key). Eventually consistent by default:
+        every change is a conditional write, so a stale read only costs a refused take."""
         leases: list[Lease] = []
-        kwargs: dict[str, Any] = {"TableName": self.table, "ConsistentRead": True}
+        kwargs: dict[str, Any] = {"KeyConditionExpression": "#s = :s", "ExpressionAttributeNames": {"#s": STREAM_KEY},
+                                  "ExpressionAttributeValues": {":s": {"S": stream}}, "ConsistentRead": consistent}
         while True:
-            page = await self.aws.call("dynamodb", "scan", **kwargs)
+            page = await self._call("query", **kwargs)
             for item in page.get("Items", []):
                 try:
-                    if item[LEASE_KEY]["S"].startswith(prefix):
-                        leases.append(from_item(item))
+                    leases.append(from_item(item))
                 except (KeyError, TypeError, ValueError, AttributeError):
                     # Edited by hand or by another tool: one bad item must not stop every shard.
                     log.warning("lease table %s: ignoring a malformed item: %.200r", self.table, item)
@@ -165,41 +200,54 @@ class LeaseTable:
                 return leases
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
-    async def create(self, key: str, parents: tuple[str, ...]) -> bool:
+    async def get(self, key: str) -> Lease | None:
+        item = (await self._call("get_item", Key=item_key(key), ConsistentRead=True)).get("Item")
+        return from_item(item) if item else None
+
+    async def create(
+        self, key: str, parents: tuple[str, ...], checkpoint: str | None = None, state: str = ACTIVE
+    ) -> bool:
         """Create a lease with no owner; False if it already exists."""
         item: dict[str, Any] = {
-            LEASE_KEY: {"S": key},
+            **item_key(key),
             "counter": {"N": "0"},
-            "state": {"S": ACTIVE},
+            "state": {"S": state},
             "updated_at": {"N": str(time.time())},
         }
         if parents:
             item["parents"] = {"SS": list(parents)}
+        if checkpoint is not None:
+            item["checkpoint"] = {"S": checkpoint}
         try:
-            await self.aws.call(
-                "dynamodb", "put_item", TableName=self.table, Item=item,
-                ConditionExpression=f"attribute_not_exists({LEASE_KEY})",
-            )
+            await self._call("put_item", Item=item, ConditionExpression=f"attribute_not_exists({SHARD_KEY})")
         except ConditionFailed:
             return False
         return True
 
-    async def _update(self, key: str, update: str, condition: str, values: dict[str, Any]) -> None:
+    async def _update(
+        self, key: str, update: str, condition: str, values: dict[str, Any], landed: Callable[[Lease], bool]
+    ) -> None:
+        """A conditional update; LeaseLost if its condition failed. An update can take effect and
+        still be answered with an error (a 5xx, retried by botocore, whose retry then fails the
+        condition): `landed` tells from the item as it is now whether this update is what it shows."""
         if update.startswith("SET"):
             update += ", updated_at = :now"  # for people reading the table; decisions never use it
             values = {**values, ":now": {"N": str(time.time())}}
         names = {name: attr for name, attr in _NAMES.items() if name in update or name in condition}
         try:
-            await self.aws.call(
-                "dynamodb", "update_item", TableName=self.table, Key={LEASE_KEY: {"S": key}},
-                UpdateExpression=update, ConditionExpression=condition,
+            await self._call(
+                "update_item", Key=item_key(key), UpdateExpression=update, ConditionExpression=condition,
                 ExpressionAttributeNames=names, ExpressionAttributeValues=values,
             )
         except ConditionFailed:
+            now = await self.get(key)
+            if now is not None and landed(now):
+                return
             raise LeaseLost(f"lease {key} changed hands") from None
 
     async def take(self, lease: Lease, me: str) -> Lease:
         """Take `lease` as it was observed (free, expired, or stolen); LeaseLost if it moved since."""
+        taken = replace(lease, owner=me, counter=lease.counter + 1)
         await self._update(
             lease.key,
             "SET #owner = :me, #counter = :next",
@@ -210,12 +258,15 @@ class LeaseTable:
                 ":next": {"N": str(lease.counter + 1)},
                 ":active": {"S": ACTIVE},
             },
+            lambda now: (now.owner, now.counter) == (me, taken.counter),
         )
-        return replace(lease, owner=me, counter=lease.counter + 1)
+        return taken
 
-    async def _advance(self, held: HeldLease, extra: str = "", values: dict[str, Any] | None = None) -> None:
+    async def _advance(self, held: HeldLease, extra: str = "", values: dict[str, Any] | None = None,
+                       landed: Callable[[Lease], bool] = lambda _: True) -> None:
         """Bump the counter (and set `extra`) if the lease is still ours as we last saw it."""
         lease = held.lease
+        sent_at = time.monotonic()
         await self._update(
             lease.key,
             "SET #counter = :next" + extra,
@@ -226,28 +277,40 @@ class LeaseTable:
                 ":next": {"N": str(lease.counter + 1)},
                 **(values or {}),
             },
+            lambda now: (now.owner, now.counter) == (lease.owner, lease.counter + 1) and landed(now),
         )
         held.lease = replace(lease, counter=lease.counter + 1)
-        held.renewed_at = time.monotonic()
+        held.renewed_at = sent_at
 
     async def renew(self, held: HeldLease) -> None:
         async with held.lock:
             await self._advance(held)
 
-    async def checkpoint(self, held: HeldLease, sequence_number: str | None, finished: bool = False) -> None:
-        """Record progress; LeaseLost if another instance took the lease meanwhile."""
+    async def checkpoint(
+        self, held: HeldLease, sequence_number: str | None, finished: bool = False, at: float | None = None
+    ) -> None:
+        """Record progress (`at`: when that record entered its stream); LeaseLost if another
+        instance took the lease meanwhile."""
         extra, values = "", {}
         if sequence_number is not None:
             extra += ", checkpoint = :seq"
             values[":seq"] = {"S": sequence_number}
+        if at is not None:
+            extra += ", checkpoint_at = :at"
+            values[":at"] = {"N": f"{at:.3f}"}
         if finished:
             extra += ", #state = :finished"
             values[":finished"] = {"S": FINISHED}
         async with held.lock:
-            await self._advance(held, extra, values)
+            await self._advance(
+                held, extra, values,
+                lambda now: (sequence_number is None or now.checkpoint == sequence_number)
+                and (not finished or now.state == FINISHED),
+            )
             held.lease = replace(
                 held.lease,
                 checkpoint=sequence_number if sequence_number is not None else held.lease.checkpoint,
+                checkpoint_at=at if at is not None else held.lease.checkpoint_at,
                 state=FINISHED if finished else held.lease.state,
             )
 
@@ -259,14 +322,14 @@ class LeaseTable:
         with contextlib.suppress(LeaseLost):
             await self._update(
                 lease.key, "REMOVE #owner ADD #counter :one", "#owner = :me",
-                {":me": {"S": lease.owner or ""}, ":one": {"N": "1"}},
+                {":me": {"S": lease.owner or ""}, ":one": {"N": "1"}}, lambda now: now.owner is None,
             )
 
     async def delete(self, lease: Lease) -> None:
         """Remove a finished lease whose shard left the stream; skipped if it moved since."""
         with contextlib.suppress(ConditionFailed):
-            await self.aws.call(
-                "dynamodb", "delete_item", TableName=self.table, Key={LEASE_KEY: {"S": lease.key}},
+            await self._call(
+                "delete_item", Key=item_key(lease.key),
                 ConditionExpression="#counter = :counter AND #state = :finished",
                 ExpressionAttributeNames={"#counter": "counter", "#state": "state"},
                 ExpressionAttributeValues={":counter": {"N": str(lease.counter)}, ":finished": {"S": FINISHED}},

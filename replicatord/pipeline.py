@@ -28,6 +28,7 @@ from replicatord.leases import (
     plan_leases,
     ready_leases,
     shard_of,
+    stream_of,
 )
 from replicatord.metrics import Metrics
 from replicatord.shards import Processor, ShardWorker, StreamSource, poll
@@ -69,6 +70,11 @@ class Pipeline:
     def _key(self, shard_id: str) -> str:
         return lease_key(self.source.pipeline, self.source.stream, shard_id)
 
+    @property
+    def partition(self) -> str:
+        """This pipeline's partition of the lease table (`leases.stream_of` its lease keys)."""
+        return stream_of(self._key("-"))
+
     def healthy(self, now: float) -> bool:
         """The lease table was reached recently and every held lease was renewed in time."""
         failover_s = self.tuning.failover_s
@@ -103,7 +109,7 @@ class Pipeline:
         if finished_here or now >= self._sync_at:
             await self._sync_shards()
             self._sync_at = now + self.tuning.shard_refresh_s
-        leases = await self.leases.scan(self._key(""))
+        leases = await self.leases.query(self.partition)
         self.cycle_ok_at = time.monotonic()
         self.clock.observe(leases, self.cycle_ok_at)
         expired = {
@@ -129,7 +135,7 @@ class Pipeline:
     async def _sync_shards(self) -> None:
         shards = await self.source.list_shards()
         listed = {self._key(shard.id) for shard in shards}
-        existing = {lease.key: lease for lease in await self.leases.scan(self._key(""))}
+        existing = {lease.key: lease for lease in await self.leases.query(self.partition)}
         for shard in shards:  # listing order has parents before children
             key = self._key(shard.id)
             if key not in existing:
@@ -144,6 +150,7 @@ class Pipeline:
 
     async def _take(self, lease: Lease, stolen: bool) -> None:
         resumed = lease.owner == self.owner
+        sent_at = time.monotonic()
         try:
             taken = await self.leases.take(lease, self.owner)
         except LeaseLost:
@@ -157,6 +164,7 @@ class Pipeline:
                  f" from {lease.owner}" if lease.owner and not resumed else "",
                  taken.checkpoint or "the oldest record")
         held = HeldLease(taken)
+        held.renewed_at = sent_at
         worker = ShardWorker(self.pair, self.source, self.processor, self.leases, held,
                              self.tuning, self.metrics, self.stop)
         assert self._group is not None
@@ -166,22 +174,35 @@ class Pipeline:
     # -- renewal -----------------------------------------------------------------------------
 
     async def _renew_loop(self) -> None:
-        async for _ in poll(self.tuning.renew_interval_s, self.stop):
-            for key, (held, task) in list(self.workers.items()):
-                if task.done():
-                    continue
-                try:
-                    await self.leases.renew(held)
-                except LeaseLost:
+        """Renew every held lease at once, each within one renewal interval. A lease not renewed
+        for `failover_s` less one interval is stopped by this instance's own clock: others count
+        `failover_s` from a renewal they saw, which was sent no earlier than our last one."""
+        interval_s = self.tuning.renew_interval_s
+        async for _ in poll(interval_s, self.stop):
+            running = [(key, held, task) for key, (held, task) in list(self.workers.items()) if not task.done()]
+            results = await asyncio.gather(
+                *(asyncio.wait_for(self.leases.renew(held), interval_s) for _, held, _ in running),
+                return_exceptions=True,
+            )
+            now = time.monotonic()
+            for (key, held, task), result in zip(running, results, strict=True):
+                if isinstance(result, LeaseLost):
                     self._lost(key, task, "taken by another instance")
-                except Exception as exc:  # noqa: BLE001 - a renewal that fails is judged by its age
-                    kind = exc.kind if isinstance(exc, ReplicatorError) else "internal_error"
+                    continue
+                if isinstance(result, BaseException):
+                    if isinstance(result, asyncio.CancelledError):
+                        raise result
+                    kind = (result.kind if isinstance(result, ReplicatorError)
+                            else "lease_timeout" if isinstance(result, TimeoutError) else "internal_error")
                     self.metrics.errors.labels(self.source.pipeline, kind).inc()
-                    if time.monotonic() - held.renewed_at >= self.tuning.failover_s:
-                        # Others may already consider it expired: stop before they take it.
-                        self._lost(key, task, f"not renewed for {self.tuning.failover_s:.0f}s ({exc})")
+                    log.warning("%s: renewing the lease of shard %s failed: %s", self.name, shard_of(key),
+                                result or type(result).__name__)
+                if now - held.renewed_at >= self.tuning.failover_s - interval_s:
+                    self._lost(key, task, f"not renewed for {now - held.renewed_at:.1f}s")
 
     def _lost(self, key: str, task: asyncio.Task[bool], why: str) -> None:
+        if task.done() or task.cancelling():
+            return
         self.metrics.leases_lost.labels(self.source.pipeline).inc()
         log.warning("%s: lost the lease of shard %s (%s); stopping it", self.name, shard_of(key), why)
         task.cancel()

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from replicatord.tools.load import load
-from replicatord.tools.local import REGIONS, Drained, metric_sum, read_counter, wait_drained, wait_for
+from replicatord.tools.local import REGIONS, Drained, metric_sum, read_counter, scan_leases, wait_drained, wait_for
 from replicatord.tools.verify import compare_tables, scan_items
 
 pytestmark = pytest.mark.e2e
@@ -181,10 +181,10 @@ def test_deletes_replicate_without_echo(regions: Any) -> None:
 
     # SIGTERM: exit 0 with the forwarder checkpointed at the stream's last record and the lease released.
     assert daemons[CN].terminate() == 0
-    leases = regions.client("dynamodb", CN).scan(TableName="replicatord_leases", ConsistentRead=True)["Items"]
-    forwarder = [item for item in leases if item["lease_key"]["S"].startswith("forwarder/user-cn@")]
+    forwarder = [lease for lease in scan_leases(regions.client("dynamodb", CN))
+                 if lease.key.startswith("forwarder/user-cn@")]
     # The stream rolled over: many leases, the finished ones keep their owner, no active one does.
-    assert forwarder and all("owner" not in item for item in forwarder if item["state"]["S"] == "active")
+    assert forwarder and all(lease.owner is None for lease in forwarder if lease.state == "active")
     positions = [p for p in Drained(regions.client, {CN: [(TABLES[CN], STREAMS[CN])]}).positions()
                  if p[1].startswith("forwarder/")]
     assert positions and all(checkpoint == end for _, _, checkpoint, end in positions), positions

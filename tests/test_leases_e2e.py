@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
+from replicatord.leases import Lease
 from replicatord.tools.load import load
-from replicatord.tools.local import REGIONS, DaemonProcess, metric_sum, read_counter, wait_for
+from replicatord.tools.local import REGIONS, DaemonProcess, metric_sum, read_counter, scan_leases, wait_for
 from replicatord.tools.verify import compare_tables
 from tests.test_integration import cli
 
@@ -41,13 +42,12 @@ class BackgroundLoad:
         assert not self.errors, self.errors
 
 
-def applier_leases(regions: Any) -> dict[str, dict[str, Any]]:
-    items = regions.client("dynamodb", SG).scan(TableName="replicatord_leases", ConsistentRead=True)["Items"]
-    return {i["lease_key"]["S"]: i for i in items if i["lease_key"]["S"].startswith(APPLIER)}
+def applier_leases(regions: Any) -> dict[str, Lease]:
+    return {lease.key: lease for lease in scan_leases(regions.client("dynamodb", SG)) if lease.key.startswith(APPLIER)}
 
 
 def owners(regions: Any) -> dict[str, str | None]:
-    return {key: item.get("owner", {}).get("S") for key, item in applier_leases(regions).items()}
+    return {key: lease.owner for key, lease in applier_leases(regions).items()}
 
 
 def held(daemon: DaemonProcess) -> float:
@@ -138,9 +138,9 @@ def test_a_fenced_instance_cannot_move_a_checkpoint_back(regions: Any) -> None:
         history: dict[str, list[int]] = {}
 
         def record() -> None:
-            for key, item in applier_leases(regions).items():
-                if "checkpoint" in item:
-                    history.setdefault(key, []).append(int(item["checkpoint"]["S"]))
+            for key, lease in applier_leases(regions).items():
+                if lease.checkpoint is not None:
+                    history.setdefault(key, []).append(int(lease.checkpoint))
 
         record()
     finally:
@@ -175,7 +175,7 @@ def test_update_shard_count_during_a_load_loses_nothing(regions: Any) -> None:
     regions.client("kinesis", SG).update_shard_count(
         StreamName="ddb_replication_stream_sg", TargetShardCount=4, ScalingType="UNIFORM_SCALING")
     wait_for(lambda: len(applier_leases(regions)) == 6, 30, "leases for the four child shards")
-    children = [item for item in applier_leases(regions).values() if "parents" in item]
+    children = [lease for lease in applier_leases(regions).values() if lease.parents]
     assert len(children) == 4
     background.join()
     assert_converged(regions, 1500)

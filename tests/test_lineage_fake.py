@@ -15,7 +15,7 @@ from botocore.exceptions import ClientError
 
 from replicatord.aws import Aws
 from replicatord.config import parse_topology, resolve_settings
-from replicatord.leases import FINISHED, LeaseTable, lease_key
+from replicatord.leases import FINISHED, LeaseTable, item_key, lease_key
 from replicatord.metrics import Metrics
 from replicatord.pipeline import Pipeline
 from replicatord.shards import KinesisSource
@@ -151,7 +151,7 @@ async def test_children_start_after_their_parents_end_through_split_and_merge(le
         assert seqs == sorted(set(seqs)), seqs
     assert fake.iterators_from.count(("c1", "TRIM_HORIZON")) == 1
     assert ("c1", "after 12") in fake.iterators_from, fake.iterators_from  # pages of 3: 10, 11, 12
-    state = {lease.key.rsplit("/", 1)[1]: lease for lease in await leases.scan()}
+    state = {lease.key.rsplit("/", 1)[1]: lease for lease in await leases.query(pipeline.partition, consistent=True)}
     assert state["p"].state == FINISHED and state["p"].checkpoint == "7"
     assert state["c1"].state == FINISHED and state["c1"].checkpoint == "13"
     assert state["m"].parents == tuple(lease_key("applier", pipeline.source.stream, s) for s in ("c1", "c2"))
@@ -173,7 +173,7 @@ async def test_a_finished_shard_that_left_the_stream_loses_its_lease(lease_env: 
     pipeline2, _, _ = _pipeline(aws, settings, metrics, fake, stop2)
 
     async def gone() -> bool:
-        return all(not lease.key.endswith("/old") for lease in await leases.scan())
+        return all(not lease.key.endswith("/old") for lease in await leases.query(pipeline.partition, consistent=True))
 
     task = asyncio.create_task(pipeline2.run())
     try:
@@ -224,7 +224,7 @@ async def test_a_malformed_lease_item_and_a_processor_bug_do_not_stop_the_pipeli
     flaky = Flaky()
     pipeline.processor = flaky
     await aws.call("dynamodb", "put_item", TableName=settings.me.lease_table, Item={
-        "lease_key": {"S": lease_key("applier", pipeline.source.stream, "hand-edited")},
+        **item_key(lease_key("applier", pipeline.source.stream, "hand-edited")),
         "counter": {"S": "not a number"}})
     await _run_until(pipeline, stop, lambda: ("s", 3) in flaky.seen)
     assert flaky.seen == [("s", 1), ("s", 2), ("s", 3)]  # the page ran again after the bug, once

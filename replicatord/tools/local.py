@@ -22,6 +22,7 @@ import yaml
 from botocore.config import Config
 
 from replicatord.config import Region
+from replicatord.leases import Lease, from_item
 from replicatord.tools.emulators import LOCAL_CREDENTIALS, free_port
 
 REGIONS = ("cn-north-1", "ap-southeast-1")
@@ -90,6 +91,12 @@ def read_counter(ddb: Any, table: str, pk: str) -> int:
     return int(item["cnt"]["N"]) if item else 0
 
 
+def scan_leases(ddb: Any, table: str = LEASE_TABLE) -> list[Lease]:
+    """Every lease of a region's lease table (a consistent Scan: for tests and tools, not the daemon)."""
+    return [from_item(item) for page in ddb.get_paginator("scan").paginate(TableName=table, ConsistentRead=True)
+            for item in page["Items"]]
+
+
 def wait_for(condition: Callable[[], bool], deadline_s: float, what: str, interval_s: float = 0.2) -> None:
     """Poll `condition` until true; raise TimeoutError naming `what` after `deadline_s`."""
     end = time.monotonic() + deadline_s
@@ -134,10 +141,10 @@ class Drained:
         for region, pairs in self.pipelines.items():
             ddb, streams, kinesis = (self.clients[s, region] for s in ("dynamodb", "dynamodbstreams", "kinesis"))
             checkpoints: dict[str, str | None] = {}
-            for item in ddb.scan(TableName=LEASE_TABLE, ConsistentRead=True)["Items"]:
-                pipeline, rest = item["lease_key"]["S"].split("/", 1)
+            for lease in scan_leases(ddb):
+                pipeline, rest = lease.key.split("/", 1)
                 stream, shard = rest.rsplit("/", 1)
-                checkpoints[f"{pipeline}/{stream.split('@')[0]}/{shard}"] = item.get("checkpoint", {}).get("S")
+                checkpoints[f"{pipeline}/{stream.split('@')[0]}/{shard}"] = lease.checkpoint
             for table, stream in pairs:
                 arn = ddb.describe_table(TableName=table)["Table"]["LatestStreamArn"]
                 for shard in streams.describe_stream(StreamArn=arn)["StreamDescription"]["Shards"]:

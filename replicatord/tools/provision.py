@@ -19,7 +19,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from replicatord.aws import StartupError, peer_credential_names
 from replicatord.config import Topology
-from replicatord.leases import LEASE_KEY
+from replicatord.leases import LEASE_TABLE_KEY, LEGACY_LEASE_KEY, LEGACY_LEASE_TABLE, SHARD_KEY, STREAM_KEY
 from replicatord.tombstones import EXPIRES_AT, TOMB_KEY
 
 STATS_COUNTERS = {"stats_table": "replicated_count", "loader_stats_table": "loaded_count"}
@@ -47,7 +47,8 @@ class RegionProvisioner:
         self.changes += 1
         self.report(f"{self.region}: {what}")
 
-    def table(self, name: str, key: Mapping[str, str], stream: bool) -> None:
+    def table(self, name: str, key: Mapping[str, str], stream: bool) -> bool:
+        """Create the table (or enable its stream); True if it was created."""
         try:
             desc = self.ddb.describe_table(TableName=name)["Table"]
         except ClientError as exc:
@@ -66,7 +67,7 @@ class RegionProvisioner:
                     StreamSpecification={"StreamEnabled": True, "StreamViewType": "NEW_AND_OLD_IMAGES"},
                 )
                 self._did(f"enabled the NEW_AND_OLD_IMAGES stream on table {name}")
-            return
+            return False
         names = list(key)
         kwargs: dict[str, Any] = {
             "TableName": name,
@@ -79,6 +80,28 @@ class RegionProvisioner:
         self.ddb.create_table(**kwargs)
         self.ddb.get_waiter("table_exists").wait(TableName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
         self._did(f"created table {name}" + (" (stream NEW_AND_OLD_IMAGES)" if stream else ""))
+        return True
+
+    def migrate_leases(self, table: str) -> None:
+        """Copy the checkpoints of a replicatord 0.1 lease table (one `lease_key` hash key) into the
+        new one, without owners: the daemons take the leases from where the old ones stopped."""
+        try:
+            legacy = self.ddb.describe_table(TableName=LEGACY_LEASE_TABLE)["Table"]
+        except ClientError as exc:
+            if _code(exc) == "ResourceNotFoundException":
+                return
+            raise
+        if [k["AttributeName"] for k in legacy["KeySchema"]] != [LEGACY_LEASE_KEY]:
+            return
+        copied = 0
+        for page in self.ddb.get_paginator("scan").paginate(TableName=LEGACY_LEASE_TABLE, ConsistentRead=True):
+            for item in page["Items"]:
+                stream, _, shard = item.pop(LEGACY_LEASE_KEY)["S"].rpartition("/")
+                item.pop("owner", None)
+                self.ddb.put_item(TableName=table, Item={STREAM_KEY: {"S": stream}, SHARD_KEY: {"S": shard}, **item})
+                copied += 1
+        self._did(f"copied {copied} leases (checkpoints) from {LEGACY_LEASE_TABLE} into {table}; "
+                  f"delete {LEGACY_LEASE_TABLE} once the daemons run on the new version")
 
     def ttl(self, table: str, attribute: str) -> None:
         desc = self.ddb.describe_time_to_live(TableName=table).get("TimeToLiveDescription", {})
@@ -143,7 +166,8 @@ class RegionProvisioner:
             table = getattr(self.config, attr)
             self.table(table, {"PK": "S"}, stream=False)
             self.counter(table, pk)
-        self.table(self.config.lease_table, {LEASE_KEY: "S"}, stream=False)
+        if self.table(self.config.lease_table, LEASE_TABLE_KEY, stream=False):
+            self.migrate_leases(self.config.lease_table)
         self.table(self.config.tombstone_table, {TOMB_KEY: "S"}, stream=False)
         self.ttl(self.config.tombstone_table, EXPIRES_AT)
         self.queue(self.config.dead_letter_queue)

@@ -10,7 +10,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from replicatord.aws import StartupError
 from replicatord.config import Topology
-from replicatord.leases import LEASE_KEY, Lease, from_item
+from replicatord.leases import STREAM_KEY, Lease, from_item
 
 
 def read_leases(topology: Topology, region: str) -> list[Lease]:
@@ -21,7 +21,7 @@ def read_leases(topology: Topology, region: str) -> list[Lease]:
     try:
         while True:
             page = ddb.scan(**kwargs)
-            leases.extend(from_item(item) for item in page.get("Items", []) if LEASE_KEY in item)
+            leases.extend(from_item(item) for item in page.get("Items", []) if STREAM_KEY in item)
             if "LastEvaluatedKey" not in page:
                 return leases
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]

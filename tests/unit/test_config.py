@@ -66,7 +66,7 @@ def test_example_parses() -> None:
     assert cn.proxy is None
     assert cn.dead_letter_queue == "ddbreplicatorcn"
     assert (cn.lease_table, cn.stats_table, cn.loader_stats_table) == (
-        "replicatord_leases", "replicator_stats", "loader_stats",
+        "replicatord_leases_v2", "replicator_stats", "loader_stats",
     )
     (pair,) = topo.pairs
     assert pair.name == "user"
@@ -102,7 +102,7 @@ pairs:
 """
     topo = parse_topology(text)
     assert topo.regions["a"].credentials is None
-    assert topo.regions["a"].lease_table == "replicatord_leases"
+    assert topo.regions["a"].lease_table == "replicatord_leases_v2"
     assert topo.pairs[0].kinesis_shards == 1
     assert topo.metrics.listen == "0.0.0.0:9108"
     assert topo.tuning.backoff_max_ms >= topo.tuning.backoff_base_ms
