@@ -67,14 +67,14 @@ class Aws:
                     config=self._config(),
                 )
             )
-        # Lease calls on connections of their own, with a deadline of one renewal interval: a
-        # renewal never waits behind apply traffic, nor longer than the lease can afford.
+        # Lease calls on connections of their own, each within half the failover time: a renewal
+        # never waits behind apply traffic, nor longer than the lease can afford.
         self.local[LEASES] = await self._stack.enter_async_context(
             self._session.create_client(
                 "dynamodb",
                 region_name=self.settings.region,
                 endpoint_url=me.endpoint_url,
-                config=self._config(timeout_s=self.settings.topology.tuning.renew_interval_s, pool=16),
+                config=self._config(timeout_s=self.settings.topology.tuning.failover_s / 2, pool=16),
             )
         )
         return self

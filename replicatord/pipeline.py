@@ -36,6 +36,12 @@ from replicatord.shards import Processor, ShardWorker, StreamSource, poll
 log = logging.getLogger(__name__)
 
 
+def renewal_deadline_s(tuning: Tuning) -> float:
+    """How long one renewal (or any lease call) may take: half the failover time, so that a lease
+    whose renewal hangs is still stopped by this instance before others may take it."""
+    return tuning.failover_s / 2
+
+
 class Pipeline:
     def __init__(
         self,
@@ -181,7 +187,7 @@ class Pipeline:
         async for _ in poll(interval_s, self.stop):
             running = [(key, held, task) for key, (held, task) in list(self.workers.items()) if not task.done()]
             results = await asyncio.gather(
-                *(asyncio.wait_for(self.leases.renew(held), interval_s) for _, held, _ in running),
+                *(asyncio.wait_for(self.leases.renew(held), renewal_deadline_s(self.tuning)) for _, held, _ in running),
                 return_exceptions=True,
             )
             now = time.monotonic()
