@@ -93,6 +93,9 @@ class Tuning(_Model):
     """Timings and sizes; units are in the names."""
 
     poll_interval_ms: Annotated[int, Field(ge=10, le=10_000)] = 250
+    # Reads (GetRecords) of one shard are at least this far apart, records or not: Kinesis allows
+    # 5 per second per shard for all consumers together, DynamoDB Streams about as many.
+    min_read_interval_ms: Annotated[int, Field(ge=0, le=10_000)] = 250
     get_records_limit: Annotated[int, Field(ge=1, le=1000)] = 1000
     apply_concurrency: Annotated[int, Field(ge=1, le=1024)] = 32
     shard_refresh_s: Annotated[float, Field(gt=0)] = 10.0
@@ -105,6 +108,10 @@ class Tuning(_Model):
     backoff_base_ms: Annotated[int, Field(ge=1)] = 100
     backoff_max_ms: Annotated[int, Field(ge=1)] = 5_000
     aws_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    # Where a pipeline starts the first time it runs on a stream (no lease of it yet): the oldest
+    # record still in the stream (trim_horizon: the last 24 hours are replicated), or the changes
+    # made from the first start on (latest: bring existing data over with backfill instead).
+    initial_position: Literal["trim_horizon", "latest"] = "trim_horizon"
     # A record whose write fails with an error not known to be passing (an unknown AWS error
     # code, access denied, a missing resource) is tried this many times, then dead-lettered.
     # Known passing conditions (throttling, 5xx, unreachable) are retried until they pass.

@@ -19,7 +19,9 @@ import time
 from replicatord.config import Tuning
 from replicatord.errors import LeaseLost, ReplicatorError
 from replicatord.leases import (
+    ACTIVE,
     FINISHED,
+    LATEST,
     HeldLease,
     Lease,
     LeaseClock,
@@ -53,8 +55,12 @@ class Pipeline:
         tuning: Tuning,
         metrics: Metrics,
         stop: asyncio.Event,
+        initial_position: str | None = None,
     ) -> None:
         self.pair = pair
+        # Where a stream this pipeline has no lease of starts: the oldest record left, or what is
+        # written from now on (tuning.initial_position; a re-enabled stream always starts oldest).
+        self.initial_position = initial_position or tuning.initial_position
         self.source = source
         self.processor = processor
         self.leases = leases
@@ -141,14 +147,34 @@ class Pipeline:
     async def _sync_shards(self) -> None:
         shards = await self.source.list_shards()
         listed = {self._key(shard.id) for shard in shards}
-        existing = {lease.key: lease for lease in await self.leases.query(self.partition)}
+        existing = {lease.key: lease for lease in await self.leases.query(self.partition, consistent=True)}
+        first_start = not existing
+        latest = first_start and self.initial_position == "latest"
         for shard in shards:  # listing order has parents before children
             key = self._key(shard.id)
-            if key not in existing:
-                parents = tuple(self._key(p) for p in shard.parent_ids)
-                if await self.leases.create(key, parents):
-                    log.info("%s: new shard %s%s", self.name, shard.id,
-                             f" (parents {', '.join(shard.parent_ids)})" if parents else "")
+            if key in existing:
+                continue
+            parents = tuple(self._key(p) for p in shard.parent_ids)
+            if latest:  # a new deployment that starts with what is written from now on
+                created = await self.leases.create(key, parents, None if shard.closed else LATEST,
+                                                   FINISHED if shard.closed else ACTIVE)
+            else:
+                created = await self.leases.create(key, parents)
+            if not created:
+                continue
+            log.info("%s: new shard %s%s", self.name, shard.id,
+                     f" (parents {', '.join(shard.parent_ids)})" if parents else "")
+            unseen = [p for p, k in zip(shard.parent_ids, parents, strict=True)
+                      if k not in listed and k not in existing]
+            if unseen and not first_start:
+                # Its parents left the stream before this pipeline ever saw them (it was stopped
+                # for longer than the retention): their records were never read.
+                self.metrics.trimmed.labels(self.pair, self.source.pipeline).inc()
+                self.metrics.errors.labels(self.source.pipeline, "trimmed_data").inc()
+                log.error("%s: shard %s's parents %s left the stream before they were read: their records "
+                          "were lost to the stream's retention; verify the pair and backfill up to this shard's "
+                          "first record ('replicatord verify --repair', 'replicatord backfill')",
+                          self.name, shard.id, ", ".join(unseen))
         for key, lease in existing.items():
             if lease.state == FINISHED and key not in listed:
                 await self.leases.delete(lease)  # read to its end and gone from the stream

@@ -17,8 +17,16 @@ from typing import Any, Protocol
 
 from replicatord.aws import Aws
 from replicatord.config import Tuning
-from replicatord.errors import ExpiredIterator, InvalidRequest, LeaseLost, ReplicatorError, Transient, TrimmedData
-from replicatord.leases import HeldLease, LeaseTable, shard_of
+from replicatord.errors import (
+    ExpiredIterator,
+    InvalidRequest,
+    LeaseLost,
+    NotFound,
+    ReplicatorError,
+    Transient,
+    TrimmedData,
+)
+from replicatord.leases import LATEST, HeldLease, LeaseTable, shard_of
 from replicatord.metrics import Metrics
 from replicatord.records import creation_seconds
 from replicatord.retry import Abandoned, backoff_s, sleep_or_stop
@@ -32,6 +40,7 @@ RELEASE_TIMEOUT_S = 2.0
 class Shard:
     id: str
     parent_ids: tuple[str, ...]
+    closed: bool = False  # it has an ending sequence number: no record will be added
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,9 @@ class StreamSource(Protocol):
     # Names this incarnation of the stream in lease keys: a stream that is deleted and created
     # again (or a DynamoDB stream disabled and enabled again) starts with fresh leases.
     stream: str
+    # Whether an iterator from a trimmed position silently starts at the oldest record left
+    # (Kinesis) instead of being refused with TrimmedDataAccessException (DynamoDB Streams).
+    silent_trim: bool
 
     async def list_shards(self) -> list[Shard]: ...
     async def get_iterator(self, shard_id: str, after: str | None) -> str: ...
@@ -80,6 +92,7 @@ class StreamSource(Protocol):
 
 class DynamoStreamSource:
     pipeline = "forwarder"
+    silent_trim = False
 
     def __init__(self, aws: Aws, table: str, stream_arn: str) -> None:
         self.aws = aws
@@ -94,7 +107,8 @@ class DynamoStreamSource:
             desc = result["StreamDescription"]
             for s in desc.get("Shards", []):
                 parent = s.get("ParentShardId")
-                shards.append(Shard(s["ShardId"], (parent,) if parent else ()))
+                closed = "EndingSequenceNumber" in s.get("SequenceNumberRange", {})
+                shards.append(Shard(s["ShardId"], (parent,) if parent else (), closed))
             last = desc.get("LastEvaluatedShardId")
             if not last:
                 return shards
@@ -102,7 +116,9 @@ class DynamoStreamSource:
 
     async def get_iterator(self, shard_id: str, after: str | None) -> str:
         kwargs: dict[str, Any] = {"StreamArn": self.arn, "ShardId": shard_id}
-        if after:
+        if after == LATEST:
+            kwargs.update(ShardIteratorType="LATEST")
+        elif after:
             kwargs.update(ShardIteratorType="AFTER_SEQUENCE_NUMBER", SequenceNumber=after)
         else:
             kwargs.update(ShardIteratorType="TRIM_HORIZON")
@@ -124,6 +140,7 @@ class DynamoStreamSource:
 
 class KinesisSource:
     pipeline = "applier"
+    silent_trim = True
 
     def __init__(self, aws: Aws, stream: str, created: str) -> None:
         self.aws = aws
@@ -137,7 +154,8 @@ class KinesisSource:
             result = await self.aws.call("kinesis", "list_shards", **kwargs)
             for s in result.get("Shards", []):
                 parents = tuple(p for p in (s.get("ParentShardId"), s.get("AdjacentParentShardId")) if p)
-                shards.append(Shard(s["ShardId"], parents))
+                closed = "EndingSequenceNumber" in s.get("SequenceNumberRange", {})
+                shards.append(Shard(s["ShardId"], parents, closed))
             token = result.get("NextToken")
             if not token:
                 return shards
@@ -145,7 +163,9 @@ class KinesisSource:
 
     async def get_iterator(self, shard_id: str, after: str | None) -> str:
         kwargs: dict[str, Any] = {"StreamName": self.name, "ShardId": shard_id}
-        if after:
+        if after == LATEST:
+            kwargs.update(ShardIteratorType="LATEST")
+        elif after:
             kwargs.update(ShardIteratorType="AFTER_SEQUENCE_NUMBER", StartingSequenceNumber=after)
         else:
             kwargs.update(ShardIteratorType="TRIM_HORIZON")
@@ -169,6 +189,18 @@ class Processor(Protocol):
         """Handle every record of the page: delivered downstream, skipped, or dead-lettered.
         Failures of single records are retried inside (retry.py); Abandoned if stopping."""
         ...
+
+
+def _after(sequence: str, checkpoint: str) -> bool:
+    """Whether a sequence number comes after the checkpoint (both numbers in one shard)."""
+    try:
+        return int(sequence) > int(checkpoint)
+    except ValueError:
+        return False
+
+
+def _when(epoch_s: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_s))
 
 
 class ShardWorker:
@@ -227,11 +259,25 @@ class ShardWorker:
         pipeline = self.source.pipeline
         iterator: str | None = None
         failures = 0
-        idle_s = self.tuning.poll_interval_ms / 1000
+        empty = False
+        last_read = -float("inf")
+        trimmed = refused = False  # what the last failure said, handled inside the try below
         while not self.stop.is_set():
             try:
+                if refused:
+                    if await self._shard_gone():
+                        return True
+                    refused = False
                 if iterator is None:
-                    iterator = await self.source.get_iterator(self.shard_id, self.held.lease.checkpoint)
+                    iterator = await (self._read_on_after_trim() if trimmed else self._start())
+                    trimmed = False
+                # Reads of a shard stay apart (the per-shard limits are shared with every other
+                # consumer of the stream), and further apart after a page that found nothing.
+                gap_ms = max(self.tuning.min_read_interval_ms, self.tuning.poll_interval_ms if empty else 0)
+                wait_s = last_read + gap_ms / 1000 - time.monotonic()
+                if wait_s > 0 and await sleep_or_stop(self.stop, wait_s):
+                    break
+                last_read = time.monotonic()
                 page = await self.source.get_records(iterator, self.tuning.get_records_limit)
                 if page.records:
                     await self._deliver(page.records)
@@ -241,9 +287,9 @@ class ShardWorker:
                     return True
                 iterator = page.next_iterator
                 failures = 0
-                if not page.records:
+                empty = not page.records
+                if empty:
                     self.metrics.set_iterator_age(self.pair, pipeline, self.shard_id, page.behind_s)
-                    await sleep_or_stop(self.stop, idle_s)
             except (ExpiredIterator, Transient, InvalidRequest) as exc:
                 # A fresh iterator from the checkpoint: the old one expired or was refused.
                 self.metrics.errors.labels(pipeline, exc.kind).inc()
@@ -251,17 +297,15 @@ class ShardWorker:
                 iterator = None
                 failures += 1
                 await sleep_or_stop(self.stop, backoff_s(failures, self.tuning))
-            except TrimmedData as exc:
+            except TrimmedData:
+                # DynamoDB Streams: the checkpoint (or the iterator's position) is past retention.
+                trimmed, iterator = True, None
+            except NotFound as exc:
+                # The shard is unknown: gone from the stream (retention), or a passing refusal.
                 self.metrics.errors.labels(pipeline, exc.kind).inc()
-                log.error(  # noqa: TRY400 - one line for the operator, the cause is known
-                    "%s %s: shard %s: checkpoint %s is older than the stream's retention; records "
-                    "were trimmed before they were replicated: run 'replicatord verify --repair' or "
-                    "'replicatord backfill' for this pair. Reading on from the oldest record.",
-                    pipeline, self.pair, self.shard_id, self.held.lease.checkpoint,
-                )
-                self.metrics.trimmed.labels(self.pair, pipeline).inc()
-                self.held.lease = replace(self.held.lease, checkpoint=None)
-                iterator = None
+                refused, iterator = True, None
+                failures += 1
+                await sleep_or_stop(self.stop, backoff_s(failures, self.tuning))
             except LeaseLost:
                 raise
             except ReplicatorError as exc:
@@ -270,6 +314,58 @@ class ShardWorker:
                 log.warning("%s %s: shard %s: %s (retry %d)", pipeline, self.pair, self.shard_id, exc, failures)
                 await sleep_or_stop(self.stop, backoff_s(failures, self.tuning))
         return False
+
+    async def _start(self) -> str:
+        """An iterator from the checkpoint. Where a trimmed position silently reads on from the
+        oldest record left (Kinesis), look first: if the oldest record left is past the
+        checkpoint, the checkpoint's record and maybe others after it were trimmed."""
+        checkpoint = self.held.lease.checkpoint
+        if checkpoint is None or checkpoint == LATEST or not self.source.silent_trim:
+            return await self.source.get_iterator(self.shard_id, checkpoint)
+        oldest = await self.source.get_iterator(self.shard_id, None)
+        page = await self.source.get_records(oldest, 1)
+        if page.records and _after(self.source.sequence_number(page.records[0]), checkpoint):
+            self._report_trimmed(self.source.created_s(page.records[0]))
+            return oldest  # an iterator may be used again: it reads from the oldest record
+        return await self.source.get_iterator(self.shard_id, checkpoint)
+
+    async def _read_on_after_trim(self) -> str:
+        oldest = await self.source.get_iterator(self.shard_id, None)
+        page = await self.source.get_records(oldest, 1)
+        self._report_trimmed(self.source.created_s(page.records[0]) if page.records else None)
+        self.held.lease = replace(self.held.lease, checkpoint=None)
+        return oldest
+
+    def _report_trimmed(self, oldest_left_s: float | None) -> None:
+        """One error line naming the shard and the time range whose records may be lost."""
+        lease = self.held.lease
+        since = _when(lease.checkpoint_at) if lease.checkpoint_at else "the shard's start"
+        until = _when(oldest_left_s) if oldest_left_s is not None else "now"
+        self.metrics.trimmed.labels(self.pair, self.source.pipeline).inc()
+        self.metrics.errors.labels(self.source.pipeline, "trimmed_data").inc()
+        log.error("%s %s: shard %s: the records after checkpoint %s (written %s) up to %s were trimmed "
+                  "by the stream's retention before they were read; verify the pair and backfill that "
+                  "range ('replicatord verify --repair', 'replicatord backfill'). Reading on from the "
+                  "oldest record left.", self.source.pipeline, self.pair, self.shard_id,
+                  lease.checkpoint or "(none)", since, until)
+
+    async def _shard_gone(self) -> bool:
+        """The shard was refused as unknown: if the stream no longer lists it, it left the stream
+        (retention) before it was read to its end. Report what was lost, finish its lease so that
+        its children start, and return True. False if it is still listed (try again)."""
+        if any(shard.id == self.shard_id for shard in await self.source.list_shards()):
+            return False
+        lease = self.held.lease
+        since = _when(lease.checkpoint_at) if lease.checkpoint_at else "its start"
+        self.metrics.trimmed.labels(self.pair, self.source.pipeline).inc()
+        self.metrics.errors.labels(self.source.pipeline, "trimmed_data").inc()
+        log.error("%s %s: shard %s left the stream before it was read to its end: its records after "
+                  "checkpoint %s (written %s) were lost to the stream's retention; verify the pair and "
+                  "backfill from then ('replicatord verify --repair', 'replicatord backfill'). Its "
+                  "children start now.", self.source.pipeline, self.pair, self.shard_id,
+                  lease.checkpoint or "(none)", since)
+        await self.leases.checkpoint(self.held, None, finished=True)
+        return True
 
     async def _release(self) -> None:
         try:
@@ -306,4 +402,4 @@ class ShardWorker:
                     raise Abandoned from None
         newest = self.source.created_s(records[-1])
         self.metrics.set_iterator_age(self.pair, pipeline, self.shard_id, time.time() - newest)
-        await self.leases.checkpoint(self.held, self.source.sequence_number(records[-1]))
+        await self.leases.checkpoint(self.held, self.source.sequence_number(records[-1]), at=newest)
