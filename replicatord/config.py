@@ -81,6 +81,10 @@ class Conflict(_Model):
     # attributes onto the local item (the stream's ApproximateCreationDateTime and this region),
     # and that change replicates.
     missing_version: Literal["dead_letter", "stamp"] = "dead_letter"
+    # Deletes made by DynamoDB's TTL (REMOVE records with userIdentity Service/dynamodb):
+    # replicate them as a delete of the version they removed (as Global Tables does), or skip
+    # them (each region expires its own items).
+    ttl_deletes: Literal["replicate", "skip"] = "replicate"
     # How long a delete's tombstone is kept: longer than the longest replication delay.
     tombstone_ttl_s: Annotated[float, Field(gt=0)] = 72 * 3600
 

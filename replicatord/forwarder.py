@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from replicatord.aws import Aws
 from replicatord.config import Conflict, Tuning
-from replicatord.conflict import PUT, Item, Version, being_deleted, delete_version, version_of, without_marker
+from replicatord.conflict import DELETE, PUT, Item, Version, being_deleted, delete_version, version_of, without_marker
 from replicatord.dlq import DeadLetterQueue
 from replicatord.errors import AccessDenied, NotFound, ReplicatorError, Throttled, Transient, Unreachable
 from replicatord.metrics import Metrics
@@ -59,7 +59,7 @@ def stream_keys(ddb: dict[str, Any]) -> Item:
 
 @dataclass(frozen=True)
 class Skip:
-    reason: str  # replicated | delete_marker | known_delete | no_version | unknown_event
+    reason: str  # replicated | delete_marker | known_delete | ttl_delete | no_version | unknown_event
 
 
 def plan_forward(stream_record: dict[str, Any], pair: str, region: str, conflict: Conflict) -> ReplicationRecord | Skip:
@@ -79,14 +79,48 @@ def plan_forward(stream_record: dict[str, Any], pair: str, region: str, conflict
             return Skip("no_version")
         if version.region != region:
             return Skip("replicated")
-        return ReplicationRecord("PUT", pair, keys, image, version, region, sequence, float(created))
+        return ReplicationRecord("PUT", pair, keys, image, version, region, sequence,
+                                 float(change_time(created, version)))
     if event == "REMOVE":
         old = ddb.get("OldImage") or {}
         if being_deleted(old, conflict):
             return Skip("known_delete")
-        version = delete_version(old, created, region, conflict)
+        if is_ttl_delete(stream_record):
+            if conflict.ttl_deletes == "skip":
+                return Skip("ttl_delete")
+            version = ttl_delete_version(old, region, conflict)
+        else:
+            version = delete_version(old, created, region, conflict)
         return ReplicationRecord("DELETE", pair, keys, None, version, region, sequence, float(created))
     return Skip("unknown_event")
+
+
+def is_ttl_delete(stream_record: dict[str, Any]) -> bool:
+    """A REMOVE made by DynamoDB's TTL sweep: `userIdentity` {Type: Service, PrincipalId:
+    dynamodb.amazonaws.com} (Lambda's events spell the members type/principalId)."""
+    identity = stream_record.get("userIdentity") or {}
+    kind = identity.get("Type", identity.get("type"))
+    principal = identity.get("PrincipalId", identity.get("principalId"))
+    return kind == "Service" and principal == "dynamodb.amazonaws.com"
+
+
+def ttl_delete_version(removed: Item | None, region: str, conflict: Conflict) -> Version:
+    """A TTL delete removes the version the item held, whenever the sweep ran (hours or days
+    after the expiry): stamped at the sweep, it would destroy writes the peer made since. An
+    unversioned item's delete carries timestamp 0: it removes only unversioned copies."""
+    removed_version = version_of(removed, conflict)
+    return Version(removed_version.timestamp if removed_version else Decimal(0), DELETE, region)
+
+
+def change_time(created: Decimal, version: Version | None) -> Decimal:
+    """When a change was made, as precisely as known (for the latency histogram). AWS rounds
+    ApproximateCreationDateTime down to the second; an application timestamp within that
+    second is closer. Never later than the change, so latency is never under-reported."""
+    if created != created.to_integral_value():
+        return created  # the stream gave sub-second precision
+    if version is not None and created <= version.timestamp < created + 1:
+        return version.timestamp
+    return created
 
 
 def plan_repair(stream_record: dict[str, Any], pair: str, region: str, conflict: Conflict) -> ReplicationRecord | None:
@@ -227,6 +261,9 @@ class Forwarder:
             if plan.written is not None:
                 written.append((plan.stream_record, plan.written, letter))
             planned = plan.forward
+            if is_ttl_delete(plan.stream_record):
+                replicated = isinstance(planned, ReplicationRecord) and planned.op == "DELETE"
+                self.metrics.ttl_deletes.labels(self.pair, "replicated" if replicated else "skipped").inc()
             if isinstance(planned, Skip):
                 self.metrics.records_skipped.labels(self.pair, planned.reason).inc()
                 if planned.reason == "no_version":

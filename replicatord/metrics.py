@@ -56,6 +56,12 @@ class Metrics:
             ["pair", "action"],
             registry=r,
         )
+        self.ttl_deletes = Counter(
+            "replicatord_ttl_deletes_total",
+            "Deletes made by DynamoDB's TTL here, by what conflict.ttl_deletes did (replicated, skipped)",
+            ["pair", "action"],
+            registry=r,
+        )
         self.errors = Counter(
             "replicatord_errors_total", "Errors, by pipeline and type", ["pipeline", "type"], registry=r
         )

@@ -11,7 +11,7 @@ import pytest
 
 from replicatord.config import Conflict, Tuning
 from replicatord.conflict import DELETE, PUT, Version, delete_version
-from replicatord.forwarder import Skip, plan_forward, plan_repair, plan_restore, stream_keys
+from replicatord.forwarder import Skip, change_time, plan_forward, plan_repair, plan_restore, stream_keys
 from replicatord.records import ReplicationRecord, creation_seconds, decode_record, encode_record
 from replicatord.retry import backoff_s
 
@@ -91,7 +91,8 @@ def test_local_change_is_forwarded_unchanged(event: str) -> None:
         version=Version(Decimal("1714564800.5"), PUT, CN),
         origin=CN,
         sequence_number="100",
-        approximate_creation_time=CREATED.timestamp(),
+        # The stream's second, refined by the item's timestamp within it (change_time).
+        approximate_creation_time=1714564800.5,
     )
     assert isinstance(planned, ReplicationRecord)
     assert planned.image is new  # passed through, not rebuilt or converted
@@ -308,3 +309,42 @@ def test_backoff_is_jittered_within_half_cap_and_cap(tuning: Tuning) -> None:
 def test_backoff_max_below_base_is_still_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(random, "uniform", lambda lo, hi: hi)
     assert backoff_s(1, Tuning(backoff_base_ms=1000, backoff_max_ms=100)) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    ("created", "timestamp", "expected"),
+    [
+        ("1714564800", "1714564800.5", "1714564800.5"),  # whole second + the item's ms within it
+        ("1714564800", "1714564800", "1714564800"),
+        ("1714564800", "1714564801", "1714564800"),  # a timestamp past the second: a clock ahead
+        ("1714564800", "1714564799.9", "1714564800"),  # before it: a stale or skewed stamp
+        ("1714564800.25", "1714564800.5", "1714564800.25"),  # the stream's own sub-second time wins
+    ],
+)
+def test_change_time_is_never_later_than_the_change(created: str, timestamp: str, expected: str) -> None:
+    assert change_time(Decimal(created), Version(Decimal(timestamp), PUT, CN)) == Decimal(expected)
+    assert change_time(Decimal(created), None) == Decimal(created)
+
+
+TTL = {"Type": "Service", "PrincipalId": "dynamodb.amazonaws.com"}
+
+
+@pytest.mark.parametrize("identity", [TTL, {"type": "Service", "principalId": "dynamodb.amazonaws.com"}])
+def test_a_ttl_delete_removes_the_version_it_found_not_the_sweep_time(identity: dict[str, str]) -> None:
+    record = {**stream_record("REMOVE", old=item("1714000000.5")), "userIdentity": identity}
+    planned = plan_forward(record, PAIR, CN, CONFLICT)  # the sweep ran long after 1714000000.5
+    assert isinstance(planned, ReplicationRecord)
+    assert planned.version == Version(Decimal("1714000000.5"), DELETE, CN)
+    app_delete = plan_forward(stream_record("REMOVE", old=item("1714000000.5")), PAIR, CN, CONFLICT)
+    assert isinstance(app_delete, ReplicationRecord)
+    assert app_delete.version == Version(CREATED_S, DELETE, CN)  # an application delete: when it was made
+
+
+def test_ttl_deletes_can_be_skipped_and_unversioned_ones_remove_only_unversioned_copies() -> None:
+    record = {**stream_record("REMOVE", old=item(ts=None, region=None)), "userIdentity": TTL}
+    planned = plan_forward(record, PAIR, CN, CONFLICT)
+    assert isinstance(planned, ReplicationRecord) and planned.version == Version(Decimal(0), DELETE, CN)
+    assert plan_forward(record, PAIR, CN, Conflict(ttl_deletes="skip")) == Skip("ttl_delete")
+    other_service = {**stream_record("REMOVE", old=item()), "userIdentity": {"Type": "Service", "PrincipalId": "x"}}
+    # Not the TTL service: an application delete, max(when it was made, the version it removed).
+    assert plan_forward(other_service, PAIR, CN, CONFLICT).version.timestamp == Decimal("1714564800.5")  # type: ignore[union-attr]
