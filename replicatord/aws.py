@@ -7,6 +7,8 @@ Every call goes through `Aws.call`, which times it and maps its errors (errors.c
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 import time
 from contextlib import AsyncExitStack
@@ -42,7 +44,10 @@ class Aws:
         self._stack = AsyncExitStack()
         self._session = get_session()
         self.local: dict[str, Any] = {}
-        self.peers: dict[str, Any] = {}
+        self.peers: dict[str, Any] = {}  # peer region -> its current Kinesis client
+        self._peer_digests: dict[str, bytes] = {}
+        self._peer_refreshed: dict[str, float] = {}
+        self._peer_locks: dict[str, asyncio.Lock] = {}
 
     def _config(self, proxy: str | None = None, timeout_s: float | None = None, pool: int = 64) -> AioConfig:
         tuning = self.settings.topology.tuning
@@ -90,20 +95,8 @@ class Aws:
                 f"regions.{peer}.credentials: missing; a daemon in {self.settings.region} needs an "
                 f"ssm_prefix to authenticate in {peer}"
             )
-        access_name, secret_name = peer_credential_names(target.credentials.ssm_prefix)
-        access_key = await self.read_parameter(access_name, decrypt=False)
-        secret_key = await self.read_parameter(secret_name, decrypt=True)
-        client = await self._stack.enter_async_context(
-            self._session.create_client(
-                "kinesis",
-                region_name=peer,
-                endpoint_url=target.endpoint_url,
-                aws_access_key_id=access_key,
-                aws_secret_access_key=secret_key,
-                config=self._config(target.proxy),
-            )
-        )
-        self.peers[peer] = client
+        keys = await self._peer_keys(peer)
+        client = await self._peer_client(peer, keys)
         log.info(
             "peer %s: kinesis via %s, credentials from SSM %s* in %s",
             peer,
@@ -112,6 +105,55 @@ class Aws:
             self.settings.region,
         )
         return client
+
+    async def _peer_keys(self, peer: str) -> tuple[str, str]:
+        credentials = self.settings.topology.regions[peer].credentials
+        assert credentials is not None
+        access_name, secret_name = peer_credential_names(credentials.ssm_prefix)
+        return (await self.read_parameter(access_name, decrypt=False),
+                await self.read_parameter(secret_name, decrypt=True))
+
+    async def _peer_client(self, peer: str, keys: tuple[str, str]) -> Any:
+        target = self.settings.topology.regions[peer]
+        client = await self._stack.enter_async_context(
+            self._session.create_client(
+                "kinesis",
+                region_name=peer,
+                endpoint_url=target.endpoint_url,
+                aws_access_key_id=keys[0],
+                aws_secret_access_key=keys[1],
+                config=self._config(target.proxy),
+            )
+        )
+        self.peers[peer] = client
+        # Only a digest is kept, to tell whether SSM holds another pair; never the keys themselves.
+        self._peer_digests[peer] = hashlib.sha256("\0".join(keys).encode()).digest()
+        return client
+
+    async def refresh_peer(self, peer: str) -> bool:
+        """After the peer refused our key pair (rotated, revoked, expired): read the pair from SSM
+        again, at most every `tuning.peer_credentials_refresh_s`, and use it if it changed.
+        True if a new pair is in use. Calls already under way finish with the old client."""
+        lock = self._peer_locks.setdefault(peer, asyncio.Lock())
+        async with lock:
+            now = time.monotonic()
+            every_s = self.settings.topology.tuning.peer_credentials_refresh_s
+            if now - self._peer_refreshed.get(peer, -float("inf")) < every_s:
+                return False
+            self._peer_refreshed[peer] = now
+            try:
+                keys = await self._peer_keys(peer)
+            except StartupError as exc:
+                log.warning("peer %s: cannot read the key pair from SSM again: %s", peer, exc)
+                return False
+            if hashlib.sha256("\0".join(keys).encode()).digest() == self._peer_digests.get(peer):
+                log.warning("peer %s: refused our key pair, and SSM holds the same pair: rotate it there "
+                            "('replicatord provision --store-peer-credentials')", peer)
+                return False
+            await self._peer_client(peer, keys)
+            self.metrics.peer_credentials_refreshed.labels(peer).inc()
+            log.info("peer %s: a new key pair from SSM is in use", peer)
+            return True
 
     async def read_parameter(self, name: str, decrypt: bool) -> str:
         try:

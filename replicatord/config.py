@@ -112,6 +112,8 @@ class Tuning(_Model):
     backoff_base_ms: Annotated[int, Field(ge=1)] = 100
     backoff_max_ms: Annotated[int, Field(ge=1)] = 5_000
     aws_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    # After the peer refuses the key pair (rotated or revoked), SSM is read again at most this often.
+    peer_credentials_refresh_s: Annotated[float, Field(gt=0)] = 30.0
     # Where a pipeline starts the first time it runs on a stream (no lease of it yet): the oldest
     # record still in the stream (trim_horizon: the last 24 hours are replicated), or the changes
     # made from the first start on (latest: bring existing data over with backfill instead).

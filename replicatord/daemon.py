@@ -25,7 +25,7 @@ from replicatord.applier import Applier
 from replicatord.aws import LEASES, Aws, StartupError
 from replicatord.config import Settings
 from replicatord.dlq import MAX_BODY_BYTES, DeadLetterQueue
-from replicatord.errors import NotFound, ReplicatorError
+from replicatord.errors import AccessDenied, NotFound, ReplicatorError
 from replicatord.forwarder import Forwarder
 from replicatord.leases import LEASE_TABLE_KEY, LEGACY_LEASE_KEY, LeaseTable
 from replicatord.metrics import Metrics
@@ -133,10 +133,11 @@ class Daemon:
         await self._require_table(me.tombstone_table, "tombstone table")
         leases = LeaseTable(self.aws, me.lease_table, self.aws.local[LEASES])
         tombstones = TombstoneTable(self.aws, me.tombstone_table, topology.conflict.tombstone_ttl_s)
-        peer_clients = {peer: await self.aws.open_peer(peer) for peer in s.peers}
+        for peer in s.peers:
+            await self.aws.open_peer(peer)
         for pair in topology.pairs:
             plan = await self._plan_pair(pair.name, pair.tables[s.region], pair.streams[s.region])
-            peers = {peer: (peer_clients[peer], pair.streams[peer]) for peer in s.peers}
+            peers = {peer: pair.streams[peer] for peer in s.peers}
             applier = Applier(self.aws, pair.name, plan.table, me.stats_table, tombstones, topology.conflict,
                               topology.tuning, dlq, self.metrics, self.stop)
             forwarder = Forwarder(self.aws, pair.name, peers, tombstones, topology.conflict,
@@ -249,14 +250,17 @@ class Daemon:
         """Keep `replicatord_peer_reachable` true even when nothing is being forwarded."""
         topology = self.settings.topology
         async for _ in poll(topology.tuning.shard_refresh_s, self.stop):
-            for peer, client in self.aws.peers.items():
+            for peer in list(self.aws.peers):
                 stream = topology.pairs[0].streams[peer]
                 try:
-                    await self.aws.call("kinesis", "describe_stream_summary", client=client, StreamName=stream)
+                    await self.aws.call("kinesis", "describe_stream_summary", client=self.aws.peers[peer],
+                                        StreamName=stream)
                 except ReplicatorError as exc:
                     self.metrics.peer_reachable.labels(peer).set(0)
                     self.metrics.errors.labels("forwarder", exc.kind).inc()
                     log.warning("peer %s: Kinesis stream %s not reachable: %s", peer, stream, exc)
+                    if isinstance(exc, AccessDenied):
+                        await self.aws.refresh_peer(peer)
                 else:
                     self.metrics.peer_reachable.labels(peer).set(1)
 

@@ -212,7 +212,7 @@ class Forwarder:
         self,
         aws: Aws,
         pair: str,
-        peers: dict[str, tuple[Any, str]],  # peer region -> (kinesis client, stream name)
+        peers: dict[str, str],  # peer region -> its Kinesis stream (the client: aws.peers)
         tombstones: TombstoneTable,
         conflict: Conflict,
         tuning: Tuning,
@@ -367,13 +367,13 @@ class Forwarder:
         the peer refuses for its content (invalid, or an unknown error) is split into single
         entries, and an entry refused on its own goes the per-record way (retry.py).
         """
-        client, stream = self.peers[peer]
+        stream = self.peers[peer]
         reachable = self.metrics.peer_reachable.labels(peer)
         attempt = 0
         while batch:
             try:
                 result = await self.aws.call(
-                    "kinesis", "put_records", client=client, StreamName=stream,
+                    "kinesis", "put_records", client=self.aws.peers[peer], StreamName=stream,
                     Records=[{"Data": e.data, "PartitionKey": e.partition_key} for e, _ in batch],
                 )
             except ReplicatorError as exc:
@@ -390,6 +390,8 @@ class Forwarder:
                         return
                 else:
                     reachable.set(0)
+                    if isinstance(exc, AccessDenied) and await self.aws.refresh_peer(peer):
+                        continue  # a rotated key pair: try it at once
                 reason, detail, failed = exc.kind, str(exc), len(batch)
             else:
                 reachable.set(1)

@@ -112,6 +112,12 @@ class Metrics:
             buckets=REQUEST_BUCKETS,
             registry=r,
         )
+        self.peer_credentials_refreshed = Counter(
+            "replicatord_peer_credentials_refreshed_total",
+            "New peer key pairs taken from SSM after the peer refused the old one",
+            ["peer"],
+            registry=r,
+        )
         self.peer_reachable = Gauge(
             "replicatord_peer_reachable", "1 if the last call to the peer succeeded", ["peer"], registry=r
         )

@@ -97,6 +97,8 @@ class FakeAws:
     """Records calls; `faults` decide, per call, whether it raises (as `Aws.call` would)."""
 
     settings: Any = field(default_factory=lambda: SimpleNamespace(region=SG))
+    peers: dict[str, Any] = field(default_factory=lambda: {CN: object()})
+    refreshed: int = 0
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # every attempt
     accepted: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # those that succeeded
     faults: list[Fault] = field(default_factory=list)
@@ -117,6 +119,10 @@ class FakeAws:
             records = kwargs["Records"]
             return {"Records": answer(records) if answer else [{"SequenceNumber": "1"}] * len(records)}
         return {}
+
+    async def refresh_peer(self, peer: str) -> bool:
+        self.refreshed += 1
+        return False
 
     def count(self, operation: str, pk: str | None = None) -> int:
         return sum(1 for op, kw in self.calls if op == operation and (pk is None or _pk(kw) == pk))
@@ -317,7 +323,7 @@ class Repairs:
 def forwarder(aws: FakeAws, peers: tuple[str, ...] = (CN,)) -> Forwarder:
     metrics = Metrics()
     dlq = DeadLetterQueue(aws, "queue", metrics)  # type: ignore[arg-type]
-    return Forwarder(aws, "user", {p: (object(), f"stream-{p}") for p in peers},  # type: ignore[arg-type]
+    return Forwarder(aws, "user", {p: f"stream-{p}" for p in peers},  # type: ignore[arg-type]
                      TombstoneTable(aws, "tombs", 3600), CONFLICT, TUNING, dlq, Repairs(), metrics,  # type: ignore[arg-type]
                      asyncio.Event())
 
@@ -383,3 +389,4 @@ async def test_a_peer_outage_is_waited_out_not_dead_lettered() -> None:
                           fail("put_records", None, classify(TimeoutError()), times=5)])
     await forwarder(aws).process("shard", [stream_record("a")])
     assert aws.count("put_records") == 11 and aws.dead_letters() == []
+    assert aws.refreshed == 5  # a refused key pair: SSM is asked again (rate-limited in Aws.refresh_peer)
