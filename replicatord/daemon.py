@@ -97,6 +97,10 @@ class Daemon:
         self.stop = asyncio.Event()
         self.aws = Aws(settings, self.metrics)
         self.pipelines: list[Pipeline] = []
+        self.forwarding: dict[str, tuple[Pipeline, str]] = {}  # pair -> (forwarder pipeline, table)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._running: dict[Pipeline, asyncio.Task[None]] = {}
+        self._group: asyncio.TaskGroup | None = None
         self.started = False
         self._runner: web.AppRunner | None = None
 
@@ -142,12 +146,13 @@ class Daemon:
                               topology.tuning, dlq, self.metrics, self.stop)
             forwarder = Forwarder(self.aws, pair.name, peers, tombstones, topology.conflict,
                                   topology.tuning, dlq, applier, self.metrics, self.stop)
-            for source, processor in (
-                (DynamoStreamSource(self.aws, plan.table, plan.stream_arn), forwarder),
-                (KinesisSource(self.aws, plan.kinesis_stream, plan.kinesis_created), applier),
-            ):
-                self.pipelines.append(Pipeline(pair.name, source, processor, leases, s.instance_id,
-                                               topology.tuning, self.metrics, self.stop))
+            forwarding = Pipeline(pair.name, DynamoStreamSource(self.aws, plan.table, plan.stream_arn), forwarder,
+                                  leases, s.instance_id, topology.tuning, self.metrics, self.stop)
+            self.forwarding[pair.name] = (forwarding, plan.table)
+            self.pipelines.append(forwarding)
+            applying = Pipeline(pair.name, KinesisSource(self.aws, plan.kinesis_stream, plan.kinesis_created),
+                                applier, leases, s.instance_id, topology.tuning, self.metrics, self.stop)
+            self.pipelines.append(applying)
         for peer in s.peers:
             # Not fatal: the peer may come back; readiness and the metric say it is not there.
             self.metrics.peer_reachable.labels(peer).set(0)
@@ -161,12 +166,13 @@ class Daemon:
     async def main_loop(self) -> None:
         drain_s = self.settings.topology.tuning.drain_timeout_s
         async with asyncio.TaskGroup() as group:
-            tasks = [
-                group.create_task(pipeline.run(), name=f"{pipeline.source.pipeline}/{pipeline.pair}")
-                for pipeline in self.pipelines
-            ]
+            self._group = group
+            tasks = self._tasks
+            for pipeline in self.pipelines:
+                self._start_pipeline(pipeline)
             tasks.append(group.create_task(self._watchdog(), name="watchdog"))
             tasks.append(group.create_task(self._probe_peers(), name="probe-peers"))
+            tasks.append(group.create_task(self._follow_streams(), name="follow-streams"))
             await self.stop.wait()
             sd_notify("STOPPING=1")
             log.info("stopping: draining in-flight pages (at most %.0fs)", drain_s)
@@ -238,6 +244,50 @@ class Daemon:
         return PairPlan(pair, table, str(arn), kinesis_stream, f"{created.timestamp():.0f}")
 
     # -- background duties -------------------------------------------------------------------
+
+    def _start_pipeline(self, pipeline: Pipeline) -> None:
+        assert self._group is not None
+        task = self._group.create_task(pipeline.run(), name=f"{pipeline.source.pipeline}/{pipeline.pair}")
+        self._tasks.append(task)
+        self._running[pipeline] = task
+
+    async def _follow_streams(self) -> None:
+        """A table's stream disabled and enabled again is a new stream (a new LatestStreamArn):
+        start forwarding it from its oldest record, and let the old stream's pipeline read its
+        shards to their end and stop. A pipeline that stopped leaves readiness."""
+        tuning = self.settings.topology.tuning
+        disabled: set[str] = set()
+        async for _ in poll(tuning.shard_refresh_s, self.stop):
+            for pipeline, task in list(self._running.items()):
+                if task.done() and pipeline in self.pipelines:
+                    self.pipelines.remove(pipeline)
+            for pair, (current, table) in list(self.forwarding.items()):
+                try:
+                    desc = await self.aws.call("dynamodb", "describe_table", TableName=table)
+                except ReplicatorError as exc:
+                    log.warning("pair %s: cannot describe table %s: %s", pair, table, exc)
+                    continue
+                arn = desc["Table"].get("LatestStreamArn")
+                enabled = bool((desc["Table"].get("StreamSpecification") or {}).get("StreamEnabled"))
+                if not enabled:
+                    if pair not in disabled:
+                        disabled.add(pair)
+                        log.error("pair %s: the stream of table %s is disabled: its changes are not captured "
+                                  "until it is enabled again (NEW_AND_OLD_IMAGES)", pair, table)
+                    continue
+                disabled.discard(pair)
+                source = current.source
+                if not arn or not isinstance(source, DynamoStreamSource) or arn == source.arn:
+                    continue
+                log.warning("pair %s: table %s has a new stream %s (disabled and enabled again): forwarding it "
+                            "from its oldest record; the old stream is read to its end", pair, table, arn)
+                current.retiring = True
+                new = Pipeline(pair, DynamoStreamSource(self.aws, table, str(arn)), current.processor,
+                               current.leases, self.settings.instance_id, tuning, self.metrics, self.stop,
+                               initial_position="trim_horizon")
+                self.forwarding[pair] = (new, table)
+                self.pipelines.append(new)
+                self._start_pipeline(new)
 
     async def _watchdog(self) -> None:
         usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)

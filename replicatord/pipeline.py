@@ -69,6 +69,10 @@ class Pipeline:
         self.metrics = metrics
         self.stop = stop
         self.name = f"{source.pipeline} {pair}"
+        # Set when the stream was replaced (a DynamoDB stream disabled and enabled again): the
+        # pipeline reads what is left of it and stops once every lease is finished.
+        self.retiring = False
+        self.done = False
         self.workers: dict[str, tuple[HeldLease, asyncio.Task[bool]]] = {}
         self.clock = LeaseClock()
         self.cycle_ok_at = 0.0  # monotonic time of the last lease cycle that reached the table
@@ -99,8 +103,12 @@ class Pipeline:
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
-                group.create_task(self._renew_loop(), name=f"renew {self.name}")
+                renewing = group.create_task(self._renew_loop(), name=f"renew {self.name}")
                 async for _ in poll(self.tuning.lease_take_interval_s, self.stop):
+                    if self.done:
+                        log.info("%s: stream %s read to its end; this pipeline stops", self.name, self.source.stream)
+                        renewing.cancel()  # no lease is held: nothing to renew
+                        break
                     try:
                         await self._cycle()
                     except ReplicatorError as exc:
@@ -128,6 +136,9 @@ class Pipeline:
             lease.key for lease in leases
             if lease.owner != self.owner and self.clock.expired(lease, self.cycle_ok_at, self.tuning.failover_s)
         }
+        if self.retiring and not self.workers and leases and all(lease.state == FINISHED for lease in leases):
+            self.done = True
+            return
         plan = plan_leases(leases, self.owner, expired, ready_leases(leases), set(self.workers))
         by_key = {lease.key: lease for lease in leases}
         for key in plan.take:
