@@ -68,9 +68,9 @@ class LocalRegions:
         provision_local(config, report=lambda _line: None)
         return config
 
-    def daemon(self, region: str, instance_id: str | None = None) -> DaemonProcess:
+    def daemon(self, region: str, instance_id: str | None = None, env: dict[str, str] | None = None) -> DaemonProcess:
         assert self.config is not None, "write_config() or provision() first"
-        daemon = DaemonProcess(self.config, region, self.workdir, instance_id).start()
+        daemon = DaemonProcess(self.config, region, self.workdir, instance_id, env).start()
         self.daemons.append(daemon)
         return daemon
 

@@ -127,7 +127,12 @@ def test_both_directions_through_squid_converge(regions: Any, squid: Any) -> Non
         assert own_writes <= forwarded <= own_writes + repairs
         applied = metric_sum(metrics[dst], "replicatord_records_applied_total")
         stale = metric_sum(metrics[dst], "replicatord_records_stale_total")
-        assert applied + stale == forwarded
+        # A PutRecords answered with a 5xx after it took effect is sent again: its entries arrive
+        # twice (at least once, as DESIGN.md §4 allows); without such a fault the counts match.
+        if regions.control(dst).stats()["faults"].get("kinesis.error_after", 0):
+            assert applied + stale >= forwarded
+        else:
+            assert applied + stale == forwarded
         # The 2000 new items all applied; the shared writes count as applied or stale.
         replicated = read_counter(ddb[dst], "replicator_stats", "replicated_count")
         assert replicated == applied >= 2000

@@ -220,8 +220,10 @@ def metric_sum(metrics: Mapping[str, float], name: str, **labels: str) -> float:
 class DaemonProcess:
     """`replicatord run` as a subprocess, with its log in a file and its metrics port known."""
 
-    def __init__(self, config: Path, region: str, log_dir: Path, instance_id: str | None = None) -> None:
+    def __init__(self, config: Path, region: str, log_dir: Path, instance_id: str | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
         self.config = config
+        self.env = {**local_env(), **(env or {})}
         self.region = region
         self.port = free_port()
         self.instance_id = instance_id or f"{region}-{self.port}"
@@ -234,7 +236,7 @@ class DaemonProcess:
             [sys.executable, "-m", "replicatord.cli", "run", "--config", str(self.config),
              "--region", self.region, "--instance-id", self.instance_id,
              "--metrics-listen", f"127.0.0.1:{self.port}"],
-            stdout=log, stderr=subprocess.STDOUT, env=local_env(),
+            stdout=log, stderr=subprocess.STDOUT, env=self.env,
         )
         log.close()
         return self
