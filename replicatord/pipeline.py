@@ -223,8 +223,14 @@ class Pipeline:
         interval_s = self.tuning.renew_interval_s
         async for _ in poll(interval_s, self.stop):
             running = [(key, held, task) for key, (held, task) in list(self.workers.items()) if not task.done()]
+            # Each renewal may take what its lease can still afford, and no more than half the
+            # failover time: a renewal that hangs times out just when the shard must stop.
+            budget_s = self.tuning.failover_s - interval_s
+            now = time.monotonic()
             results = await asyncio.gather(
-                *(asyncio.wait_for(self.leases.renew(held), renewal_deadline_s(self.tuning)) for _, held, _ in running),
+                *(asyncio.wait_for(self.leases.renew(held),
+                                   max(0.05, min(renewal_deadline_s(self.tuning), budget_s - (now - held.renewed_at))))
+                  for _, held, _ in running),
                 return_exceptions=True,
             )
             now = time.monotonic()
@@ -240,7 +246,7 @@ class Pipeline:
                     self.metrics.errors.labels(self.source.pipeline, kind).inc()
                     log.warning("%s: renewing the lease of shard %s failed: %s", self.name, shard_of(key),
                                 result or type(result).__name__)
-                if now - held.renewed_at >= self.tuning.failover_s - interval_s:
+                if now - held.renewed_at >= budget_s:
                     self._lost(key, task, f"not renewed for {now - held.renewed_at:.1f}s")
 
     def _lost(self, key: str, task: asyncio.Task[bool], why: str) -> None:

@@ -7,6 +7,7 @@ the client seam by a small fake stream; the lease table is a real emulator proce
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -229,3 +230,47 @@ async def test_a_malformed_lease_item_and_a_processor_bug_do_not_stop_the_pipeli
     assert flaky.seen == [("s", 1), ("s", 2), ("s", 3)]  # the page ran again after the bug, once
     assert metrics.registry.get_sample_value(
         "replicatord_errors_total", {"pipeline": "applier", "type": "internal_error"}) == 1
+
+
+async def test_a_renewal_that_hangs_stops_its_shard_before_others_may_take_it(lease_env: Any) -> None:
+    """Renewals run at once, each under a deadline: one hanging renewal neither delays the others
+    past their failover nor lets its own shard run on after others could count it expired."""
+    aws, settings, metrics = lease_env
+    fake = FakeKinesis({"fast": {"records": [1]}, "slow": {"records": [1]}})
+    stop = asyncio.Event()
+    pipeline, recorder, leases = _pipeline(aws, settings, metrics, fake, stop)
+    renew = leases.renew
+    renewed: dict[str, list[float]] = {"fast": [], "slow": []}
+    hang = asyncio.Event()
+
+    async def renew_or_hang(held: Any) -> None:
+        shard = held.lease.key.rsplit("/", 1)[1]
+        if shard == "slow" and hang.is_set():
+            await asyncio.sleep(3600)  # a call that never answers
+        await renew(held)
+        renewed[shard].append(held.renewed_at)
+
+    leases.renew = renew_or_hang  # type: ignore[method-assign]
+    task = asyncio.create_task(pipeline.run())
+    try:
+        async with asyncio.timeout(30):
+            while not (renewed["fast"] and renewed["slow"]):  # noqa: ASYNC110 - polls another task's progress
+                await asyncio.sleep(0.05)
+            hang.set()
+            last_slow = renewed["slow"][-1]
+
+            def lost() -> float:
+                return metrics.registry.get_sample_value("replicatord_leases_lost_total", {"pipeline": "applier"}) or 0
+
+            while not lost():  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            stopped_after = time.monotonic() - last_slow
+            fast_before = len(renewed["fast"])
+            await asyncio.sleep(2.5)  # two more renewal intervals, to see the fast lease renewed on
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    tuning = settings.topology.tuning
+    assert stopped_after < tuning.failover_s, stopped_after  # before another instance may take it
+    assert len(renewed["fast"]) > fast_before
+    assert recorder.seen  # both shards were read before
