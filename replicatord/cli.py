@@ -213,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--processes", type=int, default=2, help="loader processes per region")
     demo.add_argument("--timeout", type=float, default=180.0, help="seconds to converge after the load")
     demo.add_argument("--workdir", default=".demo", help="logs and generated config go here")
+    demo.add_argument("--aws-behaviour", action="store_true",
+                      help="emulators that behave like AWS (stream rollover every few seconds, whole-second "
+                           "timestamps, iterator expiry, read limits, a little throttling and 5xx)")
     demo.set_defaults(func=cmd_demo)
     return parser
 
