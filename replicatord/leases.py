@@ -38,9 +38,21 @@ LEASE_TABLE_KEY = {STREAM_KEY: "S", SHARD_KEY: "S"}
 # copies its checkpoints into the current table.
 LEGACY_LEASE_KEY = "lease_key"
 LEGACY_LEASE_TABLE = "replicatord_leases"
-# A checkpoint that is not a sequence number: read from the shard's newest record on (a pipeline
-# that starts at `latest`), until the first real checkpoint replaces it.
-LATEST = "LATEST"
+# A checkpoint that is not a sequence number: `LATEST@<epoch s>` (a pipeline that starts at
+# `latest`) reads the shard from its oldest record and skips what was written before that second,
+# until the first real checkpoint replaces it. A LATEST iterator would instead miss what is
+# written between the lease's creation and the shard's first read.
+LATEST = "LATEST@"
+
+
+def latest_since(checkpoint: str | None) -> float | None:
+    """The second a `latest` start counts from, if the checkpoint is such a marker."""
+    if checkpoint is None or not checkpoint.startswith(LATEST):
+        return None
+    try:
+        return float(checkpoint[len(LATEST):])
+    except ValueError:
+        return None
 _NAMES = {"#owner": "owner", "#counter": "counter", "#state": "state"}  # reserved words in DynamoDB
 
 

@@ -167,8 +167,8 @@ class Pipeline:
                 continue
             parents = tuple(self._key(p) for p in shard.parent_ids)
             if latest:  # a new deployment that starts with what is written from now on
-                created = await self.leases.create(key, parents, None if shard.closed else LATEST,
-                                                   FINISHED if shard.closed else ACTIVE)
+                start = None if shard.closed else f"{LATEST}{int(time.time())}"
+                created = await self.leases.create(key, parents, start, FINISHED if shard.closed else ACTIVE)
             else:
                 created = await self.leases.create(key, parents)
             if not created:

@@ -26,7 +26,7 @@ from replicatord.errors import (
     Transient,
     TrimmedData,
 )
-from replicatord.leases import LATEST, HeldLease, LeaseTable, shard_of
+from replicatord.leases import HeldLease, LeaseTable, latest_since, shard_of
 from replicatord.metrics import Metrics
 from replicatord.records import creation_seconds
 from replicatord.retry import Abandoned, backoff_s, sleep_or_stop
@@ -116,9 +116,7 @@ class DynamoStreamSource:
 
     async def get_iterator(self, shard_id: str, after: str | None) -> str:
         kwargs: dict[str, Any] = {"StreamArn": self.arn, "ShardId": shard_id}
-        if after == LATEST:
-            kwargs.update(ShardIteratorType="LATEST")
-        elif after:
+        if after:
             kwargs.update(ShardIteratorType="AFTER_SEQUENCE_NUMBER", SequenceNumber=after)
         else:
             kwargs.update(ShardIteratorType="TRIM_HORIZON")
@@ -163,9 +161,7 @@ class KinesisSource:
 
     async def get_iterator(self, shard_id: str, after: str | None) -> str:
         kwargs: dict[str, Any] = {"StreamName": self.name, "ShardId": shard_id}
-        if after == LATEST:
-            kwargs.update(ShardIteratorType="LATEST")
-        elif after:
+        if after:
             kwargs.update(ShardIteratorType="AFTER_SEQUENCE_NUMBER", StartingSequenceNumber=after)
         else:
             kwargs.update(ShardIteratorType="TRIM_HORIZON")
@@ -279,8 +275,9 @@ class ShardWorker:
                     break
                 last_read = time.monotonic()
                 page = await self.source.get_records(iterator, self.tuning.get_records_limit)
-                if page.records:
-                    await self._deliver(page.records)
+                records = await self._skip_before_start(page.records)
+                if records:
+                    await self._deliver(records)
                 if page.next_iterator is None:
                     await self.leases.checkpoint(self.held, None, finished=True)
                     log.info("%s %s: shard %s read to its end", pipeline, self.pair, self.shard_id)
@@ -315,12 +312,27 @@ class ShardWorker:
                 await sleep_or_stop(self.stop, backoff_s(failures, self.tuning))
         return False
 
+    async def _skip_before_start(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A pipeline that starts at `latest` skips what was written before its start (records
+        are in order: what is kept is the end of the page); if nothing is kept, it checkpoints
+        past the page."""
+        since = latest_since(self.held.lease.checkpoint)
+        if since is None or not records:
+            return records
+        kept = [r for r in records if self.source.created_s(r) >= since]
+        if not kept:
+            last = records[-1]
+            await self.leases.checkpoint(self.held, self.source.sequence_number(last), at=self.source.created_s(last))
+        return kept
+
     async def _start(self) -> str:
         """An iterator from the checkpoint. Where a trimmed position silently reads on from the
         oldest record left (Kinesis), look first: if the oldest record left is past the
         checkpoint, the checkpoint's record and maybe others after it were trimmed."""
         checkpoint = self.held.lease.checkpoint
-        if checkpoint is None or checkpoint == LATEST or not self.source.silent_trim:
+        if latest_since(checkpoint) is not None:
+            return await self.source.get_iterator(self.shard_id, None)  # from the oldest, skipping
+        if checkpoint is None or not self.source.silent_trim:
             return await self.source.get_iterator(self.shard_id, checkpoint)
         oldest = await self.source.get_iterator(self.shard_id, None)
         page = await self.source.get_records(oldest, 1)

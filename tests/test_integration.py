@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -186,7 +187,6 @@ def test_sigterm_with_a_hung_peer_exits_within_the_drain_bound_and_releases_leas
 ) -> None:
     """The peer accepts connections and never answers: shutdown is still bounded, leases released."""
     import socket
-    import time
 
     from replicatord.tools.local import DaemonProcess, topology_document, write_topology
 
@@ -215,3 +215,49 @@ def test_sigterm_with_a_hung_peer_exits_within_the_drain_bound_and_releases_leas
     leases = scan_leases(ddb)
     assert leases and all(lease.owner is None for lease in leases if lease.state == "active"), leases
     assert "drain took longer than 2s" in cn.log_path.read_text()
+
+
+def test_provision_copies_a_0_1_lease_table_and_the_daemon_refuses_the_old_layout(regions: Any) -> None:
+    ddb = regions.client("dynamodb", CN)
+    ddb.create_table(TableName="replicatord_leases", BillingMode="PAY_PER_REQUEST",
+                     KeySchema=[{"AttributeName": "lease_key", "KeyType": "HASH"}],
+                     AttributeDefinitions=[{"AttributeName": "lease_key", "AttributeType": "S"}])
+    ddb.put_item(TableName="replicatord_leases", Item={
+        "lease_key": {"S": "forwarder/user-cn@2026-01-01T00:00:00/shardId-1"}, "owner": {"S": "old-host-1"},
+        "counter": {"N": "5"}, "checkpoint": {"S": "42"}, "state": {"S": "active"}})
+    config = str(regions.write_config())
+    result = cli("provision", "--config", config)
+    assert result.returncode == 0, result.stderr
+    assert "copied 1 leases (checkpoints) from replicatord_leases into replicatord_leases_v2" in result.stdout
+    (lease,) = scan_leases(ddb)
+    assert (lease.key, lease.owner, lease.checkpoint, lease.counter) == (
+        "forwarder/user-cn@2026-01-01T00:00:00/shardId-1", None, "42", 5)
+
+    old = Path(config).read_text().replace("lease_table: replicatord_leases_v2", "lease_table: replicatord_leases")
+    old_config = Path(config).with_name("old.yaml")
+    old_config.write_text(old)
+    run = cli("run", "--config", str(old_config), "--region", CN, "--metrics-listen", "127.0.0.1:0")
+    assert run.returncode == 4
+    assert run.stderr.strip().splitlines()[-1].startswith(
+        "error: lease table 'replicatord_leases' in cn-north-1 has the layout of replicatord 0.1"), run.stderr
+
+
+def test_initial_position_latest_skips_what_was_written_before_the_first_start(regions: Any) -> None:
+    regions.provision(tuning={"initial_position": "latest"})
+    ddb = {r: regions.client("dynamodb", r) for r in REGIONS}
+
+    def put(pk: str) -> None:
+        ddb[CN].put_item(TableName="user-cn", Item={
+            "PK": {"S": pk}, "last_update_timestamp": {"N": f"{time.time():.3f}"}, "last_updater_region": {"S": CN}})
+
+    for i in range(5):
+        put(f"history-{i}")
+    for region in REGIONS:
+        regions.daemon(region).wait_ready()
+    wait_for(lambda: bool(scan_leases(ddb[CN])), 30, "the forwarder's leases")
+    for i in range(5):
+        put(f"new-{i}")
+    wait_for(lambda: all("Item" in ddb[SG].get_item(TableName="user-sg", Key={"PK": {"S": f"new-{i}"}})
+                         for i in range(5)), 120, "the new writes to replicate")
+    assert not any("Item" in ddb[SG].get_item(TableName="user-sg", Key={"PK": {"S": f"history-{i}"}})
+                   for i in range(5))
