@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from replicatord.aws import StartupError
 from replicatord.config import ConfigError, Settings, Topology, load_topology, redact_url, resolve_settings
-from replicatord.tools.load_args import add_arguments as add_load_arguments
+from replicatord.local.load_args import add_arguments as add_load_arguments
 
 log = logging.getLogger("replicatord")
 
@@ -136,28 +136,28 @@ def describe_plan(settings: Settings) -> str:
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
-    from replicatord.tools.provision import provision
+    from replicatord.ops.provision import provision
 
     topology = load_topology(args.config)
     return provision(topology, regions=args.only_region, store_peer_credentials=args.store_peer_credentials)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from replicatord.tools.status import status
+    from replicatord.ops.status import status
 
     return status(load_topology(args.config), [args.region] if args.region else None)
 
 
 def cmd_load(args: argparse.Namespace) -> int:
     require_local_extra("load")
-    from replicatord.tools import load
+    from replicatord.local import load
 
     return load.run(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     require_local_extra("demo")
-    from replicatord.tools.demo import run_demo
+    from replicatord.local.demo import run_demo
 
     return run_demo(args)
 

@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from replicatord.tools import emulators
-from replicatord.tools.load import load
-from replicatord.tools.local import (
+from replicatord.local import emulators
+from replicatord.local.load import load
+from replicatord.local.wan import running_link
+from replicatord.local.world import (
     REGIONS,
     DaemonProcess,
     client,
@@ -30,7 +31,6 @@ from replicatord.tools.local import (
     wait_for,
     write_topology,
 )
-from replicatord.tools.wan import running_link
 
 CN, SG = REGIONS
 

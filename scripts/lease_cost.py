@@ -27,17 +27,31 @@ from typing import Any
 
 sys.path.insert(0, os.getcwd())
 
-from replicatord.tools import emulators  # noqa: E402
-from replicatord.tools.aws_behaviour import Control  # noqa: E402
-from replicatord.tools.local import (  # noqa: E402
-    REGIONS,
-    DaemonProcess,
-    client,
-    provision_local,
-    topology_document,
-    wait_for,
-    write_topology,
-)
+try:
+    from replicatord.local import emulators
+    from replicatord.local.aws_behaviour import Control
+    from replicatord.local.world import (
+        REGIONS,
+        DaemonProcess,
+        client,
+        provision_local,
+        topology_document,
+        wait_for,
+        write_topology,
+    )
+except ImportError:  # a checkout from before the ops/ and local/ split
+    from replicatord.tools.aws_behaviour import Control  # type: ignore[no-redef]
+    from replicatord.tools.local import (  # type: ignore[no-redef]
+        REGIONS,
+        DaemonProcess,
+        client,
+        provision_local,
+        topology_document,
+        wait_for,
+        write_topology,
+    )
+
+    from replicatord.tools import emulators  # type: ignore[no-redef]
 
 QUIET = {"throttle_rate": 0.0, "error_rate": 0.0, "error_after_rate": 0.0, "kinesis_put_throttle_rate": 0.0}
 

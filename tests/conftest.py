@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 
-from replicatord.tools import emulators
-from replicatord.tools.aws_behaviour import TEST_BEHAVIOUR, Control
-from replicatord.tools.local import (
+from replicatord.local import emulators
+from replicatord.local.aws_behaviour import TEST_BEHAVIOUR, Control
+from replicatord.local.world import (
     REGIONS,
     DaemonProcess,
     client,

@@ -1,6 +1,6 @@
 """The AWS-behaviour layer of the local regions, each behaviour shown against a plain boto3 client.
 
-One emulator process with the layer (replicatord/tools/aws_behaviour.py); every test sets the
+One emulator process with the layer (replicatord/local/aws_behaviour.py); every test sets the
 behaviour it shows and nothing else, with boto3's own retries off so that every answer is seen.
 """
 
@@ -16,9 +16,9 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from replicatord.tools import emulators
-from replicatord.tools.aws_behaviour import Control
-from replicatord.tools.local import wait_for
+from replicatord.local import emulators
+from replicatord.local.aws_behaviour import Control
+from replicatord.local.world import wait_for
 
 pytestmark = pytest.mark.integration
 

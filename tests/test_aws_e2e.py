@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from replicatord.config import load_topology
-from replicatord.tools.local import DEMO_KEY_PAIR, REGIONS, metric_sum, wait_for
-from replicatord.tools.provision import RegionProvisioner
+from replicatord.local.world import DEMO_KEY_PAIR, REGIONS, metric_sum, wait_for
+from replicatord.ops.provision import RegionProvisioner
 from tests.test_e2e import TABLES, _assert_identical, _drained
 from tests.test_integration import cli
 

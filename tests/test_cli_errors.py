@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from replicatord.tools.local import REGIONS
+from replicatord.local.world import REGIONS
 from tests.test_integration import cli
 
 CN, SG = REGIONS

@@ -22,9 +22,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from replicatord.conflict import DELETE, PUT
-from replicatord.records import partition_key
-from replicatord.tombstones import tomb_key
-from replicatord.tools.local import (
+from replicatord.local.world import (
     REGIONS,
     DaemonProcess,
     metric_sum,
@@ -34,7 +32,9 @@ from replicatord.tools.local import (
     wait_for,
     write_topology,
 )
-from replicatord.tools.verify import compare_tables
+from replicatord.ops.verify import compare_tables
+from replicatord.records import partition_key
+from replicatord.tombstones import tomb_key
 
 pytestmark = pytest.mark.e2e
 

@@ -28,9 +28,8 @@ import pytest
 
 from replicatord.config import Conflict
 from replicatord.conflict import PUT, Version, being_deleted, delete_version, version_of
-from replicatord.records import creation_seconds
-from replicatord.tools import emulators
-from replicatord.tools.local import (
+from replicatord.local import emulators
+from replicatord.local.world import (
     REGIONS,
     DaemonProcess,
     Drained,
@@ -40,7 +39,8 @@ from replicatord.tools.local import (
     wait_for,
     write_topology,
 )
-from replicatord.tools.verify import diff_items
+from replicatord.ops.verify import diff_items
+from replicatord.records import creation_seconds
 
 pytestmark = pytest.mark.e2e
 

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from replicatord.conflict import PUT, Version
+from replicatord.local.world import REGIONS, metric_sum, wait_for
 from replicatord.records import ReplicationRecord, encode_record
-from replicatord.tools.local import REGIONS, metric_sum, wait_for
 from tests.test_e2e import STREAMS, Loads, _assert_identical, _drained
 from tests.unit.test_hostile_records import HOSTILE
 

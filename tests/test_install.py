@@ -224,7 +224,7 @@ def test_deploy_install_again_upgrades_and_keeps_the_config(install: Install) ->
     install.topology.write_text(topology)
     env = install.env_file.read_text() + "REPLICATORD_INSTANCE_ID=host-1\n"
     install.env_file.write_text(env)
-    package_file = next(install.venv.glob("lib/python3*/site-packages/replicatord/tools/load_args.py"))
+    package_file = next(install.venv.glob("lib/python3*/site-packages/replicatord/local/load_args.py"))
     package_file.unlink()
 
     again = deploy("install", "--wheel", next(install.dist.glob("*.whl")), "--root", install.root,

@@ -14,9 +14,9 @@ import pytest
 
 from replicatord.config import Conflict
 from replicatord.conflict import DELETE, PUT, Version, decide_apply, mark_condition, put_condition, version_of
+from replicatord.local.wan import running_link
+from replicatord.local.world import REGIONS, local_env, metric_sum, scan_leases, wait_for
 from replicatord.records import ReplicationRecord, encode_record, partition_key
-from replicatord.tools.local import REGIONS, local_env, metric_sum, scan_leases, wait_for
-from replicatord.tools.wan import running_link
 
 pytestmark = pytest.mark.integration
 
@@ -140,7 +140,7 @@ def test_peer_outage_holds_records_until_the_link_is_back(regions: Any, tmp_path
     with running_link("127.0.0.1", sg_port, delay_ms=30, jitter_ms=10) as link:
         # The Beijing daemon reaches Singapore only through the WAN link.
         endpoints = {**regions.endpoints, SG: f"http://127.0.0.1:{link.port}"}
-        from replicatord.tools.local import DaemonProcess, topology_document, write_topology
+        from replicatord.local.world import DaemonProcess, topology_document, write_topology
 
         config = write_topology(tmp_path / "cn.yaml", topology_document(endpoints))
         cn = DaemonProcess(config, CN, tmp_path).start()
@@ -188,7 +188,7 @@ def test_sigterm_with_a_hung_peer_exits_within_the_drain_bound_and_releases_leas
     """The peer accepts connections and never answers: shutdown is still bounded, leases released."""
     import socket
 
-    from replicatord.tools.local import DaemonProcess, topology_document, write_topology
+    from replicatord.local.world import DaemonProcess, topology_document, write_topology
 
     regions.provision()
     with socket.socket() as black_hole:

@@ -17,10 +17,10 @@ from botocore.exceptions import ClientError
 from replicatord.aws import Aws
 from replicatord.config import parse_topology, resolve_settings
 from replicatord.leases import FINISHED, LeaseTable, item_key, lease_key
+from replicatord.local.world import REGIONS, topology_document
 from replicatord.metrics import Metrics
 from replicatord.pipeline import Pipeline
 from replicatord.shards import KinesisSource
-from replicatord.tools.local import REGIONS, topology_document
 
 pytestmark = pytest.mark.integration
 

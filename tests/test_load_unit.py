@@ -14,7 +14,7 @@ import pytest
 from faker import Faker
 from moto import mock_aws
 
-from replicatord.tools.load import LoadError, add_arguments, load, make_item, run
+from replicatord.local.load import LoadError, add_arguments, load, make_item, run
 
 REGION = "cn-north-1"
 TABLE = "user-cn"

@@ -34,7 +34,7 @@ def test_production_commands_import_nothing_from_the_local_extra() -> None:
     # anywhere on these paths shows up here.
     imported = _modules_after(
         "import replicatord.cli as c; c.build_parser()\n"
-        "import replicatord.daemon, replicatord.tools.provision, replicatord.tools.status"
+        "import replicatord.daemon, replicatord.ops.provision, replicatord.ops.status"
     )
     assert "replicatord" in imported and "aiobotocore" in imported  # the probe really ran
     assert not imported & EXTRA_ONLY, sorted(imported & EXTRA_ONLY)

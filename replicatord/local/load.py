@@ -27,7 +27,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from faker import Faker
 
 # Re-exported: the flags moved to load_args so that the CLI can build its parser without faker.
-from replicatord.tools.load_args import add_arguments as add_arguments
+from replicatord.local.load_args import add_arguments as add_arguments
 
 # The original updated loader_stats every 100 items; so does a chunk here.
 CHUNK_ITEMS = 100

@@ -23,7 +23,7 @@ from botocore.config import Config
 
 from replicatord.config import Region
 from replicatord.leases import Lease, from_item
-from replicatord.tools.emulators import LOCAL_CREDENTIALS, free_port
+from replicatord.local.emulators import LOCAL_CREDENTIALS, free_port
 
 REGIONS = ("cn-north-1", "ap-southeast-1")
 LEASE_TABLE: str = Region.model_fields["lease_table"].default
@@ -295,7 +295,7 @@ class DaemonProcess:
 def provision_local(config: Path, report: Callable[[str], None] = print) -> None:
     """Provision every region of `config` and store each peer's (dummy) key pair in SSM."""
     from replicatord.config import load_topology
-    from replicatord.tools.provision import RegionProvisioner, provision
+    from replicatord.ops.provision import RegionProvisioner, provision
 
     os.environ.update(LOCAL_CREDENTIALS)
     topology = load_topology(config)

@@ -4,9 +4,9 @@ One process per region because moto servers inside one Python process share stat
 server handles one request at a time (no threads): moto's Kinesis loses records under
 concurrent PutRecords, and serializing its requests is the cure.
 
-    python -m replicatord.tools.emulators serve --port 5101          # one region, foreground
-    python -m replicatord.tools.emulators start --dir .aws-local cn-north-1=5101 ap-southeast-1=5102
-    python -m replicatord.tools.emulators stop --dir .aws-local
+    python -m replicatord.local.emulators serve --port 5101          # one region, foreground
+    python -m replicatord.local.emulators start --dir .aws-local cn-north-1=5101 ap-southeast-1=5102
+    python -m replicatord.local.emulators stop --dir .aws-local
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def serve(host: str, port: int, behaviour: dict[str, Any] | None = None) -> None
     signal.signal(signal.SIGINT, _exit)
     app: Any = DomainDispatcherApplication(create_backend_app)
     if behaviour is not None:
-        from replicatord.tools.aws_behaviour import Behaviour, install
+        from replicatord.local.aws_behaviour import Behaviour, install
 
         settings = Behaviour()
         settings.update(behaviour)
@@ -100,7 +100,7 @@ def start(
             with open(log_path, "ab") as out:
                 extra = [] if behaviour is None else ["--behaviour", json.dumps(dict(behaviour))]
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "replicatord.tools.emulators", "serve", "--port", str(port), *extra],
+                    [sys.executable, "-m", "replicatord.local.emulators", "serve", "--port", str(port), *extra],
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     env={**os.environ, **LOCAL_CREDENTIALS},
@@ -149,7 +149,7 @@ def _parse_region_ports(values: list[str]) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m replicatord.tools.emulators")
+    parser = argparse.ArgumentParser(prog="python -m replicatord.local.emulators")
     sub = parser.add_subparsers(dest="command", required=True)
     srv = sub.add_parser("serve", help="one emulator in the foreground")
     srv.add_argument("--host", default="127.0.0.1")

@@ -15,10 +15,10 @@ import threading
 import time
 from pathlib import Path
 
-from replicatord.tools import emulators
-from replicatord.tools.aws_behaviour import TEST_BEHAVIOUR
-from replicatord.tools.load import load
-from replicatord.tools.local import (
+from replicatord.local import emulators
+from replicatord.local.aws_behaviour import TEST_BEHAVIOUR
+from replicatord.local.load import load
+from replicatord.local.world import (
     REGIONS,
     DaemonProcess,
     Drained,
@@ -29,7 +29,7 @@ from replicatord.tools.local import (
     topology_document,
     write_topology,
 )
-from replicatord.tools.verify import compare_tables
+from replicatord.ops.verify import compare_tables
 
 
 def _line(text: str) -> None:

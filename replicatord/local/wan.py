@@ -4,7 +4,7 @@ Kernel netem is not available on the machines this runs on, so the link between 
 regions is this proxy: every chunk is held for `delay_ms ± jitter_ms` in each direction, in
 order, and `outage()` refuses new connections and cuts open ones.
 
-    python -m replicatord.tools.wan --listen 127.0.0.1:7000 --target 127.0.0.1:5102 --delay-ms 40
+    python -m replicatord.local.wan --listen 127.0.0.1:7000 --target 127.0.0.1:5102 --delay-ms 40
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def running_link(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m replicatord.tools.wan")
+    parser = argparse.ArgumentParser(prog="python -m replicatord.local.wan")
     parser.add_argument("--listen", default="127.0.0.1:0")
     parser.add_argument("--target", required=True)
     parser.add_argument("--delay-ms", type=float, default=0.0)

@@ -1,0 +1,1 @@
+"""Operator commands: provision, status, verify, backfill, dlq, pause and resume."""
