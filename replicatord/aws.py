@@ -38,11 +38,15 @@ def peer_credential_names(prefix: str) -> tuple[str, str]:
 class Aws:
     """Owns the aiobotocore clients of one daemon. Use as an async context manager."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, profile: str | None = None) -> None:
+        """`profile`: a named AWS profile for this region's clients (operator commands that work in
+        two partitions at once); the daemon uses the default chain (instance profile)."""
         self.settings = settings
         self.metrics = metrics
         self._stack = AsyncExitStack()
         self._session = get_session()
+        if profile:
+            self._session.set_config_variable("profile", profile)
         self.local: dict[str, Any] = {}
         self.peers: dict[str, Any] = {}  # peer region -> its current Kinesis client
         self._peer_digests: dict[str, bytes] = {}

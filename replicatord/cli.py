@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from replicatord.aws import StartupError
 from replicatord.config import ConfigError, Settings, Topology, load_topology, redact_url, resolve_settings
@@ -148,6 +149,42 @@ def cmd_status(args: argparse.Namespace) -> int:
     return status(load_topology(args.config), [args.region] if args.region else None)
 
 
+def _run_ops(coroutine: Any) -> Any:
+    """Run an operator command's work; an AWS error ends it with one line (exit 4)."""
+    from replicatord.errors import ReplicatorError
+
+    try:
+        return asyncio.run(coroutine)
+    except ReplicatorError as exc:
+        raise StartupError(str(exc)) from None
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from replicatord.ops.tables import parse_profiles
+    from replicatord.ops.verify import report, verify
+
+    topology = load_topology(args.config)
+    if args.reference is not None and args.reference not in topology.regions:
+        raise ConfigError([f"--reference: {args.reference!r} is not in the topology"])
+    results = _run_ops(verify(topology, args.pair, args.reference, args.repair, args.segments, args.rate,
+                              args.recheck_s, parse_profiles(args.profile, topology), progress=not args.json))
+    text, code = report(results, args.json, args.repair)
+    print(text)
+    return int(code)
+
+
+def _add_ops_options(parser: argparse.ArgumentParser, rate: bool = True) -> None:
+    parser.add_argument("--config", "-c", required=True, help="topology YAML file")
+    parser.add_argument("--pair", help="only this pair (default: every pair)")
+    parser.add_argument("--json", action="store_true", help="the report as JSON on stdout")
+    parser.add_argument("--profile", action="append", metavar="REGION=PROFILE",
+                        help="AWS profile for a region's calls (repeatable; default: the default chain)")
+    if rate:
+        parser.add_argument("--rate", type=float, default=1000.0,
+                            help="items read per second per region at most (default 1000; 0: no limit)")
+        parser.add_argument("--segments", type=int, default=4, help="parallel scan segments per table (default 4)")
+
+
 def cmd_load(args: argparse.Namespace) -> int:
     require_local_extra("load")
     from replicatord.local import load
@@ -193,6 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="shard leases per instance, with checkpoints")
     _add_config(st)
     st.set_defaults(func=cmd_status)
+
+    ver = sub.add_parser("verify", help="compare a pair's tables across regions; --repair makes them identical")
+    _add_ops_options(ver)
+    ver.add_argument("--repair", action="store_true",
+                     help="write each difference's winner (newer version or live tombstone) to the other side")
+    ver.add_argument("--reference", help="the region every other is compared with (default: the first)")
+    ver.add_argument("--recheck-s", type=float, default=5.0,
+                     help="wait before reading apparent differences again (changes in flight; default 5)")
+    ver.set_defaults(func=cmd_verify)
 
     # Their help works without the extra (it is what tells a production host the extra is needed).
     needs_local = "Needs the 'local' extra: pip install 'replicatord[local]'."

@@ -22,6 +22,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from replicatord.conflict import DELETE, PUT
+from replicatord.local.compare import compare_tables
 from replicatord.local.world import (
     REGIONS,
     DaemonProcess,
@@ -32,7 +33,6 @@ from replicatord.local.world import (
     wait_for,
     write_topology,
 )
-from replicatord.ops.verify import compare_tables
 from replicatord.records import partition_key
 from replicatord.tombstones import tomb_key
 

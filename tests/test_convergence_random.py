@@ -29,6 +29,7 @@ import pytest
 from replicatord.config import Conflict
 from replicatord.conflict import PUT, Version, being_deleted, delete_version, version_of
 from replicatord.local import emulators
+from replicatord.local.compare import diff_items
 from replicatord.local.world import (
     REGIONS,
     DaemonProcess,
@@ -39,7 +40,6 @@ from replicatord.local.world import (
     wait_for,
     write_topology,
 )
-from replicatord.ops.verify import diff_items
 from replicatord.records import creation_seconds
 
 pytestmark = pytest.mark.e2e

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from replicatord.local.compare import compare_tables, scan_items
 from replicatord.local.load import load
 from replicatord.local.world import REGIONS, Drained, metric_sum, read_counter, scan_leases, wait_drained, wait_for
-from replicatord.ops.verify import compare_tables, scan_items
 
 pytestmark = pytest.mark.e2e
 

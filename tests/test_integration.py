@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from replicatord.config import Conflict
 from replicatord.conflict import DELETE, PUT, Version, decide_apply, mark_condition, put_condition, version_of
@@ -233,9 +234,10 @@ def test_provision_copies_a_0_1_lease_table_and_the_daemon_refuses_the_old_layou
     assert (lease.key, lease.owner, lease.checkpoint, lease.counter) == (
         "forwarder/user-cn@2026-01-01T00:00:00/shardId-1", None, "42", 5)
 
-    old = Path(config).read_text().replace("lease_table: replicatord_leases_v2", "lease_table: replicatord_leases")
+    doc = yaml.safe_load(Path(config).read_text())
+    doc["regions"][CN]["lease_table"] = "replicatord_leases"  # a topology written for 0.1
     old_config = Path(config).with_name("old.yaml")
-    old_config.write_text(old)
+    old_config.write_text(yaml.safe_dump(doc))
     run = cli("run", "--config", str(old_config), "--region", CN, "--metrics-listen", "127.0.0.1:0")
     assert run.returncode == 4
     assert run.stderr.strip().splitlines()[-1].startswith(

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from replicatord.leases import Lease
+from replicatord.local.compare import compare_tables
 from replicatord.local.load import load
 from replicatord.local.world import REGIONS, DaemonProcess, metric_sum, read_counter, scan_leases, wait_for
-from replicatord.ops.verify import compare_tables
 from tests.test_integration import cli
 
 pytestmark = pytest.mark.e2e

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from replicatord.local import emulators
 from replicatord.local.aws_behaviour import TEST_BEHAVIOUR
+from replicatord.local.compare import compare_tables
 from replicatord.local.load import load
 from replicatord.local.world import (
     REGIONS,
@@ -29,7 +30,6 @@ from replicatord.local.world import (
     topology_document,
     write_topology,
 )
-from replicatord.ops.verify import compare_tables
 
 
 def _line(text: str) -> None:
