@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -173,6 +174,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return int(code)
 
 
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from replicatord.ops.backfill import backfill
+    from replicatord.ops.tables import parse_profiles
+
+    topology = load_topology(args.config)
+    if args.source not in topology.regions:
+        raise ConfigError([f"--from: {args.source!r} is not in the topology"])
+    if args.pair is None:
+        raise ConfigError(["--pair: required (the pair whose table is copied)"])
+    summary = _run_ops(backfill(topology, args.pair, args.source, args.rate, args.segments, args.restart,
+                                parse_profiles(args.profile, topology), show_progress=not args.json))
+    print(json.dumps(summary.to_json(), indent=2) if args.json else "\n".join(summary.describe()))
+    return 0 if summary.complete and not summary.counts["failed"] else 1
+
+
 def _add_ops_options(parser: argparse.ArgumentParser, rate: bool = True) -> None:
     parser.add_argument("--config", "-c", required=True, help="topology YAML file")
     parser.add_argument("--pair", help="only this pair (default: every pair)")
@@ -239,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--recheck-s", type=float, default=5.0,
                      help="wait before reading apparent differences again (changes in flight; default 5)")
     ver.set_defaults(func=cmd_verify)
+
+    bf = sub.add_parser("backfill", help="copy the items a region's table holds to every peer, by version; resumable")
+    _add_ops_options(bf)
+    bf.add_argument("--from", dest="source", required=True, metavar="REGION", help="the region to copy from")
+    bf.add_argument("--restart", action="store_true", help="start over instead of continuing a stored backfill")
+    bf.set_defaults(func=cmd_backfill)
 
     # Their help works without the extra (it is what tells a production host the extra is needed).
     needs_local = "Needs the 'local' extra: pip install 'replicatord[local]'."

@@ -1,0 +1,207 @@
+"""`replicatord backfill --pair P --from REGION`: copy the items a table already holds to every peer.
+
+For bringing an existing table into replication, or refilling a region after a loss the daemon
+reported as trimmed. Every item goes through the applier's conditional writes in each peer
+(ops/tables.py): it lands only where it is newer than what the peer holds and than the key's
+tombstone, so the daemons and the applications may go on writing meanwhile and a newer write is
+never overwritten. Items without version attributes are counted and left alone.
+
+Progress is kept per scan segment in the source region's lease table (partition
+`backfill/<pair>/<region>`, one item per segment: the key to resume after, and the counts), after
+every page: an interrupted backfill started again continues where each segment stopped,
+repeating at most the page that was in flight. `--restart` starts over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from replicatord.config import Pair, Topology
+from replicatord.conflict import version_of, without_marker
+from replicatord.errors import ReplicatorError
+from replicatord.leases import SHARD_KEY, STREAM_KEY
+from replicatord.ops.tables import Progress, RateLimit, RegionOps, Regions, key_text, pick_pairs, put_record
+from replicatord.records import RecordError, item_from_json, item_to_json
+
+COUNTS = ("scanned", "copied", "older", "failed", "unversioned")
+WRITES_AT_ONCE = 16
+
+
+@dataclass
+class Segment:
+    number: int
+    of: int
+    resume: dict[str, Any] | None = None
+    finished: bool = False
+    counts: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def shard(self) -> str:
+        return f"segment-{self.number:04d}-of-{self.of:04d}"
+
+
+@dataclass
+class Summary:
+    pair: str
+    source: str
+    peers: list[str]
+    segments: int
+    counts: Counter[str] = field(default_factory=Counter)  # over every run
+    this_run: Counter[str] = field(default_factory=Counter)
+    failures: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    resumed: bool = False
+    complete: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        rate = self.this_run["scanned"] / self.elapsed_s if self.elapsed_s else 0.0
+        return {"pair": self.pair, "from": self.source, "to": self.peers, "segments": self.segments,
+                "complete": self.complete, "resumed": self.resumed,
+                "totals": {name: self.counts[name] for name in COUNTS},
+                "this_run": {name: self.this_run[name] for name in COUNTS}, "elapsed_s": round(self.elapsed_s, 1),
+                "items_per_s": round(rate, 1), "failures": self.failures[:10]}
+
+    def describe(self) -> list[str]:
+        c = self.counts
+        lines = [f"backfill {self.pair} from {self.source} to {', '.join(self.peers)}: "
+                 + ("complete" if self.complete else "incomplete")
+                 + (" (resumed)" if self.resumed else ""),
+                 f"  items: {c['scanned']:,} scanned; writes per peer: {c['copied']:,} copied, "
+                 f"{c['older']:,} skipped as older (the peer holds as new or newer), {c['failed']:,} failed; "
+                 f"{c['unversioned']:,} without version attributes (left alone)",
+                 f"  this run: {self.this_run['scanned']:,} items in {self.elapsed_s:.1f}s "
+                 f"({self.to_json()['items_per_s']:,.0f} items/s)"]
+        lines += [f"  failed: {failure}" for failure in self.failures[:10]]
+        return lines
+
+
+class Backfill:
+    def __init__(self, topology: Topology, ops: dict[str, RegionOps], pair: Pair, source: str,
+                 rate: float | None, segments: int, show_progress: bool) -> None:
+        self.topology = topology
+        self.ops = ops
+        self.pair = pair
+        self.source = source
+        self.peers = [r for r in topology.regions if r != source]
+        self.rate = RateLimit(rate)
+        self.segments = segments
+        self.partition = f"backfill/{pair.name}/{source}"
+        self.progress = Progress(f"backfill {pair.name} {source}->{','.join(self.peers)}") if show_progress else None
+        self.limit = asyncio.Semaphore(WRITES_AT_ONCE)
+
+    async def _lease_table(self, operation: str, **kwargs: Any) -> Any:
+        src = self.ops[self.source]
+        return await src.aws.call("dynamodb", operation, TableName=src.config.lease_table, **kwargs)
+
+    async def load(self, restart: bool) -> list[Segment]:
+        """The segments' stored progress (a second run continues), or fresh ones."""
+        result = await self._lease_table(
+            "query", KeyConditionExpression="#s = :s", ExpressionAttributeNames={"#s": STREAM_KEY},
+            ExpressionAttributeValues={":s": {"S": self.partition}}, ConsistentRead=True)
+        stored = result.get("Items", [])
+        if restart:
+            for item in stored:
+                await self._lease_table("delete_item", Key={STREAM_KEY: item[STREAM_KEY], SHARD_KEY: item[SHARD_KEY]})
+            stored = []
+        if not stored:
+            return [Segment(n, self.segments) for n in range(self.segments)]
+        segments = []
+        for item in stored:
+            number, of = (int(part) for part in item[SHARD_KEY]["S"].split("-")[1::2])
+            resume = item.get("resume", {}).get("S")
+            segment = Segment(number, of, json.loads(resume) if resume else None,
+                              item.get("state", {}).get("S") == "finished")
+            segment.counts.update({name: int(item[name]["N"]) for name in COUNTS if name in item})
+            segments.append(segment)
+        self.segments = segments[0].of
+        known = {s.number for s in segments}
+        segments += [Segment(n, self.segments) for n in range(self.segments) if n not in known]
+        return sorted(segments, key=lambda s: s.number)
+
+    async def save(self, segment: Segment) -> None:
+        item: dict[str, Any] = {
+            STREAM_KEY: {"S": self.partition}, SHARD_KEY: {"S": segment.shard},
+            "state": {"S": "finished" if segment.finished else "active"},
+            "updated_at": {"N": f"{time.time():.3f}"},
+            **{name: {"N": str(segment.counts[name])} for name in COUNTS},
+        }
+        if segment.resume is not None:
+            item["resume"] = {"S": json.dumps(segment.resume, sort_keys=True)}
+        await self._lease_table("put_item", Item=item)
+
+    async def run_segment(self, segment: Segment, summary: Summary) -> None:
+        if segment.finished:
+            return
+        src = self.ops[self.source]
+        table = self.pair.tables[self.source]
+        start = None
+        if segment.resume is not None:
+            try:
+                start = item_from_json(segment.resume, "resume")
+            except RecordError:
+                start = None  # unreadable progress: this segment starts over (writes are idempotent)
+        async for items, last in src.scan_pages(table, segment.number, segment.of, self.rate, start):
+            counts = await self.copy(items, summary)
+            segment.counts.update(counts)
+            summary.this_run.update(counts)
+            segment.resume = item_to_json(last, "resume") if last else None
+            segment.finished = last is None
+            await self.save(segment)
+            if self.progress:
+                self.progress.add(len(items), f"{summary.this_run['copied']:,} copied")
+
+    async def copy(self, items: list[dict[str, Any]], summary: Summary) -> Counter[str]:
+        conflict = self.topology.conflict
+        names = await self.ops[self.source].key_names(self.pair.tables[self.source])
+        counts: Counter[str] = Counter(scanned=len(items))
+        records = []
+        for item in items:
+            version = version_of(item, conflict)
+            if version is None:
+                counts["unversioned"] += 1
+                continue
+            keys = {n: item[n] for n in names}
+            records.append(put_record(self.pair.name, keys, without_marker(item, conflict), version, version.region))
+        for peer in self.peers:
+            applier = await self.ops[peer].applier(self.pair)
+            tombstones = await self.ops[peer].tombstones_of(self.pair.name, [r.keys for r in records])
+
+            await asyncio.gather(*(self.write(applier, tombstones, peer, r, counts, summary) for r in records))
+        return counts
+
+    async def write(self, applier: Any, tombstones: Any, peer: str, record: Any, counts: Counter[str],
+                    summary: Summary) -> None:
+        async with self.limit:
+            try:
+                landed = await applier.apply(record, tombstones)
+            except ReplicatorError as exc:
+                counts["failed"] += 1
+                summary.failures.append(f"{key_text(record.keys)} to {peer}: {exc}")
+                return
+        counts["copied" if landed else "older"] += 1
+
+
+async def backfill(
+    topology: Topology, pair_name: str, source: str, rate: float | None, segments: int, restart: bool,
+    profiles: dict[str, str], show_progress: bool = True,
+) -> Summary:
+    (pair,) = pick_pairs(topology, pair_name)
+    async with Regions(topology, list(topology.regions), profiles) as ops:
+        job = Backfill(topology, ops, pair, source, rate, segments, show_progress)
+        stored = await job.load(restart)
+        summary = Summary(pair.name, source, job.peers, job.segments)
+        summary.resumed = any(s.counts["scanned"] or s.finished for s in stored)
+        started = time.monotonic()
+        await asyncio.gather(*(job.run_segment(segment, summary) for segment in stored))
+        summary.elapsed_s = time.monotonic() - started
+        if job.progress:
+            job.progress.close()
+        for segment in stored:
+            summary.counts.update(segment.counts)
+        summary.complete = all(s.finished for s in stored)
+        return summary
