@@ -145,9 +145,51 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from replicatord.ops.status import status
+    from replicatord.ops.status import collect, render, watch
+    from replicatord.ops.tables import parse_profiles
 
-    return status(load_topology(args.config), [args.region] if args.region else None)
+    topology = load_topology(args.config)
+    if args.region and args.region not in topology.regions:
+        raise ConfigError([f"--region: {args.region!r} is not in the topology"])
+    regions = [args.region] if args.region else None
+    profiles = parse_profiles(args.profile, topology)
+    if args.watch:
+        try:
+            _run_ops(watch(topology, args.pair, regions, profiles, args.json, args.watch))
+        except KeyboardInterrupt:
+            return 0
+        return 0
+    status = _run_ops(collect(topology, args.pair, regions, profiles))
+    print(json.dumps(status, indent=2, default=str) if args.json else render(status))
+    return 0
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from replicatord.ops.dead_letters import dlq, render
+    from replicatord.ops.tables import parse_profiles
+
+    topology = load_topology(args.config)
+    if args.region not in topology.regions:
+        raise ConfigError([f"--region: {args.region!r} is not in the topology"])
+    if args.action == "show" and not args.id:
+        raise ConfigError(["dlq show: --id is required (the letter id that 'dlq list' prints)"])
+    result = _run_ops(dlq(topology, args.region, args.action, args.pair, args.reason, args.id, args.yes,
+                          parse_profiles(args.profile, topology)))
+    print(render(args.action, result, args.json, show_payload=args.action == "show"))
+    if args.action == "purge" and result.get("refused"):
+        print("error: dlq purge deletes messages: give --yes", file=sys.stderr)
+        return EXIT_USAGE
+    return 1 if args.action == "redrive" and result.get("dead_lettered_again") else 0
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    from replicatord.ops.pause import set_paused
+    from replicatord.ops.tables import parse_profiles
+
+    topology = load_topology(args.config)
+    print(_run_ops(set_paused(topology, args.pair, args.direction, args.command == "pause",
+                              parse_profiles(args.profile, topology))))
+    return 0
 
 
 def _run_ops(coroutine: Any) -> Any:
@@ -243,9 +285,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prov.set_defaults(func=cmd_provision)
 
-    st = sub.add_parser("status", help="shard leases per instance, with checkpoints")
-    _add_config(st)
+    st = sub.add_parser("status", help="per pair and direction: positions, time to data loss, pauses, "
+                                       "dead letters, peers, leases")
+    _add_ops_options(st, rate=False)
+    st.add_argument("--region", help="only directions to or from this region, and its queue and leases")
+    st.add_argument("--watch", type=float, nargs="?", const=5.0, metavar="SECONDS",
+                    help="show again every SECONDS (default 5) until interrupted")
     st.set_defaults(func=cmd_status)
+
+    dq = sub.add_parser("dlq", help="the dead-letter queue: list, show, redrive, purge")
+    dq.add_argument("action", choices=("list", "show", "redrive", "purge"))
+    _add_ops_options(dq, rate=False)
+    dq.add_argument("--region", required=True, help="whose queue")
+    dq.add_argument("--reason", help="only letters with this reason")
+    dq.add_argument("--id", help="only the letter with this id (a prefix is enough)")
+    dq.add_argument("--yes", action="store_true", help="purge: yes, delete them")
+    dq.set_defaults(func=cmd_dlq)
+
+    for name, what in (("pause", "stop"), ("resume", "restart")):
+        pr = sub.add_parser(name, help=f"{what} forwarding of one direction of a pair (positions are kept)")
+        pr.add_argument("--config", "-c", required=True, help="topology YAML file")
+        pr.add_argument("--pair", required=True)
+        pr.add_argument("--direction", required=True, metavar="SOURCE:TARGET")
+        pr.add_argument("--profile", action="append", metavar="REGION=PROFILE")
+        pr.set_defaults(func=cmd_pause)
 
     ver = sub.add_parser("verify", help="compare a pair's tables across regions; --repair makes them identical")
     _add_ops_options(ver)

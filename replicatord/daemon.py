@@ -88,6 +88,7 @@ class PairPlan:
     stream_arn: str
     kinesis_stream: str
     kinesis_created: str
+    kinesis_retention_s: float
 
 
 class Daemon:
@@ -101,6 +102,7 @@ class Daemon:
         self._tasks: list[asyncio.Task[None]] = []
         self._running: dict[Pipeline, asyncio.Task[None]] = {}
         self._group: asyncio.TaskGroup | None = None
+        self.queue_url = ""
         self.started = False
         self._runner: web.AppRunner | None = None
 
@@ -125,6 +127,7 @@ class Daemon:
         me = s.me
         topology = s.topology
         queue_url, max_body_bytes = await self._queue(me.dead_letter_queue)
+        self.queue_url = queue_url
         dlq = DeadLetterQueue(self.aws, queue_url, self.metrics, max_body_bytes)
         lease_table = await self._require_table(me.lease_table, "lease table")
         if sorted(k["AttributeName"] for k in lease_table.get("KeySchema", [])) != sorted(LEASE_TABLE_KEY):
@@ -148,10 +151,12 @@ class Daemon:
                                   topology.tuning, dlq, applier, self.metrics, self.stop)
             forwarding = Pipeline(pair.name, DynamoStreamSource(self.aws, plan.table, plan.stream_arn), forwarder,
                                   leases, s.instance_id, topology.tuning, self.metrics, self.stop)
+            forwarding.region = s.region
             self.forwarding[pair.name] = (forwarding, plan.table)
             self.pipelines.append(forwarding)
-            applying = Pipeline(pair.name, KinesisSource(self.aws, plan.kinesis_stream, plan.kinesis_created),
-                                applier, leases, s.instance_id, topology.tuning, self.metrics, self.stop)
+            kinesis = KinesisSource(self.aws, plan.kinesis_stream, plan.kinesis_created, plan.kinesis_retention_s)
+            applying = Pipeline(pair.name, kinesis, applier, leases, s.instance_id, topology.tuning, self.metrics,
+                                self.stop)
             self.pipelines.append(applying)
         for peer in s.peers:
             # Not fatal: the peer may come back; readiness and the metric say it is not there.
@@ -241,7 +246,8 @@ class Daemon:
         except ReplicatorError as exc:
             raise StartupError(f"pair {pair}: Kinesis stream {kinesis_stream!r}: {exc}") from None
         created = summary["StreamDescriptionSummary"]["StreamCreationTimestamp"]
-        return PairPlan(pair, table, str(arn), kinesis_stream, f"{created.timestamp():.0f}")
+        hours = summary["StreamDescriptionSummary"].get("RetentionPeriodHours") or 24
+        return PairPlan(pair, table, str(arn), kinesis_stream, f"{created.timestamp():.0f}", float(hours) * 3600)
 
     # -- background duties -------------------------------------------------------------------
 
@@ -285,6 +291,7 @@ class Daemon:
                 new = Pipeline(pair, DynamoStreamSource(self.aws, table, str(arn)), current.processor,
                                current.leases, self.settings.instance_id, tuning, self.metrics, self.stop,
                                initial_position="trim_horizon")
+                new.region = self.settings.region
                 self.forwarding[pair] = (new, table)
                 self.pipelines.append(new)
                 self._start_pipeline(new)
@@ -297,9 +304,16 @@ class Daemon:
             sd_notify("WATCHDOG=1")
 
     async def _probe_peers(self) -> None:
-        """Keep `replicatord_peer_reachable` true even when nothing is being forwarded."""
+        """Keep `replicatord_peer_reachable` true even when nothing is being forwarded, and
+        `replicatord_dead_letters` current."""
         topology = self.settings.topology
         async for _ in poll(topology.tuning.shard_refresh_s, self.stop):
+            try:
+                attributes = await self.aws.call("sqs", "get_queue_attributes", QueueUrl=self.queue_url,
+                                                 AttributeNames=["ApproximateNumberOfMessages"])
+                self.metrics.dead_letters.set(int(attributes["Attributes"]["ApproximateNumberOfMessages"]))
+            except (ReplicatorError, KeyError, ValueError) as exc:
+                log.debug("cannot read the dead-letter queue's depth: %s", exc)
             for peer in list(self.aws.peers):
                 stream = topology.pairs[0].streams[peer]
                 try:

@@ -346,3 +346,22 @@ class LeaseTable:
                 ExpressionAttributeNames={"#counter": "counter", "#state": "state"},
                 ExpressionAttributeValues={":counter": {"N": str(lease.counter)}, ":finished": {"S": FINISHED}},
             )
+
+
+# --- pauses (replicatord pause / resume) -----------------------------------------------------------
+
+def pause_partition(pair: str) -> str:
+    return f"control/{pair}"
+
+
+async def paused_directions(aws: Aws, table: str, pair: str, client: Any = None) -> dict[str, float]:
+    """The paused directions of a pair ("A:B" -> when paused), from the region's lease table."""
+    result = await aws.call(
+        "dynamodb", "query", client=client, TableName=table, KeyConditionExpression="#s = :s",
+        ExpressionAttributeNames={"#s": STREAM_KEY}, ExpressionAttributeValues={":s": {"S": pause_partition(pair)}})
+    out = {}
+    for item in result.get("Items", []):
+        shard = item[SHARD_KEY]["S"]
+        if shard.startswith("pause/"):
+            out[shard.removeprefix("pause/")] = float(item.get("paused_at", {}).get("N", "0"))
+    return out

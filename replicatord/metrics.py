@@ -121,8 +121,41 @@ class Metrics:
         self.peer_reachable = Gauge(
             "replicatord_peer_reachable", "1 if the last call to the peer succeeded", ["peer"], registry=r
         )
+        self.oldest_unprocessed = Gauge(
+            "replicatord_oldest_unprocessed_age_seconds",
+            "Age of the oldest record not yet handled, max over this instance's shards (0: caught up); "
+            "an upper bound while a shard is paused, stalled or between pages",
+            ["pair", "pipeline"],
+            registry=r,
+        )
+        self.time_to_data_loss = Gauge(
+            "replicatord_time_to_data_loss_seconds",
+            "How long until the oldest record not yet handled leaves the stream's retention (a lower bound)",
+            ["pair", "pipeline"],
+            registry=r,
+        )
+        self.paused = Gauge(
+            "replicatord_paused", "1 while forwarding in this direction is paused (replicatord pause)",
+            ["pair", "direction"], registry=r,
+        )
+        self.dead_letters = Gauge(
+            "replicatord_dead_letters", "Messages in this region's dead-letter queue (SQS's approximate count)",
+            registry=r,
+        )
         # Iterator age is a max over shards; the shard-level values stay here, not in labels.
         self._ages: dict[tuple[str, str], dict[str, float]] = {}
+        # When the oldest record a shard may still have to handle entered its stream (None: caught up).
+        self._pending: dict[tuple[str, str], dict[str, float | None]] = {}
+
+    def set_pending(self, pair: str, pipeline: str, shard: str, since: float | None) -> None:
+        self._pending.setdefault((pair, pipeline), {})[shard] = since
+
+    def refresh_pending(self, pair: str, pipeline: str, retention_s: float, now: float) -> None:
+        """Set the oldest-unprocessed age and the time to data loss from the shards' state now."""
+        since = [s for s in self._pending.get((pair, pipeline), {}).values() if s is not None]
+        age = max((now - s for s in since), default=0.0)
+        self.oldest_unprocessed.labels(pair, pipeline).set(max(age, 0.0))
+        self.time_to_data_loss.labels(pair, pipeline).set(max(retention_s - age, 0.0))
 
     def set_iterator_age(self, pair: str, pipeline: str, shard: str, age_s: float) -> None:
         ages = self._ages.setdefault((pair, pipeline), {})
@@ -130,6 +163,7 @@ class Metrics:
         self.iterator_age.labels(pair, pipeline).set(max(ages.values()))
 
     def forget_shard(self, pair: str, pipeline: str, shard: str) -> None:
+        self._pending.get((pair, pipeline), {}).pop(shard, None)
         ages = self._ages.get((pair, pipeline), {})
         ages.pop(shard, None)
         self.iterator_age.labels(pair, pipeline).set(max(ages.values(), default=0.0))

@@ -27,6 +27,7 @@ from replicatord.leases import (
     LeaseClock,
     LeaseTable,
     lease_key,
+    paused_directions,
     plan_leases,
     ready_leases,
     shard_of,
@@ -73,6 +74,11 @@ class Pipeline:
         # pipeline reads what is left of it and stops once every lease is finished.
         self.retiring = False
         self.done = False
+        # Cleared while forwarding is paused (`replicatord pause`); shard workers wait on it.
+        self.running = asyncio.Event()
+        self.running.set()
+        self._paused_before: list[str] = []
+        self.region = ""  # set by the daemon for forwarders: the region whose changes they send
         self.workers: dict[str, tuple[HeldLease, asyncio.Task[bool]]] = {}
         self.clock = LeaseClock()
         self.cycle_ok_at = 0.0  # monotonic time of the last lease cycle that reached the table
@@ -110,6 +116,7 @@ class Pipeline:
                         renewing.cancel()  # no lease is held: nothing to renew
                         break
                     try:
+                        await self._check_paused()
                         await self._cycle()
                     except ReplicatorError as exc:
                         self.metrics.errors.labels(self.source.pipeline, exc.kind).inc()
@@ -118,10 +125,31 @@ class Pipeline:
                         self.metrics.errors.labels(self.source.pipeline, "internal_error").inc()
                         log.exception("%s: lease cycle failed", self.name)
                     gauge.set(self.held)
+                    self.metrics.refresh_pending(self.pair, self.source.pipeline, self.source.retention_s, time.time())
         finally:
             gauge.set(0)
 
     # -- lease cycle -------------------------------------------------------------------------
+
+    async def _check_paused(self) -> None:
+        """A forwarder obeys `replicatord pause` within one lease cycle: its shard workers hold
+        their position (and keep their leases) until `resume`."""
+        if self.source.pipeline != "forwarder" or not self.region:
+            return
+        paused = await paused_directions(self.leases.aws, self.leases.table, self.pair, self.leases.client)
+        mine = sorted(d for d in paused if d.split(":", 1)[0] == self.region)
+        for direction in paused:
+            self.metrics.paused.labels(self.pair, direction).set(1 if direction in mine else 0)
+        if mine and self.running.is_set():
+            self.running.clear()
+            log.warning("%s: forwarding paused (%s): reading stops, positions and leases are kept",
+                        self.name, ", ".join(mine))
+        elif not mine and not self.running.is_set():
+            self.running.set()
+            for direction in self._paused_before:
+                self.metrics.paused.labels(self.pair, direction).set(0)
+            log.warning("%s: forwarding resumed", self.name)
+        self._paused_before = mine
 
     async def _cycle(self) -> None:
         finished_here = self._reap()
@@ -209,7 +237,7 @@ class Pipeline:
         held = HeldLease(taken)
         held.renewed_at = sent_at
         worker = ShardWorker(self.pair, self.source, self.processor, self.leases, held,
-                             self.tuning, self.metrics, self.stop)
+                             self.tuning, self.metrics, self.stop, self.running)
         assert self._group is not None
         task = self._group.create_task(worker.run(), name=lease.key)
         self.workers[lease.key] = (held, task)

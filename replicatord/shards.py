@@ -82,6 +82,7 @@ class StreamSource(Protocol):
     # Whether an iterator from a trimmed position silently starts at the oldest record left
     # (Kinesis) instead of being refused with TrimmedDataAccessException (DynamoDB Streams).
     silent_trim: bool
+    retention_s: float  # how long a record stays in the stream
 
     async def list_shards(self) -> list[Shard]: ...
     async def get_iterator(self, shard_id: str, after: str | None) -> str: ...
@@ -93,6 +94,7 @@ class StreamSource(Protocol):
 class DynamoStreamSource:
     pipeline = "forwarder"
     silent_trim = False
+    retention_s = 24 * 3600.0  # fixed for DynamoDB Streams
 
     def __init__(self, aws: Aws, table: str, stream_arn: str) -> None:
         self.aws = aws
@@ -140,10 +142,11 @@ class KinesisSource:
     pipeline = "applier"
     silent_trim = True
 
-    def __init__(self, aws: Aws, stream: str, created: str) -> None:
+    def __init__(self, aws: Aws, stream: str, created: str, retention_s: float = 24 * 3600.0) -> None:
         self.aws = aws
         self.name = stream
         self.stream = f"{stream}@{created}"
+        self.retention_s = retention_s  # the stream's RetentionPeriodHours
 
     async def list_shards(self) -> list[Shard]:
         shards: list[Shard] = []
@@ -210,12 +213,14 @@ class ShardWorker:
         tuning: Tuning,
         metrics: Metrics,
         stop: asyncio.Event,
+        running: asyncio.Event | None = None,
     ) -> None:
         self.pair = pair
         self.source = source
         self.processor = processor
         self.leases = leases
         self.held = held
+        self.running = running  # cleared while the pipeline is paused
         self.tuning = tuning
         self.metrics = metrics
         self.stop = stop
@@ -259,6 +264,10 @@ class ShardWorker:
         last_read = -float("inf")
         trimmed = refused = False  # what the last failure said, handled inside the try below
         while not self.stop.is_set():
+            if self.running is not None and not self.running.is_set():
+                await self._paused()  # the position is kept; reading resumes from the checkpoint
+                iterator = None
+                continue
             try:
                 if refused:
                     if await self._shard_gone():
@@ -287,6 +296,9 @@ class ShardWorker:
                 empty = not page.records
                 if empty:
                     self.metrics.set_iterator_age(self.pair, pipeline, self.shard_id, page.behind_s)
+                    # Caught up, or (Kinesis) behind by what MillisBehindLatest says.
+                    self.metrics.set_pending(self.pair, pipeline, self.shard_id,
+                                             time.time() - page.behind_s if page.behind_s else None)
             except (ExpiredIterator, Transient, InvalidRequest) as exc:
                 # A fresh iterator from the checkpoint: the old one expired or was refused.
                 self.metrics.errors.labels(pipeline, exc.kind).inc()
@@ -311,6 +323,28 @@ class ShardWorker:
                 log.warning("%s %s: shard %s: %s (retry %d)", pipeline, self.pair, self.shard_id, exc, failures)
                 await sleep_or_stop(self.stop, backoff_s(failures, self.tuning))
         return False
+
+    async def _paused(self) -> None:
+        """While paused: read nothing, but look every `shard_refresh_s` at the first record after
+        the checkpoint, so that the time to data loss stays true."""
+        assert self.running is not None
+        while not self.running.is_set() and not self.stop.is_set():
+            checkpoint = self.held.lease.checkpoint
+            try:
+                iterator = await self.source.get_iterator(
+                    self.shard_id, None if latest_since(checkpoint) is not None else checkpoint)
+                page = await self.source.get_records(iterator, 1)
+                self.metrics.set_pending(self.pair, self.source.pipeline, self.shard_id,
+                                         self.source.created_s(page.records[0]) if page.records else None)
+            except ReplicatorError as exc:
+                log.debug("%s %s: shard %s: paused, cannot look at the next record: %s",
+                          self.source.pipeline, self.pair, self.shard_id, exc)
+            waiters = [asyncio.ensure_future(self.running.wait()), asyncio.ensure_future(self.stop.wait())]
+            try:
+                await asyncio.wait(waiters, timeout=self.tuning.shard_refresh_s, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
 
     async def _skip_before_start(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """A pipeline that starts at `latest` skips what was written before its start (records
@@ -391,6 +425,7 @@ class ShardWorker:
         pipeline = self.source.pipeline
         self.metrics.records_read.labels(self.pair, pipeline).inc(len(records))
         oldest = self.source.created_s(records[0])
+        self.metrics.set_pending(self.pair, pipeline, self.shard_id, oldest)
         attempt = 0
         while True:
             # While a page is retried its first record keeps ageing: the gauge shows a stall.
@@ -414,4 +449,6 @@ class ShardWorker:
                     raise Abandoned from None
         newest = self.source.created_s(records[-1])
         self.metrics.set_iterator_age(self.pair, pipeline, self.shard_id, time.time() - newest)
+        # The next record, if any, is no older than this one: an upper bound of its age.
+        self.metrics.set_pending(self.pair, pipeline, self.shard_id, newest)
         await self.leases.checkpoint(self.held, self.source.sequence_number(records[-1]), at=newest)

@@ -1,36 +1,30 @@
-"""`replicatord status`: who holds which shard lease, with checkpoints, per region."""
+"""`replicatord status`: per pair and direction, where replication stands and how long is left.
+
+For each direction A -> B of each pair: the sample's counters (loaded in A, replicated in B), the
+age of the oldest record not yet handled by A's forwarder and by B's applier (read at the
+stream: the first record after each shard's checkpoint), the time to data loss (how long until
+that record leaves its stream's retention), whether forwarding is paused, whether B's Kinesis can
+be reached with the key pair and proxy A's daemons use; per region the dead-letter queue's depth
+and the leases per instance. The daemons export the same figures as metrics
+(`replicatord_oldest_unprocessed_age_seconds`, `replicatord_time_to_data_loss_seconds`,
+`replicatord_paused`, `replicatord_dead_letters`, `replicatord_peer_reachable`).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import sys
+import time
 from collections import defaultdict
 from typing import Any
 
-import boto3
-from botocore.exceptions import BotoCoreError, ClientError
-
 from replicatord.aws import StartupError
-from replicatord.config import Topology
-from replicatord.leases import STREAM_KEY, Lease, from_item
-
-
-def read_leases(topology: Topology, region: str) -> list[Lease]:
-    config = topology.regions[region]
-    ddb: Any = boto3.session.Session(region_name=region).client("dynamodb", endpoint_url=config.endpoint_url)
-    leases: list[Lease] = []
-    kwargs: dict[str, Any] = {"TableName": config.lease_table, "ConsistentRead": True}
-    try:
-        while True:
-            page = ddb.scan(**kwargs)
-            leases.extend(from_item(item) for item in page.get("Items", []) if STREAM_KEY in item)
-            if "LastEvaluatedKey" not in page:
-                return leases
-            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
-    except ClientError as exc:
-        error = exc.response.get("Error", {})
-        why = f"{error.get('Code')}: {error.get('Message')}"
-        raise StartupError(f"{region}: lease table {config.lease_table}: {why}") from None
-    except BotoCoreError as exc:
-        raise StartupError(f"{region}: {exc}") from None
+from replicatord.config import Pair, Topology
+from replicatord.errors import ReplicatorError
+from replicatord.leases import ACTIVE, STREAM_KEY, Lease, from_item, latest_since, paused_directions, shard_of
+from replicatord.ops.tables import RegionOps, Regions, pick_pairs
+from replicatord.shards import DynamoStreamSource, KinesisSource, StreamSource
 
 
 def format_leases(region: str, leases: list[Lease]) -> list[str]:
@@ -48,9 +42,146 @@ def format_leases(region: str, leases: list[Lease]) -> list[str]:
     return lines
 
 
-def status(topology: Topology, regions: list[str] | None) -> int:
-    for region in regions or list(topology.regions):
-        if region not in topology.regions:
-            raise StartupError(f"unknown region {region!r} (regions: {', '.join(topology.regions)})")
-        print("\n".join(format_leases(region, read_leases(topology, region))))
-    return 0
+async def _leases(ops: RegionOps) -> list[Lease]:
+    leases: list[Lease] = []
+    kwargs: dict[str, Any] = {"TableName": ops.config.lease_table, "ConsistentRead": True}
+    while True:
+        page = await ops.aws.call("dynamodb", "scan", **kwargs)
+        for item in page.get("Items", []):
+            stream = item.get(STREAM_KEY, {}).get("S", "")
+            if stream.startswith(("forwarder/", "applier/")):
+                leases.append(from_item(item))
+        if "LastEvaluatedKey" not in page:
+            return leases
+        kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+
+async def _counter(ops: RegionOps, table: str, pk: str) -> int | None:
+    try:
+        item = (await ops.aws.call("dynamodb", "get_item", TableName=table, Key={"PK": {"S": pk}},
+                                   ConsistentRead=True)).get("Item")
+    except ReplicatorError:
+        return None
+    return int(item["cnt"]["N"]) if item else 0
+
+
+async def oldest_unprocessed(source: StreamSource, leases: list[Lease], now: float) -> float | None:
+    """Age of the oldest record after any active lease's checkpoint (None: nothing waits)."""
+    ages = []
+    for lease in leases:
+        if lease.state != ACTIVE:
+            continue
+        checkpoint = lease.checkpoint
+        try:
+            iterator = await source.get_iterator(shard_of(lease.key),
+                                                 None if latest_since(checkpoint) is not None else checkpoint)
+            page = await source.get_records(iterator, 1)
+        except ReplicatorError:
+            continue
+        if page.records:
+            ages.append(now - source.created_s(page.records[0]))
+    return max(ages, default=None)
+
+
+async def _direction(topology: Topology, ops: dict[str, RegionOps], pair: Pair, source: str, target: str,
+                     leases: dict[str, list[Lease]], pauses: dict[str, dict[str, float]], now: float) -> dict[str, Any]:
+    a, b = ops[source], ops[target]
+    table = pair.tables[source]
+    desc = (await a.aws.call("dynamodb", "describe_table", TableName=table))["Table"]
+    arn = str(desc.get("LatestStreamArn", ""))
+    forwarding = DynamoStreamSource(a.aws, table, arn)
+    summary = (await b.aws.call("kinesis", "describe_stream_summary", StreamName=pair.streams[target]))
+    created = summary["StreamDescriptionSummary"]["StreamCreationTimestamp"]
+    applying = KinesisSource(b.aws, pair.streams[target], f"{created.timestamp():.0f}",
+                             float(summary["StreamDescriptionSummary"].get("RetentionPeriodHours") or 24) * 3600)
+    fwd_leases = [lease for lease in leases[source] if lease.key.startswith(f"forwarder/{forwarding.stream}/")]
+    app_leases = [lease for lease in leases[target] if lease.key.startswith(f"applier/{applying.stream}/")]
+    fwd_age = await oldest_unprocessed(forwarding, fwd_leases, now)
+    app_age = await oldest_unprocessed(applying, app_leases, now)
+    losses = [retention - age for retention, age in ((forwarding.retention_s, fwd_age), (applying.retention_s, app_age))
+              if age is not None]
+    direction = f"{source}:{target}"
+    reachable: bool | str = True
+    try:
+        if target not in a.aws.peers:
+            await a.aws.open_peer(target)
+        await a.aws.call("kinesis", "describe_stream_summary", client=a.aws.peers[target],
+                         StreamName=pair.streams[target])
+    except (ReplicatorError, StartupError) as exc:
+        reachable = str(exc)
+    return {
+        "direction": f"{source} -> {target}",
+        "loaded": await _counter(a, a.config.loader_stats_table, "loaded_count"),
+        "replicated": await _counter(b, b.config.stats_table, "replicated_count"),
+        "forwarder_oldest_unprocessed_s": fwd_age,
+        "applier_oldest_unprocessed_s": app_age,
+        "time_to_data_loss_s": min(losses, default=None),
+        "paused_since": pauses[source].get(direction),
+        "peer_reachable": reachable,
+    }
+
+
+async def collect(topology: Topology, pair_name: str | None, regions: list[str] | None,
+                  profiles: dict[str, str]) -> dict[str, Any]:
+    pairs = pick_pairs(topology, pair_name)
+    now = time.time()
+    async with Regions(topology, list(topology.regions), profiles) as ops:
+        leases = {r: await _leases(ops[r]) for r in topology.regions}
+        out: dict[str, Any] = {"time": now, "regions": {}, "pairs": {}}
+        for region in regions or list(topology.regions):
+            attributes = await ops[region].aws.call(
+                "sqs", "get_queue_attributes", QueueUrl=(await ops[region].dlq()).queue_url,
+                AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])
+            depth = sum(int(v) for v in attributes.get("Attributes", {}).values())
+            out["regions"][region] = {"dead_letters": depth, "leases": [
+                {"key": lease.key, "owner": lease.owner, "state": lease.state, "counter": lease.counter,
+                 "checkpoint": lease.checkpoint} for lease in leases[region]]}
+        for pair in pairs:
+            pauses = {r: await paused_directions(ops[r].aws, ops[r].config.lease_table, pair.name)
+                      for r in topology.regions}
+            out["pairs"][pair.name] = [
+                await _direction(topology, ops, pair, source, target, leases, pauses, now)
+                for source in topology.regions for target in topology.regions
+                if source != target and (not regions or source in regions or target in regions)]
+        return out
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "none waiting"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def render(status: dict[str, Any]) -> str:
+    lines = []
+    for pair, directions in status["pairs"].items():
+        lines.append(f"pair {pair}:")
+        for d in directions:
+            paused = (f"PAUSED for {_duration(status['time'] - d['paused_since'])}" if d["paused_since"]
+                      else "forwarding")
+            reach = "reachable" if d["peer_reachable"] is True else f"UNREACHABLE ({d['peer_reachable']})"
+            loss = d["time_to_data_loss_s"]
+            lines.append(f"  {d['direction']}: {paused}; loaded {d['loaded']}, replicated {d['replicated']}; "
+                         f"oldest unprocessed: forwarder {_duration(d['forwarder_oldest_unprocessed_s'])}, "
+                         f"applier {_duration(d['applier_oldest_unprocessed_s'])}; time to data loss "
+                         f"{'-' if loss is None else _duration(loss)}; peer {reach}")
+    for region, info in status["regions"].items():
+        leases = [Lease(x["key"], x["owner"], x["counter"], x["checkpoint"], (), x["state"]) for x in info["leases"]]
+        lines += format_leases(region, leases)
+        lines.append(f"  dead-letter queue: {info['dead_letters']} messages")
+    return "\n".join(lines)
+
+
+async def watch(topology: Topology, pair: str | None, regions: list[str] | None, profiles: dict[str, str],
+                as_json: bool, every_s: float) -> None:
+    while True:
+        status = await collect(topology, pair, regions, profiles)
+        text = json.dumps(status, indent=2, default=str) if as_json else render(status)
+        if sys.stdout.isatty():
+            sys.stdout.write("\x1b[2J\x1b[H")
+        print(text, flush=True)
+        await asyncio.sleep(every_s)
