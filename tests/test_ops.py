@@ -138,3 +138,80 @@ def test_backfill_copies_by_version_and_a_second_run_continues(regions: Any) -> 
     assert again.returncode == 0
     second = json.loads(again.stdout)
     assert second["resumed"] and second["this_run"]["scanned"] == 0  # complete: nothing done twice
+
+
+TUNING = {"failover_s": 4, "renew_interval_s": 1, "lease_take_interval_s": 0.5, "shard_refresh_s": 1,
+          "max_record_attempts": 2, "backoff_base_ms": 20, "backoff_max_ms": 200}
+
+
+def write(regions: Any, region: str, pk: str) -> None:
+    put(regions, region, item(pk, f"{time.time():.3f}", region))
+
+
+def present(regions: Any, region: str, pk: str) -> bool:
+    return "Item" in regions.client("dynamodb", region).get_item(TableName=TABLES[region], Key={"PK": {"S": pk}})
+
+
+def dlq_list(config: str, region: str) -> list[dict[str, Any]]:
+    result = cli("dlq", "list", "--config", config, "--region", region, "--json")
+    assert result.returncode == 0, result.stderr
+    letters: list[dict[str, Any]] = json.loads(result.stdout)["letters"]
+    return letters
+
+
+def test_a_refused_record_is_redriven_once_its_cause_is_fixed(regions: Any) -> None:
+    from replicatord.local.world import wait_for
+
+    config = str(regions.provision(tuning=TUNING))
+    no_faults(regions)
+    for region in REGIONS:
+        regions.daemon(region).wait_ready()
+    write(regions, CN, "first")
+    wait_for(lambda: present(regions, SG, "first"), 60, "replication to work")
+    # The cause: Singapore's table is gone (an operator's mistake). Its writes fail with
+    # ResourceNotFoundException, which is retried max_record_attempts times, then dead-lettered.
+    regions.client("dynamodb", SG).delete_table(TableName=TABLES[SG])
+    write(regions, CN, "refused")
+    wait_for(lambda: len(dlq_list(config, SG)) == 1, 120, "the record in Singapore's dead-letter queue")
+    (letter,) = dlq_list(config, SG)
+    assert (letter["reason"], letter["pair"], letter["pipeline"]) == ("not_found", "user", "applier")
+    shown = cli("dlq", "show", "--config", config, "--region", SG, "--id", letter["id"][:8])
+    assert shown.returncode == 0 and '"refused"' in shown.stdout, shown.stdout + shown.stderr
+    # Fixed: the table is back. The redrive applies the record through the normal rules.
+    assert cli("provision", "--config", config).returncode == 0
+    redrive = cli("dlq", "redrive", "--config", config, "--region", SG)
+    assert redrive.returncode == 0, redrive.stdout + redrive.stderr
+    assert "redriven 1 letters; 0 refused again" in redrive.stdout
+    assert present(regions, SG, "refused")
+    assert dlq_list(config, SG) == []
+    refused = cli("dlq", "purge", "--config", config, "--region", SG)
+    assert refused.returncode == 2  # purge asks for --yes
+
+
+def test_pause_holds_a_direction_and_resume_loses_nothing(regions: Any) -> None:
+    from replicatord.local.world import metric_sum, wait_for
+
+    config = str(regions.provision(tuning=TUNING))
+    daemons = {r: regions.daemon(r) for r in REGIONS}
+    for daemon in daemons.values():
+        daemon.wait_ready()
+    paused = cli("pause", "--config", config, "--pair", "user", "--direction", f"{CN}:{SG}")
+    assert paused.returncode == 0, paused.stderr
+    wait_for(lambda: metric_sum(daemons[CN].metrics(), "replicatord_paused", direction=f"{CN}:{SG}") == 1, 30,
+             "the daemon to obey the pause")
+    for i in range(20):
+        write(regions, CN, f"while-paused-{i}")
+    write(regions, SG, "other-direction")  # the other direction goes on
+    wait_for(lambda: present(regions, CN, "other-direction"), 60, "the other direction to replicate")
+    status = cli("status", "--config", config, "--json")
+    assert status.returncode == 0, status.stderr
+    direction = next(d for d in json.loads(status.stdout)["pairs"]["user"] if d["direction"] == f"{CN} -> {SG}")
+    assert direction["paused_since"] and direction["forwarder_oldest_unprocessed_s"] is not None
+    assert 0 < direction["time_to_data_loss_s"] < 24 * 3600
+    assert not any(present(regions, SG, f"while-paused-{i}") for i in range(20))
+    assert "PAUSED for" in cli("status", "--config", config).stdout
+    wait_for(lambda: 0 < metric_sum(daemons[CN].metrics(), "replicatord_time_to_data_loss_seconds",
+                                    pipeline="forwarder") < 24 * 3600, 30, "the metric to show the paused backlog")
+    assert cli("resume", "--config", config, "--pair", "user", "--direction", f"{CN}:{SG}").returncode == 0
+    wait_for(lambda: all(present(regions, SG, f"while-paused-{i}") for i in range(20)), 60,
+             "the writes made while paused to replicate")
