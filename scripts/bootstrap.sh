@@ -1,16 +1,26 @@
 #!/usr/bin/env bash
 # Sets up everything on a fresh machine with Python 3.11+ and apt: the virtualenv with the
-# project and its test tools, and squid (for the proxy tests) unless NEED_SQUID=0.
+# project and its test tools, squid (proxy tests) unless NEED_SQUID=0 and promtool (alert rule tests)
+# unless NEED_PROMTOOL=0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
+# squid: the real proxy of the border path in tests; promtool (Debian's prometheus package): the
+# alert rules' checks and unit tests. The demo needs neither (NEED_SQUID=0, NEED_PROMTOOL=0).
+packages=()
 if [ "${NEED_SQUID:-1}" = 1 ] && ! command -v squid >/dev/null && [ ! -x /usr/sbin/squid ]; then
-  echo "bootstrap: installing squid from apt"
+  packages+=(squid)
+fi
+if [ "${NEED_PROMTOOL:-1}" = 1 ] && ! command -v promtool >/dev/null; then
+  packages+=(prometheus)
+fi
+if [ ${#packages[@]} -gt 0 ]; then
+  echo "bootstrap: installing ${packages[*]} from apt"
   SUDO=""
   [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends squid >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then
