@@ -6,4 +6,4 @@ scripts/bootstrap.sh
 export PATH="$PWD/.venv/bin:$PATH:/usr/sbin"
 echo "== ruff"; ruff check .
 echo "== mypy"; mypy
-echo "== pytest"; pytest "$@"
+echo "== pytest"; pytest --durations=25 "$@"
