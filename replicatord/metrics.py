@@ -147,6 +147,11 @@ class Metrics:
         # When the oldest record a shard may still have to handle entered its stream (None: caught up).
         self._pending: dict[tuple[str, str], dict[str, float | None]] = {}
 
+    def lost_to_retention(self, pair: str, pipeline: str) -> None:
+        """Count records lost to a stream's retention (the caller logs the shard and the range)."""
+        self.trimmed.labels(pair, pipeline).inc()
+        self.errors.labels(pipeline, "trimmed_data").inc()
+
     def set_pending(self, pair: str, pipeline: str, shard: str, since: float | None) -> None:
         self._pending.setdefault((pair, pipeline), {})[shard] = since
 

@@ -208,8 +208,7 @@ class Pipeline:
             if unseen and not first_start:
                 # Its parents left the stream before this pipeline ever saw them (it was stopped
                 # for longer than the retention): their records were never read.
-                self.metrics.trimmed.labels(self.pair, self.source.pipeline).inc()
-                self.metrics.errors.labels(self.source.pipeline, "trimmed_data").inc()
+                self.metrics.lost_to_retention(self.pair, self.source.pipeline)
                 log.error("%s: shard %s's parents %s left the stream before they were read: their records "
                           "were lost to the stream's retention; verify the pair and backfill up to this shard's "
                           "first record ('replicatord verify --repair', 'replicatord backfill')",

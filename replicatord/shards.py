@@ -387,8 +387,7 @@ class ShardWorker:
         lease = self.held.lease
         since = _when(lease.checkpoint_at) if lease.checkpoint_at else "the shard's start"
         until = _when(oldest_left_s) if oldest_left_s is not None else "now"
-        self.metrics.trimmed.labels(self.pair, self.source.pipeline).inc()
-        self.metrics.errors.labels(self.source.pipeline, "trimmed_data").inc()
+        self.metrics.lost_to_retention(self.pair, self.source.pipeline)
         log.error("%s %s: shard %s: the records after checkpoint %s (written %s) up to %s were trimmed "
                   "by the stream's retention before they were read; verify the pair and backfill that "
                   "range ('replicatord verify --repair', 'replicatord backfill'). Reading on from the "
@@ -403,8 +402,7 @@ class ShardWorker:
             return False
         lease = self.held.lease
         since = _when(lease.checkpoint_at) if lease.checkpoint_at else "its start"
-        self.metrics.trimmed.labels(self.pair, self.source.pipeline).inc()
-        self.metrics.errors.labels(self.source.pipeline, "trimmed_data").inc()
+        self.metrics.lost_to_retention(self.pair, self.source.pipeline)
         log.error("%s %s: shard %s left the stream before it was read to its end: its records after "
                   "checkpoint %s (written %s) were lost to the stream's retention; verify the pair and "
                   "backfill from then ('replicatord verify --repair', 'replicatord backfill'). Its "

@@ -33,6 +33,7 @@ from replicatord.local.world import (
     wait_for,
     write_topology,
 )
+from replicatord.ops.tables import canonical
 from replicatord.records import partition_key
 from replicatord.tombstones import tomb_key
 
@@ -102,18 +103,6 @@ def drained(regions: Any, pairs: tuple[Pair, ...] = (USER,)) -> None:
 
 
 # --- the application's changes and their winners ------------------------------------------------
-
-
-def canonical(value: Any) -> Any:
-    """An attribute value with its sets sorted: DynamoDB does not keep a set's order."""
-    (kind, inner), = value.items()
-    if kind in ("SS", "NS", "BS"):
-        return {kind: sorted(inner)}
-    if kind == "L":
-        return {"L": [canonical(v) for v in inner]}
-    if kind == "M":
-        return {"M": canonical_item(inner)}
-    return value
 
 
 def canonical_item(item: Item | None) -> Item | None:
