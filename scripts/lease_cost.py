@@ -9,8 +9,8 @@ rules: a read unit per 4 KB read with a strongly consistent read (half with an e
 consistent one), rounded up per request over the items it reads; a write unit per 1 KB of the
 item written. Item sizes are measured on the lease table (attribute names + values).
 
-Runs from the working directory's replicatord, so that an older checkout can be measured the same
-way: `cd ../old-checkout && python /path/to/scripts/lease_cost.py`.
+Runs from the working directory's replicatord, so that another checkout of the same layout can be
+measured the same way: `cd ../other-checkout && python /path/to/scripts/lease_cost.py`.
 """
 
 from __future__ import annotations
@@ -27,31 +27,17 @@ from typing import Any
 
 sys.path.insert(0, os.getcwd())
 
-try:
-    from replicatord.local import emulators
-    from replicatord.local.aws_behaviour import Control
-    from replicatord.local.world import (
-        REGIONS,
-        DaemonProcess,
-        client,
-        provision_local,
-        topology_document,
-        wait_for,
-        write_topology,
-    )
-except ImportError:  # a checkout from before the ops/ and local/ split
-    from replicatord.tools.aws_behaviour import Control  # type: ignore[no-redef]
-    from replicatord.tools.local import (  # type: ignore[no-redef]
-        REGIONS,
-        DaemonProcess,
-        client,
-        provision_local,
-        topology_document,
-        wait_for,
-        write_topology,
-    )
-
-    from replicatord.tools import emulators  # type: ignore[no-redef]
+from replicatord.local import emulators  # noqa: E402
+from replicatord.local.aws_behaviour import Control  # noqa: E402
+from replicatord.local.world import (  # noqa: E402
+    REGIONS,
+    DaemonProcess,
+    client,
+    provision_local,
+    topology_document,
+    wait_for,
+    write_topology,
+)
 
 QUIET = {"throttle_rate": 0.0, "error_rate": 0.0, "error_after_rate": 0.0, "kinesis_put_throttle_rate": 0.0}
 
