@@ -1,115 +1,338 @@
-"""Benchmark: replication lag and throughput on the local emulators, over an emulated WAN link.
+"""The benchmark: replicatord and the AWS sample it replaces, side by side, on the local emulators.
 
-    .venv/bin/python scripts/bench.py [--items 2000] [--probes 50] [--wan-delay-ms 40 --wan-jitter-ms 10]
+    .venv/bin/python scripts/bench.py [--system both|replicatord|sample] [--rate 50] [--steady-s 20]
+                                      [--burst 5000] [--idle-s 60] [--wan] [--json FILE] [--png FILE]
 
-Prints figures; asserts nothing. Lag probes: one item at a time written in cn-north-1, timed
-until a consistent read sees it in ap-southeast-1 (polled every 5 ms). Throughput: a batched
-load into cn-north-1, timed until the Singapore daemon has applied all of it, reported as a
-ratio to the emulator's own conditional-write ceiling measured in the same run.
+For each system, in one run on this machine (fresh emulators each, AWS-like timestamps, no
+injected faults or read limits):
+1. the application alone: both regions written at `--rate` items/s for `--steady-s`; how long
+   that took (the application's write rate without replication);
+2. the same load with the system running; lag per record, measured outside the system by an
+   observer that tails the target table's DynamoDB stream (write -> visible), p50/p95/p99/max;
+   the loader's time again;
+3. a burst of `--burst` items into cn-north-1 (BatchWriteItem, as fast as it goes): the rate at
+   which they became visible in ap-southeast-1, its ratio to the emulator's own conditional-put
+   ceiling (one client, measured right after, same process), and the time from the end of the
+   load to the last item visible; calls the system made to the target region per record;
+4. an idle period: the system's calls per minute per region, by operation.
+Calls are counted at the emulators (`aws_behaviour` stats: aiobotocore's, which is the system's
+and never the observer's); CPU seconds and peak RSS from /proc. Prints a table; `--json` writes
+every figure; `--png` plots lag over time (needs matplotlib). Asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import json
+import os
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from replicatord.local import emulators
-from replicatord.local.load import load
+from replicatord.local.aws_behaviour import Control
 from replicatord.local.wan import running_link
 from replicatord.local.world import (
     REGIONS,
     DaemonProcess,
     client,
+    local_env,
     provision_local,
-    read_counter,
     topology_document,
     wait_for,
     write_topology,
 )
 
 CN, SG = REGIONS
+TABLES = {CN: "user-cn", SG: "user-sg"}
+# AWS's timestamps, but nothing that would make the two systems' figures depend on luck.
+BENCH_BEHAVIOUR = {"whole_second_timestamps": True, "stream_rollover_s": None, "stream_reads_per_shard_s": None,
+                   "kinesis_reads_per_shard_s": None, "throttle_rate": 0.0, "error_rate": 0.0,
+                   "error_after_rate": 0.0, "kinesis_put_throttle_rate": 0.0}
 
 
 def quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def conditional_put_ceiling(ddb: Any, table: str, n: int = 600) -> float:
-    """Conditional PutItem/s one emulator process sustains from one client (the apply path's cost)."""
+class Observer:
+    """Tails a table's DynamoDB stream (outside the system) and notes when each key first appears."""
+
+    def __init__(self, endpoint: str, region: str) -> None:
+        self.ddb = client("dynamodb", region, endpoint)
+        self.streams = client("dynamodbstreams", region, endpoint)
+        self.region = region
+        self.seen: dict[str, float] = {}
+        self.halt = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        arn = self.ddb.describe_table(TableName=TABLES[self.region])["Table"]["LatestStreamArn"]
+        iterators: dict[str, str] = {}
+        while not self.halt.is_set():
+            for shard in self.streams.describe_stream(StreamArn=arn)["StreamDescription"]["Shards"]:
+                sid = shard["ShardId"]
+                if sid not in iterators:
+                    iterators[sid] = self.streams.get_shard_iterator(
+                        StreamArn=arn, ShardId=sid, ShardIteratorType="LATEST")["ShardIterator"]
+                page = self.streams.get_records(ShardIterator=iterators[sid], Limit=1000)
+                now = time.time()
+                for record in page["Records"]:
+                    pk = record["dynamodb"]["Keys"]["PK"]["S"]
+                    self.seen.setdefault(pk, now)
+                iterators[sid] = page.get("NextShardIterator") or iterators[sid]
+            self.halt.wait(0.01)
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.thread.join(timeout=10)
+
+
+def paced_writes(endpoint: str, region: str, prefix: str, rate: float, seconds: float,
+                 written: dict[str, float]) -> float:
+    """Write `rate` items/s for `seconds` (as the application would); returns how long it took."""
+    ddb = client("dynamodb", region, endpoint)
+    count = int(rate * seconds)
+    started = time.monotonic()
+    for i in range(count):
+        pk = f"{prefix}-{i}"
+        written[pk] = time.time()
+        ddb.put_item(TableName=TABLES[region], Item={
+            "PK": {"S": pk}, "last_update_timestamp": {"N": f"{written[pk]:.3f}"}, "last_updater_region": {"S": region},
+            "payload": {"S": "x" * 200}})
+        pause = started + (i + 1) / rate - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)  # paced to the rate
+    return time.monotonic() - started
+
+
+def both_regions(endpoints: dict[str, str], prefix: str, rate: float, seconds: float,
+                 written: dict[str, dict[str, float]]) -> dict[str, float]:
+    took: dict[str, float] = {}
+    threads = [threading.Thread(target=lambda r=r: took.__setitem__(
+        r, paced_writes(endpoints[r], r, f"{prefix}-{r}", rate, seconds, written[r]))) for r in REGIONS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return took
+
+
+def burst(endpoint: str, n: int, written: dict[str, float]) -> float:
+    ddb = client("dynamodb", CN, endpoint)
+    started = time.monotonic()
+    for start in range(0, n, 25):
+        now = time.time()
+        items = []
+        for i in range(start, min(n, start + 25)):
+            pk = f"burst-{i}"
+            written[pk] = now
+            items.append({"PutRequest": {"Item": {"PK": {"S": pk}, "last_update_timestamp": {"N": f"{now:.3f}"},
+                                                  "last_updater_region": {"S": CN}, "payload": {"S": "x" * 200}}}})
+        ddb.batch_write_item(RequestItems={TABLES[CN]: items})
+    return time.monotonic() - started
+
+
+def conditional_put_ceiling(endpoint: str, n: int = 600) -> float:
+    ddb = client("dynamodb", SG, endpoint)
     started = time.monotonic()
     for i in range(n):
-        ddb.put_item(
-            TableName=table,
-            Item={"PK": {"S": f"ceiling-{i}"}, "last_update_timestamp": {"N": "1"}, "last_updater_region": {"S": SG}},
-            ConditionExpression="attribute_not_exists(PK) OR last_update_timestamp < :ts",
-            ExpressionAttributeValues={":ts": {"N": "1"}},
-        )
+        ddb.put_item(TableName="replicatord_tombstones", Item={"tomb_key": {"S": f"ceiling-{i}"}, "ts": {"N": "1"}},
+                     ConditionExpression="attribute_not_exists(tomb_key) OR ts < :ts",
+                     ExpressionAttributeValues={":ts": {"N": "1"}})
     return n / (time.monotonic() - started)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--items", type=int, default=2000)
-    parser.add_argument("--probes", type=int, default=50)
-    parser.add_argument("--wan-delay-ms", type=float, default=40.0)
-    parser.add_argument("--wan-jitter-ms", type=float, default=10.0)
-    args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="replicatord-bench-"))
+def proc_stats(pid: int) -> tuple[float, int]:
+    """CPU seconds used and peak RSS (bytes) of a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) / ticks
+    peak = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            peak = int(line.split()[1]) * 1024
+    return cpu, peak
+
+
+class System:
+    """The replicator under test: replicatord daemons, or the sample's functions."""
+
+    def __init__(self, kind: str, configs: dict[str, Path], workdir: Path) -> None:
+        self.kind = kind
+        self.procs: dict[str, Any] = {}
+        for region in REGIONS:
+            if kind == "replicatord":
+                self.procs[region] = DaemonProcess(configs[region], region, workdir).start()
+            else:
+                log = (workdir / f"sample-{region}.log").open("ab")
+                self.procs[region] = subprocess.Popen(
+                    [sys.executable, "-m", "replicatord.local.lambda_sample", "--config", str(configs[region]),
+                     "--region", region], stdout=log, stderr=subprocess.STDOUT, env=local_env())
+
+    def pid(self, region: str) -> int:
+        proc = self.procs[region]
+        return int(proc.process.pid if self.kind == "replicatord" else proc.pid)
+
+    def wait_ready(self) -> None:
+        if self.kind == "replicatord":
+            for proc in self.procs.values():
+                proc.wait_ready(120)
+        else:
+            time.sleep(3)  # the sample has no readiness probe: give it its first polls
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if self.kind == "replicatord":
+                proc.terminate(30)
+            else:
+                proc.terminate()
+                proc.wait(30)
+
+
+def lags_of(written: dict[str, float], seen: dict[str, float]) -> list[float]:
+    return [seen[pk] - at for pk, at in written.items() if pk in seen]
+
+
+def run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-"))
     ports = {r: emulators.free_port() for r in REGIONS}
-    with emulators.running(ports, workdir) as emus:
+    out: dict[str, Any] = {"system": kind}
+    with emulators.running(ports, workdir, BENCH_BEHAVIOUR) as emus:
         endpoints = {r: e.endpoint_url for r, e in emus.items()}
         config = write_topology(workdir / "topology.yaml", topology_document(endpoints))
         provision_local(config, report=lambda _line: None)
-        ddb = {r: client("dynamodb", r, url) for r, url in endpoints.items()}
-        ceiling = conditional_put_ceiling(ddb[SG], "user-sg")
-        for i in range(0, 600, 25):  # the ceiling items must not count as replicated data
-            for j in range(i, i + 25):
-                ddb[SG].delete_item(TableName="user-sg", Key={"PK": {"S": f"ceiling-{j}"}})
-        with running_link("127.0.0.1", emus[SG].port, args.wan_delay_ms, args.wan_jitter_ms) as link:
-            # Beijing reaches Singapore's Kinesis only over the emulated WAN link.
-            cn_config = write_topology(
-                workdir / "cn.yaml",
-                topology_document({**endpoints, SG: f"http://127.0.0.1:{link.port}"}),
-            )
-            daemons = [DaemonProcess(cn_config, CN, workdir).start(), DaemonProcess(config, SG, workdir).start()]
+        controls = {r: Control(endpoints[r]) for r in REGIONS}
+        configs = {r: config for r in REGIONS}
+        links = []
+        if args.wan:
+            for region, peer in ((CN, SG), (SG, CN)):  # each region reaches its peer over the link
+                link = running_link("127.0.0.1", emus[peer].port, 40.0, 10.0)
+                links.append(link)
+                port = link.__enter__().port
+                configs[region] = write_topology(workdir / f"{region}.yaml", topology_document(
+                    {**endpoints, peer: f"http://127.0.0.1:{port}"}))
+        try:
+            baseline = both_regions(endpoints, "alone", args.rate, args.steady_s, {r: {} for r in REGIONS})
+            out["app_alone_s"] = baseline
+            system = System(kind, configs, workdir)
             try:
-                for d in daemons:
-                    d.wait_ready()
-                lags = []
-                for i in range(args.probes):
-                    key = {"PK": {"S": f"probe-{i}"}}
-                    ddb[CN].put_item(TableName="user-cn", Item={
-                        **key, "last_update_timestamp": {"N": f"{time.time():.3f}"}, "last_updater_region": {"S": CN},
-                    })
-                    written = time.monotonic()
-                    wait_for(lambda k=key: "Item" in ddb[SG].get_item(TableName="user-sg", Key=k, ConsistentRead=True),
-                             30, "a probe to replicate", interval_s=0.005)
-                    lags.append((time.monotonic() - written) * 1000)
-                before = read_counter(ddb[SG], "replicator_stats", "replicated_count")
-                started = time.monotonic()
-                load("user-cn", CN, args.items, batched=True, processes=2, endpoint_url=endpoints[CN])
-                loaded_s = time.monotonic() - started
-                wait_for(lambda: read_counter(ddb[SG], "replicator_stats", "replicated_count") >= before + args.items,
-                         600, "the load to replicate", interval_s=0.05)
-                total_s = time.monotonic() - started
+                system.wait_ready()
+                observers = {r: Observer(endpoints[r], r) for r in REGIONS}
+                wait_for(lambda: all(o.thread.is_alive() for o in observers.values()), 10, "observers")
+                cpu0 = {r: proc_stats(system.pid(r))[0] for r in REGIONS}
+                written: dict[str, dict[str, float]] = {r: {} for r in REGIONS}
+                out["app_with_system_s"] = both_regions(endpoints, "steady", args.rate, args.steady_s, written)
+
+                def steady_seen() -> bool:
+                    return all(pk in observers[SG if r == CN else CN].seen for r in REGIONS for pk in written[r])
+
+                wait_for(steady_seen, 300, "the steady load to replicate", interval_s=0.1)
+                lags = lags_of(written[CN], observers[SG].seen) + lags_of(written[SG], observers[CN].seen)
+                out["steady_lag_s"] = {"n": len(lags), "p50": quantile(lags, 0.5), "p95": quantile(lags, 0.95),
+                                       "p99": quantile(lags, 0.99), "max": max(lags)}
+                out["lag_series"] = sorted((at - min(written[CN].values()), observers[SG].seen[pk] - at)
+                                           for pk, at in written[CN].items())
+                for control in controls.values():
+                    control.reset_stats()
+                burst_written: dict[str, float] = {}
+                load_s = burst(endpoints[CN], args.burst, burst_written)
+                load_end = time.time()
+                wait_for(lambda: all(pk in observers[SG].seen for pk in burst_written), 900,
+                         "the burst to replicate", interval_s=0.1)
+                first = min(burst_written.values())
+                last_seen = max(observers[SG].seen[pk] for pk in burst_written)
+                target_calls = controls[SG].stats()["daemon_calls"]
+                out["burst"] = {"items": args.burst, "load_s": load_s,
+                                "replicated_per_s": args.burst / (last_seen - first),
+                                "visible_after_load_end_s": last_seen - load_end,
+                                "target_calls_per_record": sum(target_calls.values()) / args.burst,
+                                "target_calls": target_calls}
+                cpu1 = {r: proc_stats(system.pid(r))[0] for r in REGIONS}
+                replicated = args.burst + sum(len(w) for w in written.values())
+                out["cpu_s_per_1000_records"] = sum(cpu1[r] - cpu0[r] for r in REGIONS) / replicated * 1000
+                for observer in observers.values():
+                    observer.stop()
+                for control in controls.values():
+                    control.reset_stats()
+                time.sleep(args.idle_s)  # the idle period being measured
+                out["idle_calls_per_minute"] = {
+                    r: {op: round(n * 60 / args.idle_s, 1)
+                        for op, n in sorted(controls[r].stats()["daemon_calls"].items())}
+                    for r in REGIONS}
+                out["peak_rss_mb"] = {r: proc_stats(system.pid(r))[1] / 2**20 for r in REGIONS}
             finally:
-                for d in daemons:
-                    d.terminate()
-    rate = args.items / total_s
-    print(f"WAN link cn-north-1 -> ap-southeast-1: {args.wan_delay_ms:.0f} ms ± {args.wan_jitter_ms:.0f} ms each way")
-    print(f"lag, {args.probes} single-item probes (write in cn-north-1 -> visible in ap-southeast-1): "
-          f"p50 {statistics.median(lags):.0f} ms, p90 {quantile(lags, 0.9):.0f} ms, "
-          f"p99 {quantile(lags, 0.99):.0f} ms, max {max(lags):.0f} ms")
-    print(f"throughput: {args.items} items loaded in {loaded_s:.1f}s, all applied in ap-southeast-1 after "
-          f"{total_s:.1f}s: {rate:.0f} items/s")
-    print(f"emulator ceiling (conditional PutItem/s, one client, one process): {ceiling:.0f}/s; "
-          f"replication ran at {rate / ceiling:.0%} of it")
+                system.stop()
+            out["ceiling_puts_per_s"] = conditional_put_ceiling(endpoints[SG])
+            out["burst"]["ratio_to_ceiling"] = out["burst"]["replicated_per_s"] / out["ceiling_puts_per_s"]
+        finally:
+            for link in links:
+                link.__exit__(None, None, None)
+    return out
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    rows = [("", *[r["system"] for r in results])]
+
+    def row(name: str, fmt: Any) -> None:
+        rows.append((name, *[fmt(r) for r in results]))
+
+    row("app: 20 s of writes took, alone (s)", lambda r: " / ".join(f"{v:.1f}" for v in r["app_alone_s"].values()))
+    row("app: same, system running (s)", lambda r: " / ".join(f"{v:.1f}" for v in r["app_with_system_s"].values()))
+    row("steady lag p50 / p95 / p99 / max (s)", lambda r: "{p50:.2f} / {p95:.2f} / {p99:.2f} / {max:.2f}".format(
+        **r["steady_lag_s"]))
+    row("burst: replicated items/s", lambda r: f"{r['burst']['replicated_per_s']:.0f}")
+    row("burst: emulator ceiling (cond. puts/s)", lambda r: f"{r['ceiling_puts_per_s']:.0f}")
+    row("burst: ratio to ceiling", lambda r: f"{r['burst']['ratio_to_ceiling']:.0%}")
+    row("burst: all visible after load end (s)", lambda r: f"{r['burst']['visible_after_load_end_s']:.1f}")
+    row("burst: target-region calls per record", lambda r: f"{r['burst']['target_calls_per_record']:.2f}")
+    row("idle: calls per minute per region", lambda r: " / ".join(
+        f"{sum(v.values()):.0f}" for v in r["idle_calls_per_minute"].values()))
+    row("CPU s per 1,000 records", lambda r: f"{r['cpu_s_per_1000_records']:.2f}")
+    row("peak RSS (MB)", lambda r: " / ".join(f"{v:.0f}" for v in r["peak_rss_mb"].values()))
+    widths = [max(len(str(x[i])) for x in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(x, widths, strict=True)) for x in rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--system", choices=("both", "replicatord", "sample"), default="both")
+    parser.add_argument("--rate", type=float, default=50.0, help="steady writes per second into each region")
+    parser.add_argument("--steady-s", type=float, default=20.0)
+    parser.add_argument("--burst", type=int, default=5000)
+    parser.add_argument("--idle-s", type=float, default=60.0)
+    parser.add_argument("--wan", action="store_true", help="the cross-region path over a 40 ms ± 10 ms link")
+    parser.add_argument("--json", help="write every figure to this file")
+    parser.add_argument("--png", help="plot lag over time to this file (needs matplotlib)")
+    args = parser.parse_args()
+    os.environ.update(emulators.LOCAL_CREDENTIALS)
+    kinds = ["sample", "replicatord"] if args.system == "both" else [args.system]
+    results = [run(kind, args) for kind in kinds]
+    print(table(results))
+    for r in results:
+        print(f"{r['system']} idle calls per minute: {json.dumps(r['idle_calls_per_minute'])}")
+        print(f"{r['system']} burst calls to the target region: {json.dumps(r['burst']['target_calls'])}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    if args.png:
+        import matplotlib  # noqa: PLC0415 - optional
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        for r in results:
+            xs, ys = zip(*r["lag_series"], strict=True)
+            plt.plot(xs, ys, ".", markersize=2, label=r["system"])
+        plt.xlabel("time into the steady load (s)")
+        plt.ylabel("lag, cn-north-1 -> ap-southeast-1 (s)")
+        plt.legend()
+        plt.savefig(args.png, dpi=120)
     return 0
 
 

@@ -39,7 +39,8 @@ Every service
 Control API, on the emulator's own port: POST /_replicatord/behaviour (JSON: settings to
 change), /_replicatord/revoke and /unrevoke ({"access_key_id"}), /_replicatord/ttl-sweep
 ({"table", "attribute"?}), /_replicatord/rollover ({"table"}), GET /_replicatord/stats (calls
-per operation and faults injected), POST /_replicatord/stats/reset. `Control` is its client.
+per operation, of all clients and of aiobotocore's (the daemons'), and faults injected),
+POST /_replicatord/stats/reset. `Control` is its client.
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ class State:
         self.random = random.Random(behaviour.seed)
         self.revoked: set[str] = set()
         self.calls: Counter[str] = Counter()
+        self.daemon_calls: Counter[str] = Counter()  # calls made with aiobotocore: the daemons' (or the sample's)
         self.faults: Counter[str] = Counter()
         self.reads: dict[tuple[str, str], deque[float]] = defaultdict(deque)
         self.streams: dict[tuple[str, str], StreamModel] = {}  # (table, stream label) -> stream
@@ -540,6 +542,8 @@ class Layer:
         if service is None:
             return self.app(environ, start_response)
         STATE.calls[f"{service}.{operation}"] += 1
+        if "aiobotocore" in environ.get("HTTP_USER_AGENT", ""):
+            STATE.daemon_calls[f"{service}.{operation}"] += 1
         if _access_key(environ) in STATE.revoked:
             STATE.faults["revoked_key"] += 1
             return _json_error(start_response, "400 Bad Request", "UnrecognizedClientException",
@@ -599,9 +603,10 @@ class Layer:
                     rolled += 1
             return {"rolled_over": rolled}
         if command == "stats":
-            return {"calls": dict(STATE.calls), "faults": dict(STATE.faults)}
+            return {"calls": dict(STATE.calls), "daemon_calls": dict(STATE.daemon_calls), "faults": dict(STATE.faults)}
         if command == "stats/reset":
             STATE.calls.clear()
+            STATE.daemon_calls.clear()
             STATE.faults.clear()
             return {}
         raise ValueError(f"unknown command {command!r}")
