@@ -40,7 +40,7 @@ from replicatord.records import (
     same_key_runs,
     shown,
 )
-from replicatord.retry import GAVE_UP, Letter, RecordRetry
+from replicatord.retry import GAVE_UP, Letter, RecordRetry, sleep_or_stop
 from replicatord.shards import run_together
 from replicatord.tombstones import Tombstones, TombstoneTable
 
@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 
 # DynamoDB's message (and the emulator's) for an item over 400 KB.
 ITEM_TOO_LARGE = "maximum allowed size"
+
+# replicated_count is written at most this often (one ADD for the pages in between).
+STATS_INTERVAL_S = 2.0
 
 # How often a replicated delete retries when the item changed between marking and deleting.
 DELETE_ATTEMPTS = 3
@@ -96,7 +99,10 @@ class Applier:
         self.metrics = metrics
         self.limit = asyncio.Semaphore(tuning.apply_concurrency)
         self.retry = RecordRetry(pair, "applier", dlq, tuning, metrics, stop)
+        self.stop = stop
         self.unreported = 0  # changes applied but not yet added to replicated_count
+        self._reported_at = -float("inf")
+        self._reporting: asyncio.Task[None] | None = None
 
     async def process(self, shard_id: str, records: list[dict[str, Any]]) -> None:
         """Apply a page: returns once every record is applied, stale or dead-lettered."""
@@ -143,11 +149,23 @@ class Applier:
             return await self.apply(record, tombstones)
 
     async def _report(self, applied: int) -> None:
-        """Add to replicated_count (the sample's counter). Best effort: a failure keeps the count
-        for the next page and never makes a page run again."""
-        count, self.unreported = self.unreported + applied, 0
+        """Add to replicated_count (the sample's counter), at most every STATS_INTERVAL_S: the
+        count of the pages between two writes goes out in one ADD."""
+        self.unreported += applied
+        if self.unreported and (self._reporting is None or self._reporting.done()):
+            self._reporting = asyncio.create_task(self._report_later(), name=f"stats {self.pair}")
+
+    async def _report_later(self) -> None:
+        await sleep_or_stop(self.stop, self._reported_at + STATS_INTERVAL_S - time.monotonic())
+        await self.flush_stats()
+
+    async def flush_stats(self) -> None:
+        """Write what was applied since the last report. Best effort: a failure keeps the count
+        for the next report and never makes a page run again."""
+        count, self.unreported = self.unreported, 0
         if not count:
             return
+        self._reported_at = time.monotonic()
         try:
             await self.aws.call(
                 "dynamodb", "update_item", TableName=self.stats_table,
@@ -157,7 +175,7 @@ class Applier:
         except ReplicatorError as exc:
             self.unreported += count
             self.metrics.errors.labels("applier", f"stats_{exc.kind}").inc()
-            log.warning("applier %s: cannot add %d to %s replicated_count (kept for the next page): %s",
+            log.warning("applier %s: cannot add %d to %s replicated_count (kept for the next report): %s",
                         self.pair, count, self.stats_table, exc)
 
     async def apply(self, record: ReplicationRecord, tombstones: Tombstones | None = None) -> bool:

@@ -99,7 +99,12 @@ class Tuning(_Model):
     poll_interval_ms: Annotated[int, Field(ge=10, le=10_000)] = 250
     # Reads (GetRecords) of one shard are at least this far apart, records or not: Kinesis allows
     # 5 per second per shard for all consumers together, DynamoDB Streams about as many.
-    min_read_interval_ms: Annotated[int, Field(ge=0, le=10_000)] = 250
+    min_read_interval_ms: Annotated[int, Field(ge=0, le=10_000)] = 200
+    # A shard that found nothing for 10 s is read this often (0: as poll_interval_ms).
+    idle_poll_interval_ms: Annotated[int, Field(ge=0, le=60_000)] = 500
+    # While records come, a shard's checkpoint is written at most this often (and always when
+    # the shard is caught up): a crash replays at most this much of the stream.
+    checkpoint_interval_ms: Annotated[int, Field(ge=0, le=60_000)] = 1000
     get_records_limit: Annotated[int, Field(ge=1, le=1000)] = 1000
     apply_concurrency: Annotated[int, Field(ge=1, le=1024)] = 32
     shard_refresh_s: Annotated[float, Field(gt=0)] = 10.0

@@ -9,6 +9,7 @@ shard worker finishes or abandons its page, checkpoints and releases its lease, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import os
@@ -30,7 +31,7 @@ from replicatord.forwarder import Forwarder
 from replicatord.leases import LEASE_TABLE_KEY, LEGACY_LEASE_KEY, LeaseTable
 from replicatord.metrics import Metrics
 from replicatord.pipeline import Pipeline
-from replicatord.shards import DynamoStreamSource, KinesisSource, poll
+from replicatord.shards import RELEASE_TIMEOUT_S, DynamoStreamSource, KinesisSource, poll
 from replicatord.tombstones import TombstoneTable
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class Daemon:
         self.stop = asyncio.Event()
         self.aws = Aws(settings, self.metrics)
         self.pipelines: list[Pipeline] = []
+        self.appliers: list[Applier] = []
         self.forwarding: dict[str, tuple[Pipeline, str]] = {}  # pair -> (forwarder pipeline, table)
         self._tasks: list[asyncio.Task[None]] = []
         self._running: dict[Pipeline, asyncio.Task[None]] = {}
@@ -158,6 +160,7 @@ class Daemon:
             applying = Pipeline(pair.name, kinesis, applier, leases, s.instance_id, topology.tuning, self.metrics,
                                 self.stop)
             self.pipelines.append(applying)
+            self.appliers.append(applier)
         for peer in s.peers:
             # Not fatal: the peer may come back; readiness and the metric say it is not there.
             self.metrics.peer_reachable.labels(peer).set(0)
@@ -193,6 +196,9 @@ class Daemon:
 
     async def shutdown(self) -> None:
         self.metrics.up.set(0)
+        for applier in self.appliers:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(applier.flush_stats(), RELEASE_TIMEOUT_S)
         if self._runner is not None:
             await self._runner.cleanup()
         log.info("stopped")

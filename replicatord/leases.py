@@ -17,12 +17,12 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from replicatord.aws import Aws
-from replicatord.errors import ConditionFailed, LeaseLost
+from replicatord.errors import ConditionFailed, LeaseLost, ReplicatorError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,9 @@ LEGACY_LEASE_TABLE = "replicatord_leases"
 # until the first real checkpoint replaces it. A LATEST iterator would instead miss what is
 # written between the lease's creation and the shard's first read.
 LATEST = "LATEST@"
+# Renewals asked for this close together share one call; TransactWriteItems takes 100 items.
+RENEW_GATHER_S = 0.02
+TRANSACTION_ITEMS = 100
 
 
 def latest_since(checkpoint: str | None) -> float | None:
@@ -190,6 +193,10 @@ class LeaseTable:
         self.aws = aws
         self.table = table
         self.client = client
+        # Renewals asked for within RENEW_GATHER_S of each other (every pipeline of the instance
+        # renews on the same ticks) go out together: one TransactWriteItems per 100 leases.
+        self._renewals: list[tuple[HeldLease, asyncio.Future[None]]] = []
+        self._renewing: asyncio.Task[None] | None = None
 
     async def _call(self, operation: str, **kwargs: Any) -> Any:
         return await self.aws.call("dynamodb", operation, client=self.client, TableName=self.table, **kwargs)
@@ -295,8 +302,65 @@ class LeaseTable:
         held.renewed_at = sent_at
 
     async def renew(self, held: HeldLease) -> None:
+        """Move the lease's counter (LeaseLost if it is no longer ours). Renewals of several
+        leases asked for at about the same moment share one TransactWriteItems call."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._renewals.append((held, future))
+        if self._renewing is None or self._renewing.done():
+            self._renewing = asyncio.create_task(self._renew_gathered(), name=f"renew {self.table}")
+        await future
+
+    async def _renew_gathered(self) -> None:
+        await asyncio.sleep(RENEW_GATHER_S)
+        gathered, self._renewals = self._renewals, []
+        waiting = {id(held): (held, future) for held, future in gathered if not future.done()}
+        # A lease whose lock is taken is being checkpointed (which renews it too): it waits alone.
+        alone = [pair for pair in waiting.values() if pair[0].lock.locked()]
+        together = sorted((pair for pair in waiting.values() if not pair[0].lock.locked()),
+                          key=lambda pair: pair[0].lease.key)
+        await asyncio.gather(*(self._settle(future, self._renew_one(held)) for held, future in alone),
+                             *(self._renew_batch(together[i:i + TRANSACTION_ITEMS])
+                               for i in range(0, len(together), TRANSACTION_ITEMS)))
+
+    @staticmethod
+    async def _settle(future: asyncio.Future[None], work: Awaitable[None]) -> None:
+        try:
+            await work
+        except Exception as exc:  # noqa: BLE001 - handed to the waiting renewer
+            if not future.done():
+                future.set_exception(exc)
+        else:
+            if not future.done():
+                future.set_result(None)
+
+    async def _renew_one(self, held: HeldLease) -> None:
         async with held.lock:
             await self._advance(held)
+
+    async def _renew_batch(self, batch: list[tuple[HeldLease, asyncio.Future[None]]]) -> None:
+        """Renew leases in one transaction. If it is cancelled (a lease is no longer ours, or
+        another write held an item), each lease is renewed on its own, which says which."""
+        if len(batch) == 1:
+            held, future = batch[0]
+            await self._settle(future, self._renew_one(held))
+            return
+        async with contextlib.AsyncExitStack() as locks:
+            for held, _ in batch:
+                await locks.enter_async_context(held.lock)
+            sent_at = time.monotonic()
+            try:
+                await self.aws.call("dynamodb", "transact_write_items", client=self.client, TransactItems=[
+                    {"Update": {"TableName": self.table, **_advance_update(held.lease)}} for held, _ in batch])
+            except ReplicatorError:
+                pass  # below, one by one
+            else:
+                for held, future in batch:
+                    held.lease = replace(held.lease, counter=held.lease.counter + 1)
+                    held.renewed_at = sent_at
+                    if not future.done():
+                        future.set_result(None)
+                return
+        await asyncio.gather(*(self._settle(future, self._renew_one(held)) for held, future in batch))
 
     async def checkpoint(
         self, held: HeldLease, sequence_number: str | None, finished: bool = False, at: float | None = None
@@ -346,6 +410,19 @@ class LeaseTable:
                 ExpressionAttributeNames={"#counter": "counter", "#state": "state"},
                 ExpressionAttributeValues={":counter": {"N": str(lease.counter)}, ":finished": {"S": FINISHED}},
             )
+
+
+def _advance_update(lease: Lease) -> dict[str, Any]:
+    """A renewal as a TransactWriteItems Update: the counter moves iff the lease is still ours as seen."""
+    return {
+        "Key": item_key(lease.key),
+        "UpdateExpression": "SET #counter = :next, updated_at = :now",
+        "ConditionExpression": "#owner = :me AND #counter = :counter",
+        "ExpressionAttributeNames": {"#owner": "owner", "#counter": "counter"},
+        "ExpressionAttributeValues": {
+            ":me": {"S": lease.owner or ""}, ":counter": {"N": str(lease.counter)},
+            ":next": {"N": str(lease.counter + 1)}, ":now": {"N": str(time.time())}},
+    }
 
 
 # --- pauses (replicatord pause / resume) -----------------------------------------------------------

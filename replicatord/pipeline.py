@@ -84,6 +84,8 @@ class Pipeline:
         self.cycle_ok_at = 0.0  # monotonic time of the last lease cycle that reached the table
         self._sync_at = 0.0
         self._group: asyncio.TaskGroup | None = None
+        self._wake = asyncio.Event()  # set when a shard worker ends: run a lease cycle now
+        self._holds_all = False  # the last cycle found every unfinished lease held here
 
     @property
     def held(self) -> int:
@@ -98,9 +100,10 @@ class Pipeline:
         return stream_of(self._key("-"))
 
     def healthy(self, now: float) -> bool:
-        """The lease table was reached recently and every held lease was renewed in time."""
+        """The lease table was reached recently (within a cycle and the failover time) and every
+        held lease was renewed in time."""
         failover_s = self.tuning.failover_s
-        return now - self.cycle_ok_at < failover_s and all(
+        return now - self.cycle_ok_at < failover_s + self.cycle_interval_s() and all(
             now - held.renewed_at < failover_s for held, _ in self.workers.values()
         )
 
@@ -110,11 +113,12 @@ class Pipeline:
             async with asyncio.TaskGroup() as group:
                 self._group = group
                 renewing = group.create_task(self._renew_loop(), name=f"renew {self.name}")
-                async for _ in poll(self.tuning.lease_take_interval_s, self.stop):
+                while not self.stop.is_set():
                     if self.done:
                         log.info("%s: stream %s read to its end; this pipeline stops", self.name, self.source.stream)
                         renewing.cancel()  # no lease is held: nothing to renew
                         break
+                    self._wake.clear()
                     try:
                         await self._check_paused()
                         await self._cycle()
@@ -126,8 +130,26 @@ class Pipeline:
                         log.exception("%s: lease cycle failed", self.name)
                     gauge.set(self.held)
                     self.metrics.refresh_pending(self.pair, self.source.pipeline, self.source.retention_s, time.time())
+                    await self._until_next_cycle()
         finally:
             gauge.set(0)
+
+    async def _until_next_cycle(self) -> None:
+        """Wait one lease cycle: `lease_take_interval_s`, or while this instance holds every
+        lease of the stream, until the next shard sync (another instance that wants a share
+        steals it, and this one learns at its next renewal). A shard worker that ends wakes
+        the cycle at once (its children may start)."""
+        waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(self.stop.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=self.cycle_interval_s(), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    def cycle_interval_s(self) -> float:
+        if self._holds_all:
+            return max(self.tuning.lease_take_interval_s, self._sync_at - time.monotonic())
+        return self.tuning.lease_take_interval_s
 
     # -- lease cycle -------------------------------------------------------------------------
 
@@ -152,12 +174,15 @@ class Pipeline:
         self._paused_before = mine
 
     async def _cycle(self) -> None:
+        self._holds_all = False  # until this cycle shows otherwise
         finished_here = self._reap()
         now = time.monotonic()
+        leases = None
         if finished_here or now >= self._sync_at:
-            await self._sync_shards()
+            leases = await self._sync_shards()
             self._sync_at = now + self.tuning.shard_refresh_s
-        leases = await self.leases.query(self.partition)
+        if leases is None:
+            leases = await self.leases.query(self.partition)
         self.cycle_ok_at = time.monotonic()
         self.clock.observe(leases, self.cycle_ok_at)
         expired = {
@@ -173,6 +198,9 @@ class Pipeline:
             await self._take(by_key[key], stolen=False)
         if plan.steal is not None:
             await self._take(by_key[plan.steal], stolen=True)
+        ready = ready_leases(leases)
+        self._holds_all = all(lease.state == FINISHED or lease.key in self.workers
+                              or (lease.key not in ready and lease.owner in (None, self.owner)) for lease in leases)
 
     def _reap(self) -> bool:
         """Forget workers that ended; True if one read its shard to the end."""
@@ -183,12 +211,15 @@ class Pipeline:
                 finished |= not task.cancelled() and task.result()
         return finished
 
-    async def _sync_shards(self) -> None:
+    async def _sync_shards(self) -> list[Lease] | None:
+        """Leases for new shards, finished leases of departed shards deleted. Returns the leases
+        read (consistently) if nothing changed, else None."""
         shards = await self.source.list_shards()
         listed = {self._key(shard.id) for shard in shards}
         existing = {lease.key: lease for lease in await self.leases.query(self.partition, consistent=True)}
         first_start = not existing
         latest = first_start and self.initial_position == "latest"
+        changed = False
         for shard in shards:  # listing order has parents before children
             key = self._key(shard.id)
             if key in existing:
@@ -199,6 +230,7 @@ class Pipeline:
                 created = await self.leases.create(key, parents, start, FINISHED if shard.closed else ACTIVE)
             else:
                 created = await self.leases.create(key, parents)
+            changed = True
             if not created:
                 continue
             log.info("%s: new shard %s%s", self.name, shard.id,
@@ -216,7 +248,9 @@ class Pipeline:
         for key, lease in existing.items():
             if lease.state == FINISHED and key not in listed:
                 await self.leases.delete(lease)  # read to its end and gone from the stream
+                changed = True
                 log.info("%s: shard %s left the stream; its lease is deleted", self.name, shard_of(key))
+        return None if changed else list(existing.values())
 
     async def _take(self, lease: Lease, stolen: bool) -> None:
         resumed = lease.owner == self.owner
@@ -239,6 +273,7 @@ class Pipeline:
                              self.tuning, self.metrics, self.stop, self.running)
         assert self._group is not None
         task = self._group.create_task(worker.run(), name=lease.key)
+        task.add_done_callback(lambda _: self._wake.set())
         self.workers[lease.key] = (held, task)
 
     # -- renewal -----------------------------------------------------------------------------
@@ -248,7 +283,7 @@ class Pipeline:
         for `failover_s` less one interval is stopped by this instance's own clock: others count
         `failover_s` from a renewal they saw, which was sent no earlier than our last one."""
         interval_s = self.tuning.renew_interval_s
-        async for _ in poll(interval_s, self.stop):
+        async for _ in poll(interval_s, self.stop, aligned=True):  # every pipeline on the same ticks
             running = [(key, held, task) for key, (held, task) in list(self.workers.items()) if not task.done()]
             # Each renewal may take what its lease can still afford, and no more than half the
             # failover time: a renewal that hangs times out just when the shard must stop.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import dataclass, replace
@@ -34,6 +35,8 @@ from replicatord.retry import Abandoned, backoff_s, sleep_or_stop
 log = logging.getLogger(__name__)
 
 RELEASE_TIMEOUT_S = 2.0
+# A shard that found nothing for this long is read every `idle_poll_interval_ms`.
+IDLE_AFTER_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -63,10 +66,11 @@ async def run_together(coroutines: Iterable[Coroutine[Any, Any, None]]) -> None:
         raise first from None
 
 
-async def poll(interval_s: float, stop: asyncio.Event) -> AsyncIterator[None]:
-    """Drift-free ticks every `interval_s` until `stop` is set (arq's `poll`)."""
+async def poll(interval_s: float, stop: asyncio.Event, aligned: bool = False) -> AsyncIterator[None]:
+    """Drift-free ticks every `interval_s` until `stop` is set (arq's `poll`). `aligned`: on
+    multiples of `interval_s` of the loop's clock, so that loops of one process tick together."""
     loop = asyncio.get_running_loop()
-    next_at = loop.time()
+    next_at = math.ceil(loop.time() / interval_s) * interval_s if aligned else loop.time()
     while not stop.is_set():
         yield
         next_at += interval_s
@@ -198,6 +202,16 @@ def _after(sequence: str, checkpoint: str) -> bool:
         return False
 
 
+def _dropped(task: asyncio.Task[Any] | None) -> asyncio.Task[Any] | None:
+    """Cancel a read ahead that will not be used (its failure, if any, is of no interest);
+    returns None, to be assigned in its place."""
+    if task is not None:
+        task.cancel()
+        if task.done() and not task.cancelled():
+            task.exception()
+    return None
+
+
 def _when(epoch_s: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_s))
 
@@ -225,6 +239,10 @@ class ShardWorker:
         self.metrics = metrics
         self.stop = stop
         self.shard_id = shard_of(held.lease.key)
+        self._position: tuple[str, float] | None = None  # delivered, not yet checkpointed
+        self._checkpointed_at = time.monotonic()
+        self._last_read = -float("inf")
+        self._empty_since: float | None = None  # monotonic time of the first empty page in a row
 
     async def run(self) -> bool:
         """Read the shard until stopped or its end; True if it was read to the end.
@@ -253,6 +271,7 @@ class ShardWorker:
         finally:
             self.metrics.forget_shard(self.pair, pipeline, self.shard_id)
             if release:
+                await self._keep_position()
                 await self._release()
         return False
 
@@ -260,69 +279,109 @@ class ShardWorker:
         pipeline = self.source.pipeline
         iterator: str | None = None
         failures = 0
-        empty = False
-        last_read = -float("inf")
+        # While pages come with records, the next page is read (at the shard's read spacing)
+        # while this one is delivered: pages are still delivered one after another, in order.
+        ahead: asyncio.Task[Page | None] | None = None
         trimmed = refused = False  # what the last failure said, handled inside the try below
-        while not self.stop.is_set():
-            if self.running is not None and not self.running.is_set():
-                await self._paused()  # the position is kept; reading resumes from the checkpoint
-                iterator = None
-                continue
-            try:
-                if refused:
-                    if await self._shard_gone():
+        try:
+            while not self.stop.is_set():
+                if self.running is not None and not self.running.is_set():
+                    ahead = _dropped(ahead)
+                    await self._flush_checkpoint()
+                    await self._paused()  # the position is kept; reading resumes from the checkpoint
+                    iterator = None
+                    continue
+                try:
+                    if refused:
+                        if await self._shard_gone():
+                            return True
+                        refused = False
+                    if iterator is None:
+                        await self._flush_checkpoint()
+                        iterator = await (self._read_on_after_trim() if trimmed else self._start())
+                        trimmed = False
+                    if ahead is not None:
+                        page, ahead = await ahead, None
+                    else:
+                        page = await self._read_page(iterator, self._gap_s())
+                    if page is None:
+                        break  # stopping
+                    if page.records and page.next_iterator is not None:
+                        ahead = asyncio.create_task(
+                            self._read_page(page.next_iterator, self.tuning.min_read_interval_ms / 1000),
+                            name=f"read ahead {self.shard_id}")
+                    records = self._skip_before_start(page.records)
+                    if records:
+                        await self._deliver(records)
+                    if page.next_iterator is None:
+                        await self._flush_checkpoint(finished=True)
+                        log.info("%s %s: shard %s read to its end", pipeline, self.pair, self.shard_id)
                         return True
-                    refused = False
-                if iterator is None:
-                    iterator = await (self._read_on_after_trim() if trimmed else self._start())
-                    trimmed = False
-                # Reads of a shard stay apart (the per-shard limits are shared with every other
-                # consumer of the stream), and further apart after a page that found nothing.
-                gap_ms = max(self.tuning.min_read_interval_ms, self.tuning.poll_interval_ms if empty else 0)
-                wait_s = last_read + gap_ms / 1000 - time.monotonic()
-                if wait_s > 0 and await sleep_or_stop(self.stop, wait_s):
-                    break
-                last_read = time.monotonic()
-                page = await self.source.get_records(iterator, self.tuning.get_records_limit)
-                records = await self._skip_before_start(page.records)
-                if records:
-                    await self._deliver(records)
-                if page.next_iterator is None:
-                    await self.leases.checkpoint(self.held, None, finished=True)
-                    log.info("%s %s: shard %s read to its end", pipeline, self.pair, self.shard_id)
-                    return True
-                iterator = page.next_iterator
-                failures = 0
-                empty = not page.records
-                if empty:
-                    self.metrics.set_iterator_age(self.pair, pipeline, self.shard_id, page.behind_s)
-                    # Caught up, or (Kinesis) behind by what MillisBehindLatest says.
-                    self.metrics.set_pending(self.pair, pipeline, self.shard_id,
-                                             time.time() - page.behind_s if page.behind_s else None)
-            except (ExpiredIterator, Transient, InvalidRequest) as exc:
-                # A fresh iterator from the checkpoint: the old one expired or was refused.
-                self.metrics.errors.labels(pipeline, exc.kind).inc()
-                log.info("%s %s: shard %s: %s; new iterator from checkpoint", pipeline, self.pair, self.shard_id, exc)
-                iterator = None
-                failures += 1
-                await sleep_or_stop(self.stop, backoff_s(failures, self.tuning))
-            except TrimmedData:
-                # DynamoDB Streams: the checkpoint (or the iterator's position) is past retention.
-                trimmed, iterator = True, None
-            except NotFound as exc:
-                # The shard is unknown: gone from the stream (retention), or a passing refusal.
-                self.metrics.errors.labels(pipeline, exc.kind).inc()
-                refused, iterator = True, None
-                failures += 1
-                await sleep_or_stop(self.stop, backoff_s(failures, self.tuning))
-            except LeaseLost:
-                raise
-            except ReplicatorError as exc:
-                self.metrics.errors.labels(pipeline, exc.kind).inc()
-                failures += 1
-                log.warning("%s %s: shard %s: %s (retry %d)", pipeline, self.pair, self.shard_id, exc, failures)
-                await sleep_or_stop(self.stop, backoff_s(failures, self.tuning))
+                    iterator = page.next_iterator
+                    failures = 0
+                    if page.records:
+                        self._empty_since = None
+                    else:
+                        self._empty_since = self._empty_since or time.monotonic()
+                        await self._flush_checkpoint()
+                        self.metrics.set_iterator_age(self.pair, pipeline, self.shard_id, page.behind_s)
+                        # Caught up, or (Kinesis) behind by what MillisBehindLatest says.
+                        self.metrics.set_pending(self.pair, pipeline, self.shard_id,
+                                                 time.time() - page.behind_s if page.behind_s else None)
+                    continue
+                except (ExpiredIterator, Transient, InvalidRequest) as exc:
+                    ahead = _dropped(ahead)  # it read on from a position that is given up
+                    # A fresh iterator from the checkpoint: the old one expired or was refused.
+                    self.metrics.errors.labels(pipeline, exc.kind).inc()
+                    log.info("%s %s: shard %s: %s; new iterator from checkpoint",
+                             pipeline, self.pair, self.shard_id, exc)
+                    iterator = None
+                    failures += 1
+                    await sleep_or_stop(self.stop, backoff_s(failures, self.tuning))
+                except TrimmedData:
+                    ahead = _dropped(ahead)
+                    # DynamoDB Streams: the checkpoint (or the iterator's position) is past retention.
+                    trimmed, iterator = True, None
+                except NotFound as exc:
+                    ahead = _dropped(ahead)
+                    # The shard is unknown: gone from the stream (retention), or a passing refusal.
+                    self.metrics.errors.labels(pipeline, exc.kind).inc()
+                    refused, iterator = True, None
+                    failures += 1
+                    await sleep_or_stop(self.stop, backoff_s(failures, self.tuning))
+                except LeaseLost:
+                    raise
+                except ReplicatorError as exc:
+                    ahead = _dropped(ahead)
+                    self.metrics.errors.labels(pipeline, exc.kind).inc()
+                    failures += 1
+                    log.warning("%s %s: shard %s: %s (retry %d)", pipeline, self.pair, self.shard_id, exc, failures)
+                    await sleep_or_stop(self.stop, backoff_s(failures, self.tuning))
+        finally:
+            if ahead is not None:
+                ahead.cancel()
         return False
+
+    def _gap_s(self) -> float:
+        """How far apart this shard's reads are: `min_read_interval_ms` while records come,
+        `poll_interval_ms` after a page that found nothing, and `idle_poll_interval_ms` once
+        nothing came for IDLE_AFTER_S."""
+        tuning = self.tuning
+        if self._empty_since is None:
+            return tuning.min_read_interval_ms / 1000
+        gap_ms = tuning.poll_interval_ms
+        if time.monotonic() - self._empty_since >= IDLE_AFTER_S:
+            gap_ms = tuning.idle_poll_interval_ms or gap_ms
+        return max(tuning.min_read_interval_ms, gap_ms) / 1000
+
+    async def _read_page(self, iterator: str, gap_s: float) -> Page | None:
+        """GetRecords, no sooner than `gap_s` after this shard's previous read (the per-shard
+        read limits are shared with every other consumer of the stream); None if stopping."""
+        wait_s = self._last_read + gap_s - time.monotonic()
+        if wait_s > 0 and await sleep_or_stop(self.stop, wait_s):
+            return None
+        self._last_read = time.monotonic()
+        return await self.source.get_records(iterator, self.tuning.get_records_limit)
 
     async def _paused(self) -> None:
         """While paused: read nothing, but look every `shard_refresh_s` at the first record after
@@ -346,17 +405,17 @@ class ShardWorker:
                 for waiter in waiters:
                     waiter.cancel()
 
-    async def _skip_before_start(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _skip_before_start(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """A pipeline that starts at `latest` skips what was written before its start (records
-        are in order: what is kept is the end of the page); if nothing is kept, it checkpoints
-        past the page."""
+        are in order: what is kept is the end of the page); if nothing is kept, its position
+        moves past the page."""
         since = latest_since(self.held.lease.checkpoint)
-        if since is None or not records:
+        if since is None or self._position is not None or not records:
             return records
         kept = [r for r in records if self.source.created_s(r) >= since]
         if not kept:
             last = records[-1]
-            await self.leases.checkpoint(self.held, self.source.sequence_number(last), at=self.source.created_s(last))
+            self._position = (self.source.sequence_number(last), self.source.created_s(last))
         return kept
 
     async def _start(self) -> str:
@@ -411,6 +470,15 @@ class ShardWorker:
         await self.leases.checkpoint(self.held, None, finished=True)
         return True
 
+    async def _keep_position(self) -> None:
+        """On the way out, checkpoint what was delivered (best effort: a record delivered but not
+        checkpointed is delivered again by the next owner)."""
+        try:
+            await asyncio.wait_for(self._flush_checkpoint(), RELEASE_TIMEOUT_S)
+        except (ReplicatorError, TimeoutError) as exc:
+            log.warning("%s %s: shard %s: cannot checkpoint on the way out (the next reader replays from the "
+                        "last checkpoint): %s", self.source.pipeline, self.pair, self.shard_id, exc or "timed out")
+
     async def _release(self) -> None:
         try:
             await asyncio.wait_for(self.leases.release(self.held), RELEASE_TIMEOUT_S)
@@ -449,4 +517,21 @@ class ShardWorker:
         self.metrics.set_iterator_age(self.pair, pipeline, self.shard_id, time.time() - newest)
         # The next record, if any, is no older than this one: an upper bound of its age.
         self.metrics.set_pending(self.pair, pipeline, self.shard_id, newest)
-        await self.leases.checkpoint(self.held, self.source.sequence_number(records[-1]), at=newest)
+        self._position = (self.source.sequence_number(records[-1]), newest)
+        if time.monotonic() - self._checkpointed_at >= self.tuning.checkpoint_interval_ms / 1000:
+            await self._flush_checkpoint()
+
+    async def _flush_checkpoint(self, finished: bool = False) -> None:
+        """Write the position delivered so far (checkpoints are written at most every
+        `checkpoint_interval_ms` while records come, and whenever the shard is caught up: a
+        crash replays at most that much, and applying again is harmless)."""
+        position, self._position = self._position, None
+        if position is None and not finished:
+            return
+        sequence, at = position if position is not None else (None, None)
+        try:
+            await self.leases.checkpoint(self.held, sequence, finished=finished, at=at)
+        except BaseException:
+            self._position = self._position or position  # not written: still to do
+            raise
+        self._checkpointed_at = time.monotonic()

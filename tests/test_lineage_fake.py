@@ -14,9 +14,10 @@ import pytest
 import yaml
 from botocore.exceptions import ClientError
 
+from replicatord import shards
 from replicatord.aws import Aws
 from replicatord.config import parse_topology, resolve_settings
-from replicatord.leases import FINISHED, LeaseTable, item_key, lease_key
+from replicatord.leases import FINISHED, HeldLease, LeaseTable, item_key, lease_key
 from replicatord.local.world import REGIONS, topology_document
 from replicatord.metrics import Metrics
 from replicatord.pipeline import Pipeline
@@ -41,6 +42,8 @@ class FakeKinesis:
         # [operation, shard, error code, calls to let through first]: each raised once
         self.faults: list[list[Any]] = []
         self.iterators_from: list[tuple[str, str]] = []  # (shard, "TRIM_HORIZON" or "after N")
+        self.reads = 0
+        self.read_at: list[float] = []
 
     def _fault(self, operation: str, shard: str) -> None:
         for fault in self.faults:
@@ -74,6 +77,8 @@ class FakeKinesis:
 
     async def get_records(self, *, ShardIterator: str, Limit: int) -> dict[str, Any]:  # noqa: N803
         shard_id, position_text = ShardIterator.split("|")
+        self.reads += 1
+        self.read_at.append(time.monotonic())
         self._fault("get_records", shard_id)
         position = int(position_text)
         shard = self.shards[shard_id]
@@ -274,3 +279,131 @@ async def test_a_renewal_that_hangs_stops_its_shard_before_others_may_take_it(le
     assert stopped_after < tuning.failover_s, stopped_after  # before another instance may take it
     assert len(renewed["fast"]) > fast_before
     assert recorder.seen  # both shards were read before
+
+
+async def test_renewals_at_one_moment_share_one_transaction(lease_env: Any) -> None:
+    """Every pipeline of an instance renews on the same ticks: one TransactWriteItems renews all
+    its leases. A lease another instance took fails alone (LeaseLost); the rest are renewed."""
+    aws, settings, _ = lease_env
+    leases = LeaseTable(aws, settings.me.lease_table)
+    keys = [lease_key(pipeline, "s@1", "shard-1") for pipeline in ("forwarder", "applier", "other")]
+    held = []
+    for key in keys:
+        assert await leases.create(key, ())
+        lease = await leases.get(key)
+        assert lease is not None
+        held.append(HeldLease(await leases.take(lease, "me")))
+    calls: list[str] = []
+    real_call = aws.call
+
+    async def counting(service: str, operation: str, **kwargs: Any) -> Any:
+        calls.append(operation)
+        return await real_call(service, operation, **kwargs)
+
+    aws.call = counting  # type: ignore[method-assign]
+    await asyncio.gather(*(leases.renew(h) for h in held))
+    assert calls == ["transact_write_items"]
+    assert [(await leases.get(k)).counter for k in keys] == [2, 2, 2]  # type: ignore[union-attr]
+
+    taken = await leases.get(keys[1])
+    assert taken is not None
+    await leases.take(taken, "another-instance")
+    calls.clear()
+    results = await asyncio.gather(*(leases.renew(h) for h in held), return_exceptions=True)
+    assert [type(r).__name__ for r in results] == ["NoneType", "LeaseLost", "NoneType"]
+    assert calls[0] == "transact_write_items" and calls.count("transact_write_items") == 1
+    now = {k: await leases.get(k) for k in keys}
+    assert [(now[k].owner, now[k].counter) for k in keys] == [  # type: ignore[union-attr]
+        ("me", 3), ("another-instance", 3), ("me", 3)]
+    assert [h.lease.counter for h in held] == [3, 2, 3]
+
+
+class Overlapped(Recorder):
+    """Notes, for each page, whether the shard's next read was issued while the page was processed."""
+
+    def __init__(self, fake: FakeKinesis) -> None:
+        super().__init__()
+        self.fake = fake
+        self.overlapped: list[bool] = []
+
+    async def process(self, shard_id: str, records: list[dict[str, Any]]) -> None:
+        reads = self.fake.reads
+        try:
+            async with asyncio.timeout(1):
+                while self.fake.reads == reads:  # noqa: ASYNC110 - waits on the worker's other task
+                    await asyncio.sleep(0.005)
+        except TimeoutError:
+            pass
+        self.overlapped.append(self.fake.reads > reads)
+        await super().process(shard_id, records)
+
+
+async def test_next_page_is_read_while_a_page_is_delivered_and_checkpoints_are_spaced(lease_env: Any) -> None:
+    aws, settings, metrics = lease_env
+    fake = FakeKinesis({"s": {"records": list(range(1, 61))}})  # 20 pages of 3, then nothing new
+    stop = asyncio.Event()
+    pipeline, _, leases = _pipeline(aws, settings, metrics, fake, stop)
+    pipeline.tuning = settings.topology.tuning.model_copy(update={"min_read_interval_ms": 0,
+                                                                  "checkpoint_interval_ms": 60_000})
+    recorder = pipeline.processor = Overlapped(fake)
+    checkpoints: list[str] = []
+    real_call = aws.call
+
+    async def counting(service: str, operation: str, **kwargs: Any) -> Any:
+        if operation == "update_item" and "checkpoint" in kwargs.get("UpdateExpression", ""):
+            checkpoints.append(kwargs["ExpressionAttributeValues"][":seq"]["S"])
+        return await real_call(service, operation, **kwargs)
+
+    aws.call = counting  # type: ignore[method-assign]
+    await _run_until(pipeline, stop, lambda: len(recorder.seen) == 60 and checkpoints[-1:] == ["60"])
+
+    assert [seq for _, seq in recorder.seen] == list(range(1, 61))  # in order, each once
+    assert all(recorder.overlapped), recorder.overlapped  # every page: the next read was under way
+    # One checkpoint when the shard was caught up, not one per page.
+    assert checkpoints == ["60"]
+    state = await leases.query(pipeline.partition, consistent=True)
+    assert [lease.checkpoint for lease in state] == ["60"]
+
+
+async def test_a_shard_that_stays_empty_is_read_less_often(lease_env: Any, monkeypatch: Any) -> None:
+    """poll_interval_ms after an empty page; idle_poll_interval_ms once nothing came for IDLE_AFTER_S."""
+    monkeypatch.setattr(shards, "IDLE_AFTER_S", 0.5)
+    aws, settings, metrics = lease_env
+    fake = FakeKinesis({"s": {"records": []}})
+    stop = asyncio.Event()
+    pipeline, _, _ = _pipeline(aws, settings, metrics, fake, stop)
+    pipeline.tuning = settings.topology.tuning.model_copy(update={
+        "min_read_interval_ms": 0, "poll_interval_ms": 20, "idle_poll_interval_ms": 400})
+    await _run_until(pipeline, stop, lambda: any(at - fake.read_at[0] > 2.5 for at in fake.read_at[1:]))
+
+    first = fake.read_at[0]
+    gaps = [(at - first, at - before) for before, at in zip(fake.read_at, fake.read_at[1:], strict=False)]
+    assert min(gap for _, gap in gaps) < 0.4  # it polled at the short interval first
+    assert all(gap >= 0.4 for since, gap in gaps if since > 0.5 + 0.4 + 0.3)  # then at the idle interval
+
+
+async def test_an_instance_that_holds_every_lease_reads_the_table_only_at_shard_sync(lease_env: Any) -> None:
+    """Alone on a stream, a lease cycle has nothing to take: the lease table is read once per
+    shard sync (the read serves the cycle too) instead of every lease_take_interval_s."""
+    aws, settings, metrics = lease_env
+    fake = FakeKinesis({"a": {"records": [1]}, "b": {"records": [2]}})
+    stop = asyncio.Event()
+    pipeline, recorder, _ = _pipeline(aws, settings, metrics, fake, stop)
+    pipeline.tuning = settings.topology.tuning.model_copy(update={"lease_take_interval_s": 0.1, "shard_refresh_s": 2})
+    queries: list[float] = []
+    real_call = aws.call
+
+    async def counting(service: str, operation: str, **kwargs: Any) -> Any:
+        if operation == "query":
+            queries.append(time.monotonic())
+        return await real_call(service, operation, **kwargs)
+
+    aws.call = counting  # type: ignore[method-assign]
+    started = time.monotonic()
+    await _run_until(pipeline, stop, lambda: time.monotonic() - started > 5)
+
+    assert {shard for shard, _ in recorder.seen} == {"a", "b"}
+    assert pipeline.held == 2
+    # Cycles every 0.1 s would have read it about 50 times; shard syncs every 2 s: 3, plus the
+    # cycles that took the two leases.
+    assert len(queries) <= 6, [round(at - started, 2) for at in queries]
