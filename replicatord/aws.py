@@ -1,7 +1,9 @@
 """AWS clients: the local region's (default credential chain) and each peer's Kinesis.
 
-A peer's Kinesis client uses the peer partition's key pair, read from SSM Parameter Store in
-the local region, and the peer's proxy. The local region's credentials never go to a peer.
+A peer's Kinesis client uses the peer's proxy and, for a peer in another partition, that
+partition's key pair, read from SSM Parameter Store in the local region (the local region's
+credentials never go across the border); a peer in the same partition is reached with the
+instance's own role, like the local region.
 Every call goes through `Aws.call`, which times it and maps its errors (errors.classify).
 """
 
@@ -92,12 +94,18 @@ class Aws:
         await self._stack.aclose()
 
     async def open_peer(self, peer: str) -> Any:
-        """Kinesis client for `peer`, with its key pair from SSM and its proxy."""
+        """Kinesis client for `peer`, with its proxy: with the instance's own role in the same
+        partition, else with the peer partition's key pair from SSM."""
         target = self.settings.topology.regions[peer]
+        if self.settings.peer_uses_own_role(peer):
+            client = await self._peer_client(peer, None)
+            log.info("peer %s: kinesis via %s, with this instance's own role (same partition)", peer,
+                     redact_url(target.proxy) if target.proxy else "direct connection")
+            return client
         if target.credentials is None:
             raise StartupError(
                 f"regions.{peer}.credentials: missing; a daemon in {self.settings.region} needs an "
-                f"ssm_prefix to authenticate in {peer}"
+                f"ssm_prefix to authenticate in {peer} (another partition)"
             )
         keys = await self._peer_keys(peer)
         client = await self._peer_client(peer, keys)
@@ -117,27 +125,31 @@ class Aws:
         return (await self.read_parameter(access_name, decrypt=False),
                 await self.read_parameter(secret_name, decrypt=True))
 
-    async def _peer_client(self, peer: str, keys: tuple[str, str]) -> Any:
+    async def _peer_client(self, peer: str, keys: tuple[str, str] | None) -> Any:
+        """A Kinesis client for `peer`: with `keys`, or (None) the default chain, as local clients."""
         target = self.settings.topology.regions[peer]
+        explicit = {"aws_access_key_id": keys[0], "aws_secret_access_key": keys[1]} if keys else {}
         client = await self._stack.enter_async_context(
             self._session.create_client(
-                "kinesis",
+                "kinesis",  # type: ignore[call-overload]
                 region_name=peer,
                 endpoint_url=target.endpoint_url,
-                aws_access_key_id=keys[0],
-                aws_secret_access_key=keys[1],
                 config=self._config(target.proxy),
+                **explicit,
             )
         )
         self.peers[peer] = client
-        # Only a digest is kept, to tell whether SSM holds another pair; never the keys themselves.
-        self._peer_digests[peer] = hashlib.sha256("\0".join(keys).encode()).digest()
+        if keys:
+            # Only a digest is kept, to tell whether SSM holds another pair; never the keys themselves.
+            self._peer_digests[peer] = hashlib.sha256("\0".join(keys).encode()).digest()
         return client
 
     async def refresh_peer(self, peer: str) -> bool:
         """After the peer refused our key pair (rotated, revoked, expired): read the pair from SSM
         again, at most every `tuning.peer_credentials_refresh_s`, and use it if it changed.
         True if a new pair is in use. Calls already under way finish with the old client."""
+        if self.settings.peer_uses_own_role(peer):
+            return False  # the instance's own role: its credentials refresh by themselves
         lock = self._peer_locks.setdefault(peer, asyncio.Lock())
         async with lock:
             now = time.monotonic()

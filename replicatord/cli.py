@@ -115,12 +115,13 @@ def describe_plan(settings: Settings) -> str:
     ]
     for peer in settings.peers:
         target = t.regions[peer]
-        creds = (
-            f"SSM {target.credentials.ssm_prefix}AccessKey + {target.credentials.ssm_prefix}SecretKey "
-            f"(SecureString) in {settings.region}"
-            if target.credentials
-            else "MISSING (regions." + peer + ".credentials)"
-        )
+        if settings.peer_uses_own_role(peer):
+            creds = "this instance's own role (same partition)"
+        elif target.credentials:
+            creds = (f"SSM {target.credentials.ssm_prefix}AccessKey + {target.credentials.ssm_prefix}SecretKey "
+                     f"(SecureString) in {settings.region}")
+        else:
+            creds = "MISSING (regions." + peer + ".credentials)"
         lines += [
             f"  peer {peer}:",
             f"    endpoint: {target.endpoint_url or 'default for ' + peer}",

@@ -41,6 +41,15 @@ class Credentials(_Model):
     ssm_prefix: Annotated[str, Field(min_length=1, pattern=r"^/")]
 
 
+def partition_of(region: str) -> str:
+    """The AWS partition a region belongs to: credentials of one are not valid in another."""
+    if region.startswith("cn-"):
+        return "aws-cn"
+    if region.startswith("us-gov-"):
+        return "aws-us-gov"
+    return "aws"
+
+
 class Region(_Model):
     endpoint_url: str | None = None
     credentials: Credentials | None = None
@@ -247,6 +256,11 @@ class Settings:
     @property
     def peers(self) -> list[str]:
         return [name for name in self.topology.regions if name != self.region]
+
+    def peer_uses_own_role(self, peer: str) -> bool:
+        """A peer in this region's partition is reached with the instance's own role; a peer
+        across the partition border with the key pair its `credentials` name in SSM."""
+        return partition_of(peer) == partition_of(self.region)
 
 
 def parse_listen(value: str, what: str) -> tuple[str, int]:

@@ -73,21 +73,33 @@ class Observer:
         self.thread.start()
 
     def _run(self) -> None:
+        """Every shard read every 50 ms, the shard list every second: a light consumer, so that
+        the observer takes little of the emulator's time from the system being measured."""
         arn = self.ddb.describe_table(TableName=TABLES[self.region])["Table"]["LatestStreamArn"]
         iterators: dict[str, str] = {}
+        ended: set[str] = set()
+        listed_at = 0.0
         while not self.halt.is_set():
-            for shard in self.streams.describe_stream(StreamArn=arn)["StreamDescription"]["Shards"]:
-                sid = shard["ShardId"]
-                if sid not in iterators:
-                    iterators[sid] = self.streams.get_shard_iterator(
-                        StreamArn=arn, ShardId=sid, ShardIteratorType="LATEST")["ShardIterator"]
-                page = self.streams.get_records(ShardIterator=iterators[sid], Limit=1000)
+            if time.monotonic() - listed_at >= 1.0:
+                # Shards there at the start: from now on; shards that appear later: from their start.
+                kind = "TRIM_HORIZON" if listed_at else "LATEST"
+                listed_at = time.monotonic()
+                for shard in self.streams.describe_stream(StreamArn=arn)["StreamDescription"]["Shards"]:
+                    if shard["ShardId"] not in iterators and shard["ShardId"] not in ended:
+                        iterators[shard["ShardId"]] = self.streams.get_shard_iterator(
+                            StreamArn=arn, ShardId=shard["ShardId"], ShardIteratorType=kind)["ShardIterator"]
+            for sid, iterator in list(iterators.items()):
+                page = self.streams.get_records(ShardIterator=iterator, Limit=1000)
                 now = time.time()
                 for record in page["Records"]:
                     pk = record["dynamodb"]["Keys"]["PK"]["S"]
                     self.seen.setdefault(pk, now)
-                iterators[sid] = page.get("NextShardIterator") or iterators[sid]
-            self.halt.wait(0.01)
+                if page.get("NextShardIterator"):
+                    iterators[sid] = page["NextShardIterator"]
+                else:
+                    del iterators[sid]  # closed and read to its end
+                    ended.add(sid)
+            self.halt.wait(0.05)
 
     def stop(self) -> None:
         self.halt.set()

@@ -1,4 +1,5 @@
-"""A local two-region setup: generated topology, daemons as subprocesses, stats and metrics readers.
+"""A local setup of two or more regions: generated topology, daemons as subprocesses, stats and
+metrics readers.
 
 Shared by `replicatord demo` and the end-to-end tests, so both drive the real thing the same way.
 """
@@ -25,9 +26,26 @@ from replicatord.config import Region
 from replicatord.leases import Lease, from_item
 from replicatord.local.emulators import LOCAL_CREDENTIALS, free_port
 
-REGIONS = ("cn-north-1", "ap-southeast-1")
+# The original deployment's two regions first; then a second region in each partition.
+ALL_REGIONS = ("cn-north-1", "ap-southeast-1", "cn-northwest-1", "eu-central-1")
+REGIONS = ALL_REGIONS[:2]
 LEASE_TABLE: str = Region.model_fields["lease_table"].default
-SUFFIX = {"cn-north-1": "cn", "ap-southeast-1": "sg"}
+SUFFIX = {"cn-north-1": "cn", "ap-southeast-1": "sg", "cn-northwest-1": "nx", "eu-central-1": "fra"}
+
+
+def regions_for(count: int) -> tuple[str, ...]:
+    """The first `count` local regions (2 to 4)."""
+    if not 2 <= count <= len(ALL_REGIONS):
+        raise ValueError(f"regions: 2 to {len(ALL_REGIONS)}, not {count}")
+    return ALL_REGIONS[:count]
+
+
+def table_of(region: str) -> str:
+    return f"user-{SUFFIX[region]}"
+
+
+def stream_of(region: str) -> str:
+    return f"ddb_replication_stream_{SUFFIX[region]}"
 DEMO_KEY_PAIR = ("AKIDLOCALDEMO", "local-emulator-dummy")  # the emulator accepts any key pair
 
 
@@ -52,8 +70,8 @@ def topology_document(
         "pairs": [
             {
                 "name": "user",
-                "tables": {r: f"user-{SUFFIX[r]}" for r in endpoints},
-                "streams": {r: f"ddb_replication_stream_{SUFFIX[r]}" for r in endpoints},
+                "tables": {r: table_of(r) for r in endpoints},
+                "streams": {r: stream_of(r) for r in endpoints},
                 "kinesis_shards": kinesis_shards,
             }
         ],
@@ -292,15 +310,16 @@ class DaemonProcess:
         self.process.wait()
 
 
-def provision_local(config: Path, report: Callable[[str], None] = print) -> None:
-    """Provision every region of `config` and store each peer's (dummy) key pair in SSM."""
-    from replicatord.config import load_topology
+def provision_local(config: Path, report: Callable[[str], None] = print, only: Sequence[str] | None = None) -> None:
+    """Provision the regions of `config` (or `only` these) and store in each the (dummy) key pair
+    of every peer across the partition border; a peer in the same partition needs none."""
+    from replicatord.config import load_topology, partition_of
     from replicatord.ops.provision import RegionProvisioner, provision
 
     os.environ.update(LOCAL_CREDENTIALS)
     topology = load_topology(config)
-    provision(topology, report=report)
-    for region in topology.regions:
+    provision(topology, regions=list(only) if only else None, report=report)
+    for region in only or topology.regions:
         for peer in topology.regions:
-            if peer != region:
+            if partition_of(peer) != partition_of(region):
                 RegionProvisioner(topology, region, report).store_peer_credentials(peer, *DEMO_KEY_PAIR)
