@@ -338,9 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="two emulated regions, two daemons, load both ways, verify (needs the 'local' extra)",
-        description="Two emulated regions, two daemons, a load both ways, then a comparison. " + needs_local,
+        help="emulated regions, a daemon each, load every way, verify (needs the 'local' extra)",
+        description="Two (or --regions N) emulated regions, a daemon in each, a load into every region at once, "
+                    "then a comparison. " + needs_local,
     )
+    demo.add_argument("--regions", type=int, choices=(2, 3, 4), default=2,
+                      help="cn-north-1 and ap-southeast-1; 3 adds cn-northwest-1, 4 eu-central-1 (a full mesh)")
     demo.add_argument("--items", type=int, default=1000, help="items loaded into each region")
     demo.add_argument("--processes", type=int, default=2, help="loader processes per region")
     demo.add_argument("--timeout", type=float, default=180.0, help="seconds to converge after the load")

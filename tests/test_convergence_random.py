@@ -1,15 +1,17 @@
 """Randomized convergence against the real emulators (DESIGN.md §4), reproducible from its seed.
 
-Per seed: 20 keys written from both regions at once with puts, updates and deletes, timestamps
-near the wall clock with clock skew between regions, exact ties across regions and stale
-application writes; duplicates and reordering injected on the Kinesis streams (records put
-again, in shuffled order, on other shards); daemon restarts (kill -9 or SIGTERM). After the
-writes stop and the pipelines drain, both tables must be identical and every key must hold the
-last writer's version: the highest among all application writes and deletes to it. A delete's
-version is read back from the region's DynamoDB stream (when the delete happened there).
+Per seed: 20 keys written from every region at once (two regions, and a full mesh of three:
+Beijing, Singapore, Ningxia) with puts, updates and deletes, timestamps near the wall clock with
+clock skew between regions, exact ties across regions and stale application writes; duplicates
+and reordering injected on the Kinesis streams (records put again, in shuffled order, on other
+shards); daemon restarts (kill -9 or SIGTERM). After the writes stop and the pipelines drain,
+all tables must be identical and every key must hold the last writer's version: the highest
+among all application writes and deletes to it (`../shared/convergence_model.py` decides the
+same for 2-4 regions). A delete's version is read back from the region's DynamoDB stream (when
+the delete happened there).
 
-    CONVERGENCE_SEEDS=300 .venv/bin/pytest tests/test_convergence_random.py      # the long run
-    CONVERGENCE_SEED_START=1234 CONVERGENCE_SEEDS=1 ...                          # one seed again
+    CONVERGENCE_SEEDS=300 CONVERGENCE_SEEDS_3=100 .venv/bin/pytest tests/test_convergence_random.py  # long run
+    CONVERGENCE_SEED_START=1234 CONVERGENCE_SEEDS=1 CONVERGENCE_SEEDS_3=0 ...             # one seed again
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ from replicatord.conflict import PUT, Version, being_deleted, delete_version, ve
 from replicatord.local import emulators
 from replicatord.local.compare import diff_items
 from replicatord.local.world import (
-    REGIONS,
     DaemonProcess,
     Drained,
     client,
     provision_local,
+    regions_for,
+    stream_of,
+    table_of,
     topology_document,
     wait_for,
     write_topology,
@@ -44,11 +48,9 @@ from replicatord.records import creation_seconds
 
 pytestmark = pytest.mark.e2e
 
-CN, SG = REGIONS
-TABLES = {CN: "user-cn", SG: "user-sg"}
-STREAMS = {CN: "ddb_replication_stream_cn", SG: "ddb_replication_stream_sg"}
 START = int(os.environ.get("CONVERGENCE_SEED_START", "0"))
-SEEDS = int(os.environ.get("CONVERGENCE_SEEDS", "30"))
+# CI's share; scripts/convergence.sh runs the long run.
+SEEDS = {2: int(os.environ.get("CONVERGENCE_SEEDS", "12")), 3: int(os.environ.get("CONVERGENCE_SEEDS_3", "8"))}
 KEYS = 20
 OPS_PER_REGION = 40
 TUNING = {"failover_s": 3, "renew_interval_s": 1, "lease_take_interval_s": 0.3, "poll_interval_ms": 100}
@@ -66,7 +68,7 @@ class StreamLog:
         self.after: str | None = None
 
     def read(self) -> list[dict[str, Any]]:
-        arn = self.ddb.describe_table(TableName=TABLES[self.region])["Table"]["LatestStreamArn"]
+        arn = self.ddb.describe_table(TableName=table_of(self.region))["Table"]["LatestStreamArn"]
         (shard,) = self.streams.describe_stream(StreamArn=arn)["StreamDescription"]["Shards"]
         kwargs: dict[str, Any] = {"StreamArn": arn, "ShardId": shard["ShardId"]}
         if self.after:
@@ -85,6 +87,7 @@ class StreamLog:
 
 @dataclass
 class World:
+    regions: tuple[str, ...]
     workdir: Path
     endpoints: dict[str, str]
     config: Path
@@ -97,7 +100,7 @@ class World:
         """Every shard checkpointed at its stream's last record, twice in a row (across seeds)."""
         if self.drain is None:
             self.drain = Drained(lambda service, region: client(service, region, self.endpoints[region]),
-                                 {r: [(TABLES[r], STREAMS[r])] for r in REGIONS})
+                                 {r: [(table_of(r), stream_of(r))] for r in self.regions})
         return self.drain()
 
     def ddb(self, region: str) -> Any:
@@ -110,25 +113,35 @@ class World:
         return daemon
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+def running_world(count: int, workdir: Path) -> Iterator[World]:
     os.environ.update(emulators.LOCAL_CREDENTIALS)
-    workdir = tmp_path_factory.mktemp("convergence")
-    ports = {r: emulators.free_port() for r in REGIONS}
+    regions = regions_for(count)
+    ports = {r: emulators.free_port() for r in regions}
     with emulators.running(ports, workdir) as emus:
         endpoints = {r: e.endpoint_url for r, e in emus.items()}
         config = write_topology(workdir / "topology.yaml",
                                 topology_document(endpoints, kinesis_shards=2, tuning=TUNING))
         provision_local(config, report=lambda _line: None)
-        w = World(workdir, endpoints, config)
-        w.logs = {r: StreamLog(r, endpoints[r]) for r in REGIONS}
-        for region in REGIONS:
+        w = World(regions, workdir, endpoints, config)
+        w.logs = {r: StreamLog(r, endpoints[r]) for r in regions}
+        for region in regions:
             w.start(region).wait_ready()
         try:
             yield w
         finally:
             for daemon in w.daemons.values():
                 daemon.terminate(timeout_s=15)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    yield from running_world(2, tmp_path_factory.mktemp("convergence"))
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    """Three regions, two in one partition (each reaches the other with its own role)."""
+    yield from running_world(3, tmp_path_factory.mktemp("convergence-3"))
 
 
 @dataclass
@@ -139,12 +152,12 @@ class Workload:
     ops: list[tuple[str, str, Decimal | None]]  # (action, key, timestamp)
 
 
-def plan_workloads(seed: int, keys: list[str]) -> list[Workload]:
+def plan_workloads(seed: int, keys: list[str], regions: tuple[str, ...]) -> list[Workload]:
     rnd = random.Random(seed)
     now = Decimal(int(time.time()))
     workloads = []
-    for region in REGIONS:
-        skew = rnd.choice([-2, -1, 0, 0, 1, 2])  # this region's clock against the other's
+    for region in regions:
+        skew = rnd.choice([-2, -1, 0, 0, 1, 2])  # this region's clock against the others'
         used: set[tuple[str, Decimal]] = set()
         ops: list[tuple[str, str, Decimal | None]] = []
         for i in range(OPS_PER_REGION):
@@ -167,7 +180,7 @@ def plan_workloads(seed: int, keys: list[str]) -> list[Workload]:
 
 def run_workload(world: World, workload: Workload, seed: int, pace: random.Random) -> list[tuple[str, Version]]:
     ddb = world.ddb(workload.region)
-    table = TABLES[workload.region]
+    table = table_of(workload.region)
     writes = []
     for n, (action, key, ts) in enumerate(workload.ops):
         item_key = {"PK": {"S": key}}
@@ -198,11 +211,11 @@ def inject_duplicates(world: World, seed: int, prefix: str, rnd: random.Random) 
     partition keys (so they land on other shards, out of order): what an at-least-once
     transport may do."""
     injected = 0
-    for region in REGIONS:
+    for region in world.regions:
         kinesis = client("kinesis", region, world.endpoints[region])
         records = []
-        for shard in kinesis.list_shards(StreamName=STREAMS[region])["Shards"]:
-            iterator = kinesis.get_shard_iterator(StreamName=STREAMS[region], ShardId=shard["ShardId"],
+        for shard in kinesis.list_shards(StreamName=stream_of(region))["Shards"]:
+            iterator = kinesis.get_shard_iterator(StreamName=stream_of(region), ShardId=shard["ShardId"],
                                                   ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
             while iterator:
                 page = kinesis.get_records(ShardIterator=iterator, Limit=10000)
@@ -214,7 +227,7 @@ def inject_duplicates(world: World, seed: int, prefix: str, rnd: random.Random) 
         rnd.shuffle(sample)
         for start in range(0, len(sample), 100):
             batch = sample[start:start + 100]
-            kinesis.put_records(StreamName=STREAMS[region], Records=[
+            kinesis.put_records(StreamName=stream_of(region), Records=[
                 {"Data": data, "PartitionKey": str(rnd.random())} for data in batch
             ])
         injected += len(sample)
@@ -222,7 +235,7 @@ def inject_duplicates(world: World, seed: int, prefix: str, rnd: random.Random) 
 
 
 def app_deletes(world: World, prefix: str) -> list[tuple[str, Version]]:
-    """Application deletes of the seed's keys, with their versions, from both regions' streams."""
+    """Application deletes of the seed's keys, with their versions, from every region's stream."""
     deletes = []
     for region, log in world.logs.items():
         for record in log.read():
@@ -238,12 +251,21 @@ def app_deletes(world: World, prefix: str) -> list[tuple[str, Version]]:
     return deletes
 
 
-@pytest.mark.parametrize("seed", range(START, START + SEEDS), ids=lambda s: f"seed-{s}")
+@pytest.mark.parametrize("seed", range(START, START + SEEDS[2]), ids=lambda s: f"seed-{s}")
 def test_random_interleavings_converge_to_the_last_writer(world: World, seed: int) -> None:
+    converges(world, seed)
+
+
+@pytest.mark.parametrize("seed", range(START, START + SEEDS[3]), ids=lambda s: f"seed-{s}")
+def test_three_regions_converge_to_the_last_writer(mesh: World, seed: int) -> None:
+    converges(mesh, seed)
+
+
+def converges(world: World, seed: int) -> None:
     rnd = random.Random(seed)
     prefix = f"s{seed}-"
     keys = [f"{prefix}{i:02d}" for i in range(KEYS)]
-    workloads = plan_workloads(seed, keys)
+    workloads = plan_workloads(seed, keys, world.regions)
     writes: list[tuple[str, Version]] = []
     lock = threading.Lock()
 
@@ -257,7 +279,7 @@ def test_random_interleavings_converge_to_the_last_writer(world: World, seed: in
         t.start()
     restart = rnd.choice([None, None, "kill", "term"])
     if restart:
-        region = rnd.choice(REGIONS)
+        region = rnd.choice(world.regions)
         victim = world.daemons[region]
         if restart == "kill":
             victim.kill()
@@ -276,15 +298,15 @@ def test_random_interleavings_converge_to_the_last_writer(world: World, seed: in
         if key not in best or best[key] < version:
             best[key] = version
     tables = {}
-    for region in REGIONS:
+    for region in world.regions:
         items = {}
-        for item in world.ddb(region).scan(TableName=TABLES[region], ConsistentRead=True,
+        for item in world.ddb(region).scan(TableName=table_of(region), ConsistentRead=True,
                                            FilterExpression="begins_with(PK, :p)",
                                            ExpressionAttributeValues={":p": {"S": prefix}})["Items"]:
             items[item["PK"]["S"]] = item
         tables[region] = (["PK"], items)
     diff = diff_items(tables)
     assert diff.identical, f"seed {seed} (restart: {restart}): " + "\n".join(diff.describe())
-    held = {key: version_of(item, CONFLICT) for key, item in tables[CN][1].items()}
+    held = {key: version_of(item, CONFLICT) for key, item in tables[world.regions[0]][1].items()}
     expected = {key: version for key, version in best.items() if version.op == PUT}
     assert held == expected, f"seed {seed} (restart: {restart}): tables hold {held}, last writers {best}"

@@ -1,8 +1,9 @@
-"""`replicatord demo`: the whole thing on local emulators, both ways at once, then a verdict.
+"""`replicatord demo`: the whole thing on local emulators, every way at once, then a verdict.
 
-Starts one emulator process per region, provisions, starts one daemon per region, loads items
-into both regions concurrently while showing progress, waits for the drain and compares the
-two tables attribute by attribute. Exit status 0 only if they converge. Everything it started
+Starts one emulator process per region (`--regions N`, default 2: Beijing and Singapore; then
+Ningxia and Frankfurt), provisions, starts one daemon per region, loads items into every region
+concurrently while showing progress, waits for the drain and compares the tables attribute by
+attribute. Exit status 0 only if they converge. Everything it started
 is stopped, whatever happens.
 """
 
@@ -20,13 +21,15 @@ from replicatord.local.aws_behaviour import TEST_BEHAVIOUR
 from replicatord.local.compare import compare_tables
 from replicatord.local.load import load
 from replicatord.local.world import (
-    REGIONS,
     DaemonProcess,
     Drained,
     client,
     metric_sum,
     provision_local,
     read_counter,
+    regions_for,
+    stream_of,
+    table_of,
     topology_document,
     write_topology,
 )
@@ -39,7 +42,8 @@ def _line(text: str) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    ports = {region: emulators.free_port() for region in REGIONS}
+    regions = regions_for(args.regions)
+    ports = {region: emulators.free_port() for region in regions}
     _line(f"demo: logs and config in {workdir}")
     with contextlib.ExitStack() as stack:
         behaviour = dict(TEST_BEHAVIOUR) if args.aws_behaviour else None
@@ -49,7 +53,7 @@ def run_demo(args: argparse.Namespace) -> int:
             _line(f"emulated {region} at {url}")
         config = write_topology(workdir / "topology.yaml", topology_document(endpoints))
         provision_local(config, report=lambda line: _line("provision " + line))
-        daemons = {r: DaemonProcess(config, r, workdir).start() for r in REGIONS}
+        daemons = {r: DaemonProcess(config, r, workdir).start() for r in regions}
         for daemon in daemons.values():
             stack.callback(daemon.terminate)
         for daemon in daemons.values():
@@ -61,7 +65,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _load_and_verify(args: argparse.Namespace, endpoints: dict[str, str], daemons: dict[str, DaemonProcess]) -> int:
     ddb = {r: client("dynamodb", r, url) for r, url in endpoints.items()}
-    tables = {r: f"user-{'cn' if r.startswith('cn') else 'sg'}" for r in REGIONS}
+    regions = list(endpoints)
+    tables = {r: table_of(r) for r in regions}
     errors: list[str] = []
 
     def loader(region: str) -> None:
@@ -71,19 +76,20 @@ def _load_and_verify(args: argparse.Namespace, endpoints: dict[str, str], daemon
         except Exception as exc:  # noqa: BLE001 - reported below, the demo fails
             errors.append(f"load into {region}: {exc}")
 
-    os.environ.setdefault("AWS_DEFAULT_REGION", REGIONS[0])
-    threads = [threading.Thread(target=loader, args=(r,)) for r in REGIONS]
+    os.environ.setdefault("AWS_DEFAULT_REGION", regions[0])
+    threads = [threading.Thread(target=loader, args=(r,)) for r in regions]
     started = time.monotonic()
-    _line(f"loading {args.items} items into each region at once ({args.processes} processes each)")
+    _line(f"loading {args.items} items into each of {len(regions)} regions at once ({args.processes} processes each)")
     for thread in threads:
         thread.start()
-    a, b = REGIONS
     deadline = None
     drained = Drained(lambda service, region: client(service, region, endpoints[region]),
-                      {r: [(tables[r], f"ddb_replication_stream_{tables[r][-2:]}")] for r in REGIONS})
+                      {r: [(tables[r], stream_of(r))] for r in regions})
     while True:
-        loaded = {r: read_counter(ddb[r], "loader_stats", "loaded_count") for r in REGIONS}
-        replicated = {r: read_counter(ddb[r], "replicator_stats", "replicated_count") for r in REGIONS}
+        loaded = {r: read_counter(ddb[r], "loader_stats", "loaded_count") for r in regions}
+        replicated = {r: read_counter(ddb[r], "replicator_stats", "replicated_count") for r in regions}
+        # What a region should have applied: everything loaded into the others.
+        expected = {r: sum(loaded[p] for p in regions if p != r) for r in regions}
         latency = {}
         for r, daemon in daemons.items():
             m = daemon.metrics()
@@ -91,13 +97,9 @@ def _load_and_verify(args: argparse.Namespace, endpoints: dict[str, str], daemon
             total = metric_sum(m, "replicatord_replication_latency_seconds_sum")
             latency[r] = f"{total / count * 1000:.0f} ms" if count else "-"
         loading = any(t.is_alive() for t in threads)
-        _line(
-            f"[{time.monotonic() - started:5.1f}s] {a}->{b}: loaded {loaded[a]:>6} replicated {replicated[b]:>6} "
-            f"(lag {loaded[a] - replicated[b]:>5}, mean latency {latency[b]}) | "
-            f"{b}->{a}: loaded {loaded[b]:>6} replicated {replicated[a]:>6} "
-            f"(lag {loaded[b] - replicated[a]:>5}, mean latency {latency[a]})"
-            + ("" if loading else "  [load stopped]")
-        )
+        _line(f"[{time.monotonic() - started:5.1f}s] " + " | ".join(
+            f"{r}: loaded {loaded[r]:>6}, applied {replicated[r]:>6} of {expected[r]:>6} "
+            f"(mean latency {latency[r]})" for r in regions) + ("" if loading else "  [load stopped]"))
         if not loading:
             if errors:
                 for error in errors:
@@ -107,7 +109,7 @@ def _load_and_verify(args: argparse.Namespace, endpoints: dict[str, str], daemon
                 deadline = time.monotonic() + args.timeout
             # Caught up by the sample's counters, or, where a retried write counts as stale (an
             # error after the write took effect, --aws-behaviour), by stream positions.
-            if (replicated[b] >= loaded[a] and replicated[a] >= loaded[b]) or drained():
+            if all(replicated[r] >= expected[r] for r in regions) or drained():
                 break
             if time.monotonic() > deadline:
                 _line(f"not drained within {args.timeout:.0f}s after the load stopped")
@@ -122,7 +124,8 @@ def _load_and_verify(args: argparse.Namespace, endpoints: dict[str, str], daemon
     elapsed = time.monotonic() - started
     if diff.identical:
         n = next(iter(diff.counts.values()))
-        _line(f"converged: both regions hold the same {n} items, attribute for attribute ({elapsed:.1f}s)")
+        _line(f"converged: all {len(regions)} regions hold the same {n} items, attribute for attribute "
+              f"({elapsed:.1f}s)")
         return 0
     _line("NOT converged:")
     for line in diff.describe():
