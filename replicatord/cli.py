@@ -226,8 +226,12 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         raise ConfigError([f"--from: {args.source!r} is not in the topology"])
     if args.pair is None:
         raise ConfigError(["--pair: required (the pair whose table is copied)"])
+    for target in args.to or []:
+        if target not in topology.regions or target == args.source:
+            raise ConfigError([f"--to: {target!r} is not a peer of {args.source} in the topology"])
     summary = _run_ops(backfill(topology, args.pair, args.source, args.rate, args.segments, args.restart,
-                                parse_profiles(args.profile, topology), show_progress=not args.json))
+                                parse_profiles(args.profile, topology), show_progress=not args.json,
+                                targets=args.to))
     print(json.dumps(summary.to_json(), indent=2) if args.json else "\n".join(summary.describe()))
     return 0 if summary.complete and not summary.counts["failed"] else 1
 
@@ -323,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     bf = sub.add_parser("backfill", help="copy the items a region's table holds to every peer, by version; resumable")
     _add_ops_options(bf)
     bf.add_argument("--from", dest="source", required=True, metavar="REGION", help="the region to copy from")
+    bf.add_argument("--to", action="append", metavar="REGION",
+                    help="copy only into this peer (repeatable; default: every peer), e.g. a region being added")
     bf.add_argument("--restart", action="store_true", help="start over instead of continuing a stored backfill")
     bf.set_defaults(func=cmd_backfill)
 

@@ -1,4 +1,5 @@
-"""`replicatord backfill --pair P --from REGION`: copy the items a table already holds to every peer.
+"""`replicatord backfill --pair P --from REGION [--to PEER]`: copy the items a table already holds
+to every peer (or the peers named, e.g. a region being added).
 
 For bringing an existing table into replication, or refilling a region after a loss the daemon
 reported as trimmed. Every item goes through the applier's conditional writes in each peer
@@ -7,7 +8,7 @@ tombstone, so the daemons and the applications may go on writing meanwhile and a
 never overwritten. Items without version attributes are counted and left alone.
 
 Progress is kept per scan segment in the source region's lease table (partition
-`backfill/<pair>/<region>`, one item per segment: the key to resume after, and the counts), after
+`backfill/<pair>/<region>`, or `backfill/<pair>/<region>/to/<peers>` with `--to`; one item per segment: the key to resume after, and the counts), after
 every page: an interrupted backfill started again continues where each segment stopped,
 repeating at most the page that was in flight. `--restart` starts over.
 """
@@ -82,15 +83,15 @@ class Summary:
 
 class Backfill:
     def __init__(self, topology: Topology, ops: dict[str, RegionOps], pair: Pair, source: str,
-                 rate: float | None, segments: int, show_progress: bool) -> None:
+                 rate: float | None, segments: int, show_progress: bool, targets: list[str] | None = None) -> None:
         self.topology = topology
         self.ops = ops
         self.pair = pair
         self.source = source
-        self.peers = [r for r in topology.regions if r != source]
+        self.peers = peers_of(topology, source, targets)
         self.rate = RateLimit(rate)
         self.segments = segments
-        self.partition = f"backfill/{pair.name}/{source}"
+        self.partition = f"backfill/{pair.name}/{source}" + (f"/to/{','.join(self.peers)}" if targets else "")
         self.progress = Progress(f"backfill {pair.name} {source}->{','.join(self.peers)}") if show_progress else None
         self.limit = asyncio.Semaphore(WRITES_AT_ONCE)
 
@@ -186,13 +187,18 @@ class Backfill:
         counts["copied" if landed else "older"] += 1
 
 
+def peers_of(topology: Topology, source: str, targets: list[str] | None) -> list[str]:
+    """The regions a backfill writes into: `targets` (in topology order), else every peer."""
+    return [r for r in topology.regions if r != source and (not targets or r in targets)]
+
+
 async def backfill(
     topology: Topology, pair_name: str, source: str, rate: float | None, segments: int, restart: bool,
-    profiles: dict[str, str], show_progress: bool = True,
+    profiles: dict[str, str], show_progress: bool = True, targets: list[str] | None = None,
 ) -> Summary:
     (pair,) = pick_pairs(topology, pair_name)
-    async with Regions(topology, list(topology.regions), profiles) as ops:
-        job = Backfill(topology, ops, pair, source, rate, segments, show_progress)
+    async with Regions(topology, [source, *peers_of(topology, source, targets)], profiles) as ops:
+        job = Backfill(topology, ops, pair, source, rate, segments, show_progress, targets)
         stored = await job.load(restart)
         summary = Summary(pair.name, source, job.peers, job.segments)
         summary.resumed = any(s.counts["scanned"] or s.finished for s in stored)
