@@ -8,7 +8,8 @@ tombstone, so the daemons and the applications may go on writing meanwhile and a
 never overwritten. Items without version attributes are counted and left alone.
 
 Progress is kept per scan segment in the source region's lease table (partition
-`backfill/<pair>/<region>`, or `backfill/<pair>/<region>/to/<peers>` with `--to`; one item per segment: the key to resume after, and the counts), after
+`backfill/<pair>/<region>`, or `backfill/<pair>/<region>/to/<peers>` with `--to`; one item per
+segment: the key to resume after, and the counts), after
 every page: an interrupted backfill started again continues where each segment stopped,
 repeating at most the page that was in flight. `--restart` starts over.
 """
