@@ -9,7 +9,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from replicatord.local.world import (
     DaemonProcess,
     client,
     provision_local,
+    regions_for,
     topology_document,
     write_topology,
 )
@@ -45,7 +46,7 @@ def _local_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @dataclass
 class LocalRegions:
-    """Two emulated regions (one moto server process each) and the topology pointing at them."""
+    """Emulated regions (one moto server process each) and the topology pointing at them."""
 
     workdir: Path
     endpoints: dict[str, str]
@@ -59,8 +60,10 @@ class LocalRegions:
         """The AWS-behaviour layer of a region's emulator."""
         return Control(self.endpoints[region])
 
-    def write_config(self, **kwargs: Any) -> Path:
-        self.config = write_topology(self.workdir / "topology.yaml", topology_document(self.endpoints, **kwargs))
+    def write_config(self, only: Sequence[str] | None = None, name: str = "topology.yaml", **kwargs: Any) -> Path:
+        """The topology of every emulated region, or of `only` these."""
+        endpoints = {r: url for r, url in self.endpoints.items() if only is None or r in only}
+        self.config = write_topology(self.workdir / name, topology_document(endpoints, **kwargs))
         return self.config
 
     def provision(self, **kwargs: Any) -> Path:
@@ -83,7 +86,17 @@ def behaviour() -> dict[str, Any]:
 
 @pytest.fixture
 def regions(tmp_path: Path, behaviour: dict[str, Any]) -> Iterator[LocalRegions]:
-    ports = {region: emulators.free_port() for region in REGIONS}
+    yield from _local_regions(REGIONS, tmp_path, behaviour)
+
+
+@pytest.fixture
+def mesh(tmp_path: Path, behaviour: dict[str, Any]) -> Iterator[LocalRegions]:
+    """Three regions: Beijing, Singapore and Ningxia (Beijing's partition)."""
+    yield from _local_regions(regions_for(3), tmp_path, behaviour)
+
+
+def _local_regions(names: Sequence[str], tmp_path: Path, behaviour: dict[str, Any]) -> Iterator[LocalRegions]:
+    ports = {region: emulators.free_port() for region in names}
     with emulators.running(ports, tmp_path, behaviour) as emus:
         local = LocalRegions(tmp_path, {r: e.endpoint_url for r, e in emus.items()})
         try:

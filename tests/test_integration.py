@@ -24,10 +24,11 @@ pytestmark = pytest.mark.integration
 CN, SG = REGIONS
 
 
-def cli(*args: str, stdin: str = "", env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, stdin: str = "", env: dict[str, str] | None = None,
+        timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "replicatord.cli", *args],
-        input=stdin, capture_output=True, text=True, timeout=120, env=env or local_env(),
+        input=stdin, capture_output=True, text=True, timeout=timeout_s, env=env or local_env(),
     )
 
 

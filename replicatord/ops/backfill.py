@@ -1,5 +1,6 @@
 """`replicatord backfill --pair P --from REGION [--to PEER]`: copy the items a table already holds
-to every peer (or the peers named, e.g. a region being added).
+to every peer (or the peers named, e.g. a region being added: then it first waits until the
+source region has applied what reached it before the backfill started).
 
 For bringing an existing table into replication, or refilling a region after a loss the daemon
 reported as trimmed. Every item goes through the applier's conditional writes in each peer
@@ -23,14 +24,17 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from replicatord.aws import StartupError
 from replicatord.config import Pair, Topology
 from replicatord.conflict import version_of, without_marker
 from replicatord.errors import ReplicatorError
-from replicatord.leases import SHARD_KEY, STREAM_KEY
+from replicatord.leases import ACTIVE, SHARD_KEY, STREAM_KEY, from_item, latest_since, shard_of
 from replicatord.ops.tables import Progress, RateLimit, RegionOps, Regions, key_text, pick_pairs, put_record
-from replicatord.records import RecordError, item_from_json, item_to_json
+from replicatord.records import RecordError, creation_seconds, item_from_json, item_to_json
 
 COUNTS = ("scanned", "copied", "older", "failed", "unversioned")
+# With --to, how long the backfill waits for the source's appliers to catch up before it starts.
+APPLIED_TIMEOUT_S = 300.0
 WRITES_AT_ONCE = 16
 
 
@@ -188,6 +192,44 @@ class Backfill:
         counts["copied" if landed else "older"] += 1
 
 
+async def wait_applied(src: RegionOps, pair: Pair, since: float, timeout_s: float) -> None:
+    """Wait until the source region's appliers have applied every record that reached its Kinesis
+    stream before `since`. A region being added gets the changes made from the rolling restart
+    on from their own regions, and the older ones from this backfill: so the source's table must
+    first hold what was in flight to it when the others were restarted."""
+    kinesis = src.aws.local["kinesis"]
+    prefix = f"applier/{pair.streams[src.region]}@"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        behind = []
+        scan = await src.aws.call("dynamodb", "scan", TableName=src.config.lease_table, ConsistentRead=True)
+        for item in scan.get("Items", []):
+            lease = from_item(item)
+            if not lease.key.startswith(prefix) or lease.state != ACTIVE:
+                continue
+            where: dict[str, Any] = {"ShardIteratorType": "TRIM_HORIZON"}
+            if lease.checkpoint and latest_since(lease.checkpoint) is None:
+                where = {"ShardIteratorType": "AFTER_SEQUENCE_NUMBER", "StartingSequenceNumber": lease.checkpoint}
+            try:
+                iterator = (await src.aws.call("kinesis", "get_shard_iterator", client=kinesis,
+                                               StreamName=pair.streams[src.region], ShardId=shard_of(lease.key),
+                                               **where))["ShardIterator"]
+                page = await src.aws.call("kinesis", "get_records", client=kinesis, ShardIterator=iterator, Limit=1)
+            except ReplicatorError:
+                behind.append(shard_of(lease.key))
+                continue
+            records = page.get("Records", [])
+            if records and float(creation_seconds(records[0]["ApproximateArrivalTimestamp"])) < since:
+                behind.append(shard_of(lease.key))
+        if not behind:
+            return
+        if time.monotonic() > deadline:
+            raise StartupError(
+                f"the appliers in {src.region} have not applied what reached them before the backfill started "
+                f"(shards {', '.join(behind)}): is replicatord running there? ('replicatord status')")
+        await asyncio.sleep(1)
+
+
 def peers_of(topology: Topology, source: str, targets: list[str] | None) -> list[str]:
     """The regions a backfill writes into: `targets` (in topology order), else every peer."""
     return [r for r in topology.regions if r != source and (not targets or r in targets)]
@@ -199,6 +241,8 @@ async def backfill(
 ) -> Summary:
     (pair,) = pick_pairs(topology, pair_name)
     async with Regions(topology, [source, *peers_of(topology, source, targets)], profiles) as ops:
+        if targets:
+            await wait_applied(ops[source], pair, time.time(), APPLIED_TIMEOUT_S)
         job = Backfill(topology, ops, pair, source, rate, segments, show_progress, targets)
         stored = await job.load(restart)
         summary = Summary(pair.name, source, job.peers, job.segments)
