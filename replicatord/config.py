@@ -106,9 +106,12 @@ class Tuning(_Model):
     """Timings and sizes; units are in the names."""
 
     poll_interval_ms: Annotated[int, Field(ge=10, le=10_000)] = 250
-    # Reads (GetRecords) of one shard are at least this far apart, records or not: Kinesis allows
-    # 5 per second per shard for all consumers together, DynamoDB Streams about as many.
+    # Reads (GetRecords) of one Kinesis shard are at least this far apart, records or not: Kinesis
+    # allows 5 per second per shard for all consumers together.
     min_read_interval_ms: Annotated[int, Field(ge=0, le=10_000)] = 200
+    # The same for DynamoDB Streams, which has no per-second read limit (but at most two readers
+    # per shard): while records come, its shards are read this often.
+    stream_read_interval_ms: Annotated[int, Field(ge=0, le=10_000)] = 100
     # A shard that found nothing for 10 s is read this often (0: as poll_interval_ms).
     idle_poll_interval_ms: Annotated[int, Field(ge=0, le=60_000)] = 500
     # While records come, a shard's checkpoint is written at most this often (and always when

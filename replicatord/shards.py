@@ -88,6 +88,10 @@ class StreamSource(Protocol):
     silent_trim: bool
     retention_s: float  # how long a record stays in the stream
 
+    def min_read_interval_ms(self, tuning: Tuning) -> int:
+        """The least time between two reads of one shard while records come."""
+        ...
+
     async def list_shards(self) -> list[Shard]: ...
     async def get_iterator(self, shard_id: str, after: str | None) -> str: ...
     async def get_records(self, iterator: str, limit: int) -> Page: ...
@@ -104,6 +108,10 @@ class DynamoStreamSource:
         self.aws = aws
         self.stream = f"{table}@{stream_arn.rsplit('/', 1)[-1]}"
         self.arn = stream_arn
+
+    def min_read_interval_ms(self, tuning: Tuning) -> int:
+        # No per-second read limit on DynamoDB Streams (at most two readers per shard).
+        return tuning.stream_read_interval_ms
 
     async def list_shards(self) -> list[Shard]:
         shards: list[Shard] = []
@@ -151,6 +159,10 @@ class KinesisSource:
         self.name = stream
         self.stream = f"{stream}@{created}"
         self.retention_s = retention_s  # the stream's RetentionPeriodHours
+
+    def min_read_interval_ms(self, tuning: Tuning) -> int:
+        # Kinesis: 5 reads per second per shard, for every consumer together.
+        return tuning.min_read_interval_ms
 
     async def list_shards(self) -> list[Shard]:
         shards: list[Shard] = []
@@ -243,6 +255,7 @@ class ShardWorker:
         self._checkpointed_at = time.monotonic()
         self._last_read = -float("inf")
         self._empty_since: float | None = None  # monotonic time of the first empty page in a row
+        self._min_read_ms = source.min_read_interval_ms(tuning)
 
     async def run(self) -> bool:
         """Read the shard until stopped or its end; True if it was read to the end.
@@ -308,7 +321,7 @@ class ShardWorker:
                         break  # stopping
                     if page.records and page.next_iterator is not None:
                         ahead = asyncio.create_task(
-                            self._read_page(page.next_iterator, self.tuning.min_read_interval_ms / 1000),
+                            self._read_page(page.next_iterator, self._min_read_ms / 1000),
                             name=f"read ahead {self.shard_id}")
                     records = self._skip_before_start(page.records)
                     if records:
@@ -363,16 +376,17 @@ class ShardWorker:
         return False
 
     def _gap_s(self) -> float:
-        """How far apart this shard's reads are: `min_read_interval_ms` while records come,
+        """How far apart this shard's reads are: the source's least interval while records come
+        (`min_read_interval_ms` for Kinesis, `stream_read_interval_ms` for DynamoDB Streams),
         `poll_interval_ms` after a page that found nothing, and `idle_poll_interval_ms` once
         nothing came for IDLE_AFTER_S."""
         tuning = self.tuning
         if self._empty_since is None:
-            return tuning.min_read_interval_ms / 1000
+            return self._min_read_ms / 1000
         gap_ms = tuning.poll_interval_ms
         if time.monotonic() - self._empty_since >= IDLE_AFTER_S:
             gap_ms = tuning.idle_poll_interval_ms or gap_ms
-        return max(tuning.min_read_interval_ms, gap_ms) / 1000
+        return max(self._min_read_ms, gap_ms) / 1000
 
     async def _read_page(self, iterator: str, gap_s: float) -> Page | None:
         """GetRecords, no sooner than `gap_s` after this shard's previous read (the per-shard

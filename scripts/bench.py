@@ -5,16 +5,17 @@
 
 For each system, in one run on this machine (fresh emulators each, AWS-like timestamps, no
 injected faults or read limits):
-1. the application alone: both regions written at `--rate` items/s for `--steady-s`; how long
-   that took (the application's write rate without replication);
-2. the same load with the system running; lag per record, measured outside the system by an
+1. the steady load with the system running: both regions written at `--rate` items/s for
+   `--steady-s`, how long the application took; lag per record, measured outside the system by an
    observer that tails the target table's DynamoDB stream (write -> visible), p50/p95/p99/max;
    the loader's time again;
-3. a burst of `--burst` items into cn-north-1 (BatchWriteItem, as fast as it goes): the rate at
-   which they became visible in ap-southeast-1, its ratio to the emulator's own conditional-put
-   ceiling (one client, measured right after, same process), and the time from the end of the
+2. a burst of `--burst` items into cn-north-1 (BatchWriteItem, as fast as it goes): the rate at
+   which they became visible in ap-southeast-1, its ratio to the emulator's own ceiling for the
+   same conditional puts (the system's condition; one client, measured at the end, same
+   emulator), and the time from the end of the
    load to the last item visible; calls the system made to the target region per record;
-4. an idle period: the system's calls per minute per region, by operation.
+3. an idle period: the system's calls per minute per region, by operation;
+4. with the system stopped, the same steady load: how long the application alone took.
 Calls are counted at the emulators (`aws_behaviour` stats: aiobotocore's, which is the system's
 and never the observer's); CPU seconds and peak RSS from /proc. Prints a table; `--json` writes
 every figure; `--png` plots lag over time (needs matplotlib). Asserts nothing.
@@ -30,9 +31,12 @@ import sys
 import tempfile
 import threading
 import time
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from replicatord.config import Conflict
+from replicatord.conflict import PUT, Version, put_condition
 from replicatord.local import emulators
 from replicatord.local.aws_behaviour import Control
 from replicatord.local.wan import running_link
@@ -151,13 +155,23 @@ def burst(endpoint: str, n: int, written: dict[str, float]) -> float:
     return time.monotonic() - started
 
 
-def conditional_put_ceiling(endpoint: str, n: int = 600) -> float:
+def conditional_put_ceiling(endpoint: str, kind: str, n: int = 600) -> float:
+    """The emulator's rate for the conditional puts `kind` makes when it applies a record (its
+    condition, a burst item, the target table with its stream), from one client, one at a time."""
     ddb = client("dynamodb", SG, endpoint)
     started = time.monotonic()
     for i in range(n):
-        ddb.put_item(TableName="replicatord_tombstones", Item={"tomb_key": {"S": f"ceiling-{i}"}, "ts": {"N": "1"}},
-                     ConditionExpression="attribute_not_exists(tomb_key) OR ts < :ts",
-                     ExpressionAttributeValues={":ts": {"N": "1"}})
+        now = f"{time.time():.3f}"
+        item = {"PK": {"S": f"ceiling-{i}"}, "last_update_timestamp": {"N": now},
+                "last_updater_region": {"S": CN}, "payload": {"S": "x" * 200}}
+        if kind == "replicatord":
+            condition = put_condition({"PK": item["PK"]}, Version(Decimal(now), PUT, CN), Conflict())
+            ddb.put_item(TableName=TABLES[SG], Item=item, ConditionExpression=condition.expression,
+                         ExpressionAttributeNames=condition.names, ExpressionAttributeValues=condition.values)
+        else:  # the sample's condition (local/lambda_sample.py)
+            ddb.put_item(TableName=TABLES[SG], Item=item,
+                         ConditionExpression="attribute_not_exists(PK) OR last_update_timestamp < :ts",
+                         ExpressionAttributeValues={":ts": item["last_update_timestamp"]})
     return n / (time.monotonic() - started)
 
 
@@ -231,8 +245,6 @@ def run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
                 configs[region] = write_topology(workdir / f"{region}.yaml", topology_document(
                     {**endpoints, peer: f"http://127.0.0.1:{port}"}))
         try:
-            baseline = both_regions(endpoints, "alone", args.rate, args.steady_s, {r: {} for r in REGIONS})
-            out["app_alone_s"] = baseline
             system = System(kind, configs, workdir)
             try:
                 system.wait_ready()
@@ -281,7 +293,10 @@ def run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
                 out["peak_rss_mb"] = {r: proc_stats(system.pid(r))[1] / 2**20 for r in REGIONS}
             finally:
                 system.stop()
-            out["ceiling_puts_per_s"] = conditional_put_ceiling(endpoints[SG])
+            # The application alone, last: its writes would otherwise be a backlog for the system
+            # to work through (it starts at the streams' oldest records) while lag is measured.
+            out["app_alone_s"] = both_regions(endpoints, "alone", args.rate, args.steady_s, {r: {} for r in REGIONS})
+            out["ceiling_puts_per_s"] = conditional_put_ceiling(endpoints[SG], kind)
             out["burst"]["ratio_to_ceiling"] = out["burst"]["replicated_per_s"] / out["ceiling_puts_per_s"]
         finally:
             for link in links:

@@ -45,6 +45,7 @@ POST /_replicatord/stats/reset. `Control` is its client.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import datetime as dt
@@ -151,6 +152,7 @@ class StreamShardModel:
     start_seq: int
     created_at: float
     records: list[tuple[float, Any]] = field(default_factory=list)  # (arrival, moto StreamRecord)
+    sequences: list[int] = field(default_factory=list)  # of `records`, for finding a position
     closed_at: float | None = None
     end_seq: int | None = None
     trimmed_through: int | None = None  # highest sequence number trimmed away
@@ -210,6 +212,7 @@ class StreamModel:
         if STATE.system_delete and event == "REMOVE":
             record.record["userIdentity"] = {"Type": "Service", "PrincipalId": "dynamodb.amazonaws.com"}
         self.shards[-1].records.append((time.time(), record))
+        self.shards[-1].sequences.append(seq)
 
     # the stream's life ---------------------------------------------------------------------
     def disable(self) -> None:
@@ -241,9 +244,12 @@ class StreamModel:
                 and now - current.created_at >= b.stream_rollover_s):
             self.rollover(now)
         for shard in self.shards:
-            while shard.records and now - shard.records[0][0] >= b.stream_retention_s:
-                _, record = shard.records.pop(0)
-                shard.trimmed_through = int(record.record["dynamodb"]["SequenceNumber"])
+            gone = 0
+            while gone < len(shard.records) and now - shard.records[gone][0] >= b.stream_retention_s:
+                gone += 1
+            if gone:
+                shard.trimmed_through = shard.sequences[gone - 1]
+                del shard.records[:gone], shard.sequences[:gone]
         self.shards = [s for s in self.shards if s.closed_at is None or now - s.closed_at < b.stream_retention_s]
 
     def shard(self, shard_id: str) -> StreamShardModel:
@@ -321,13 +327,13 @@ def streams_get_records(iterator: str, limit: int) -> dict[str, Any]:
         raise _error("LimitExceededException", f"Rate exceeded for shard {shard_id}")
     if shard.trimmed_through is not None and position <= shard.trimmed_through:
         raise _error("TrimmedDataAccessException", f"Records of shard {shard_id} were trimmed past the iterator")
-    page = [r for _, r in shard.records if int(r.record["dynamodb"]["SequenceNumber"]) >= position][:limit]
+    first = bisect.bisect_left(shard.sequences, position)
+    page = [r for _, r in shard.records[first:first + limit]]
     out: dict[str, Any] = {"Records": [r.to_json() for r in page]}
     next_position = int(page[-1].record["dynamodb"]["SequenceNumber"]) + 1 if page else position
     # A closed shard ends with the page that holds its last record (or an empty page, if none
     # are left after the iterator's position).
-    ended = shard.closed_at is not None and all(
-        int(r.record["dynamodb"]["SequenceNumber"]) < next_position for _, r in shard.records[-1:])
+    ended = shard.closed_at is not None and all(seq < next_position for seq in shard.sequences[-1:])
     if not ended:
         out["NextShardIterator"] = _iterator(arn, shard_id, next_position)
     return out
@@ -440,9 +446,40 @@ def _install_kinesis() -> None:
                 merged.append(next(accepted))
         return {"FailedRecordCount": sum(1 for r in merged if "ErrorCode" in r), "Records": merged}
 
+    _speed_up_kinesis_shards()
     KinesisBackend.get_shard_iterator = patched_get_shard_iterator  # type: ignore[method-assign,assignment]
     KinesisBackend.get_records = patched_get_records  # type: ignore[method-assign]
     KinesisBackend.put_records = patched_put_records  # type: ignore[method-assign]
+
+
+def _speed_up_kinesis_shards() -> None:
+    """moto's Kinesis shard finds its last sequence number by listing every record (on each put)
+    and pages by walking from the first record: a stream holding many records slows every call.
+    Its sequence numbers are consecutive integers, trimmed only from the front (`_kinesis_trim`):
+    the same answers by index. Falls back to moto's walk if that ever does not hold."""
+    from moto.kinesis.models import Shard
+
+    walk = Shard.get_records
+
+    def last_sequence(self: Any) -> int:
+        return next(reversed(self.records)) if self.records else 0
+
+    def get_records(self: Any, last_sequence_id: str, limit: int | None) -> Any:
+        if not self.records:
+            return walk(self, last_sequence_id, limit)
+        first, last = next(iter(self.records)), next(reversed(self.records))
+        if last - first + 1 != len(self.records):
+            return walk(self, last_sequence_id, limit)
+        start = max(int(last_sequence_id) + 1, first)
+        stop = last if limit is None else min(last, start + limit - 1)
+        results = [self.records[n] for n in range(start, stop + 1)]
+        if not results:
+            return [], int(last_sequence_id), 0
+        behind_s = self.records[last].created_at - results[-1].created_at
+        return results, results[-1].sequence_number, int(behind_s * 1000)
+
+    Shard.get_max_sequence_number = last_sequence  # type: ignore[method-assign]
+    Shard.get_records = get_records  # type: ignore[method-assign]
 
 
 def _install_streams() -> None:
