@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The long randomized convergence run against the emulators: scripts/convergence.sh [SEEDS] [FIRST_SEED]
-# (CI runs 30 seeds as part of the test suite.)
+# The long randomized convergence run against the emulators:
+#   scripts/convergence.sh [SEEDS (two regions, 300)] [FIRST_SEED (0)] [SEEDS_3 (three regions, 100)]
+# (CI runs 10 two-region and 6 three-region seeds as part of the test suite.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
-CONVERGENCE_SEEDS="${1:-300}" CONVERGENCE_SEED_START="${2:-0}" \
-  exec .venv/bin/pytest -q tests/test_convergence_random.py "${@:3}"
+CONVERGENCE_SEEDS="${1:-300}" CONVERGENCE_SEED_START="${2:-0}" CONVERGENCE_SEEDS_3="${3:-100}" \
+  exec .venv/bin/pytest -q tests/test_convergence_random.py "${@:4}"

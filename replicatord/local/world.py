@@ -311,15 +311,16 @@ class DaemonProcess:
 
 
 def provision_local(config: Path, report: Callable[[str], None] = print, only: Sequence[str] | None = None) -> None:
-    """Provision the regions of `config` (or `only` these) and store in each the (dummy) key pair
-    of every peer across the partition border; a peer in the same partition needs none."""
+    """Provision the regions of `config` (or `only` these) and store in each region the (dummy)
+    key pair of every peer across the partition border (with `only`: the pairs that involve
+    those regions, both ways); a peer in the same partition needs none."""
     from replicatord.config import load_topology, partition_of
     from replicatord.ops.provision import RegionProvisioner, provision
 
     os.environ.update(LOCAL_CREDENTIALS)
     topology = load_topology(config)
     provision(topology, regions=list(only) if only else None, report=report)
-    for region in only or topology.regions:
+    for region in topology.regions:
         for peer in topology.regions:
-            if partition_of(peer) != partition_of(region):
+            if partition_of(peer) != partition_of(region) and (not only or region in only or peer in only):
                 RegionProvisioner(topology, region, report).store_peer_credentials(peer, *DEMO_KEY_PAIR)
