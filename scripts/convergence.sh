@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The long randomized convergence run against the emulators:
 #   scripts/convergence.sh [SEEDS (two regions, 300)] [FIRST_SEED (0)] [SEEDS_3 (three regions, 100)]
-# (CI runs 10 two-region and 6 three-region seeds as part of the test suite.)
+# (CI runs 6 two-region and 4 three-region seeds as part of the test suite.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh

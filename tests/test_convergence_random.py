@@ -50,7 +50,7 @@ pytestmark = pytest.mark.e2e
 
 START = int(os.environ.get("CONVERGENCE_SEED_START", "0"))
 # CI's share; scripts/convergence.sh runs the long run.
-SEEDS = {2: int(os.environ.get("CONVERGENCE_SEEDS", "10")), 3: int(os.environ.get("CONVERGENCE_SEEDS_3", "6"))}
+SEEDS = {2: int(os.environ.get("CONVERGENCE_SEEDS", "6")), 3: int(os.environ.get("CONVERGENCE_SEEDS_3", "4"))}
 KEYS = 20
 OPS_PER_REGION = 40
 TUNING = {"failover_s": 3, "renew_interval_s": 1, "lease_take_interval_s": 0.3, "poll_interval_ms": 100}

@@ -19,6 +19,7 @@ CN, SG = REGIONS
 TABLES = {CN: "user-cn", SG: "user-sg"}
 STREAMS = {CN: "ddb_replication_stream_cn", SG: "ddb_replication_stream_sg"}
 DRAIN_S = 180
+EACH = 1200  # items loaded into each region through squid (CI's time budget)
 
 
 class Loads:
@@ -102,13 +103,13 @@ def test_both_directions_through_squid_converge(regions: Any, squid: Any) -> Non
     for d in daemons.values():
         d.wait_ready()
 
-    loads = Loads(regions, 2000)
+    loads = Loads(regions, EACH)
     winners = _shared_writes(regions, keys=40, seed=7)
     loads.join()
     _drained(regions)
 
     diff = _assert_identical(regions)
-    assert diff.counts == {CN: 4040, SG: 4040}
+    assert diff.counts == {CN: 2 * EACH + 40, SG: 2 * EACH + 40}
     cn_items = {i["PK"]["S"]: i for i in scan_items(regions.client("dynamodb", CN), TABLES[CN])[1].values()}
     for pk, (ts, _, region) in winners.items():
         item = cn_items[pk]
@@ -118,11 +119,11 @@ def test_both_directions_through_squid_converge(regions: Any, squid: Any) -> Non
     metrics = {r: d.metrics() for r, d in daemons.items()}
     for src, dst in ((CN, SG), (SG, CN)):
         loaded = read_counter(ddb[src], "loader_stats", "loaded_count")
-        assert loaded == 2000
+        assert loaded == EACH
         forwarded = metric_sum(metrics[src], "replicatord_records_forwarded_total", peer=dst)
-        # No bounce: a region forwards its own application writes (2000 + 3 per shared key) and
+        # No bounce: a region forwards its own application writes (EACH + 3 per shared key) and
         # what its repairs restored (DESIGN.md §4: harmless), never what its applier wrote.
-        own_writes = 2000 + 3 * 40
+        own_writes = EACH + 3 * 40
         repairs = metric_sum(metrics[src], "replicatord_conflicts_total")
         assert own_writes <= forwarded <= own_writes + repairs
         applied = metric_sum(metrics[dst], "replicatord_records_applied_total")
@@ -133,12 +134,12 @@ def test_both_directions_through_squid_converge(regions: Any, squid: Any) -> Non
             assert applied + stale >= forwarded
         else:
             assert applied + stale == forwarded
-        # The 2000 new items all applied; the shared writes count as applied or stale.
+        # The EACH new items all applied; the shared writes count as applied or stale.
         # replicated_count is written at most every 2 s (applier.STATS_INTERVAL_S): wait for it.
         wait_for(lambda: read_counter(ddb[dst], "replicator_stats", "replicated_count") == applied, 30,  # noqa: B023
                  f"replicated_count in {dst} to reach the applied count")
-        assert applied >= 2000
-        assert metric_sum(metrics[src], "replicatord_records_skipped_total", reason="replicated") >= 2000
+        assert applied >= EACH
+        assert metric_sum(metrics[src], "replicatord_records_skipped_total", reason="replicated") >= EACH
 
     # Every cross-region PutRecords went through squid, to both regions' endpoints.
     log = "\n".join(squid.requests())
