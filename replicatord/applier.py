@@ -156,8 +156,12 @@ class Applier:
             self._reporting = asyncio.create_task(self._report_later(), name=f"stats {self.pair}")
 
     async def _report_later(self) -> None:
-        await sleep_or_stop(self.stop, self._reported_at + STATS_INTERVAL_S - time.monotonic())
-        await self.flush_stats()
+        """Write the count when it is due; again after a failure (no page may come to do it)."""
+        while self.unreported:
+            stopping = await sleep_or_stop(self.stop, self._reported_at + STATS_INTERVAL_S - time.monotonic())
+            await self.flush_stats()
+            if stopping:
+                return
 
     async def flush_stats(self) -> None:
         """Write what was applied since the last report. Best effort: a failure keeps the count

@@ -24,6 +24,7 @@ from botocore.exceptions import ClientError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import replicatord.applier as applier_module
 from replicatord.applier import Applier
 from replicatord.config import Conflict, Tuning
 from replicatord.conflict import PUT, Version
@@ -394,3 +395,17 @@ async def test_a_peer_outage_is_waited_out_not_dead_lettered() -> None:
     await forwarder(aws).process("shard", [stream_record("a")])
     assert aws.count("put_records") == 11 and aws.dead_letters() == []
     assert aws.refreshed == 5  # a refused key pair: SSM is asked again (rate-limited in Aws.refresh_peer)
+
+
+async def test_the_replicated_count_is_written_again_after_a_failure_without_another_page(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The counter goes out on its own timer: a failed write is tried again even when no page
+    comes after it (the end of a load)."""
+    monkeypatch.setattr(applier_module, "STATS_INTERVAL_S", 0.01)
+    aws = FakeAws(faults=[fail("update_item", None, classify(client_error("InternalServerError", 500)), times=1)])
+    target = applier(aws)
+    await target.process("shard", kinesis_page([encode_record(put(name)) for name in ("a", "b", "c")]))
+    async with asyncio.timeout(5):
+        while target.unreported or aws.count("update_item") < 2:  # noqa: ASYNC110 - the reporter's own task
+            await asyncio.sleep(0.01)
+    assert aws.calls[-1][1]["ExpressionAttributeValues"] == {":n": {"N": "3"}}
