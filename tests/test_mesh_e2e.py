@@ -91,6 +91,7 @@ def test_three_regions_load_at_once_with_a_kill_9_converge(mesh: Any) -> None:
         assert daemon.terminate() == 0
 
 
+@pytest.mark.timeout(1800)  # the long run (MESH_ADD_ITEMS=20000) copies 20,000 items one conditional put at a time
 def test_a_region_added_under_load_gets_everything(mesh: Any) -> None:
     """Two regions running with data and writes; Ningxia is provisioned, its daemon started, the
     others restarted one by one with the three-region topology, Ningxia backfilled from Beijing
@@ -104,7 +105,8 @@ def test_a_region_added_under_load_gets_everything(mesh: Any) -> None:
     errors: list[BaseException] = []
     _load(mesh, CN, ADD_ITEMS, errors)
     assert not errors, errors
-    _drained(mesh, (CN, SG))
+    wait_drained(mesh.client, {r: [(table_of(r), stream_of(r))] for r in (CN, SG)}, DRAIN_S + ADD_ITEMS / 50,
+                 "the two regions to hold the data")
 
     # The applications keep writing in both regions: new keys, and newer versions of old ones.
     halt = threading.Event()
