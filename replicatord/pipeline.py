@@ -192,13 +192,13 @@ class Pipeline:
         if self.retiring and not self.workers and leases and all(lease.state == FINISHED for lease in leases):
             self.done = True
             return
-        plan = plan_leases(leases, self.owner, expired, ready_leases(leases), set(self.workers))
+        ready = ready_leases(leases)
+        plan = plan_leases(leases, self.owner, expired, ready, set(self.workers))
         by_key = {lease.key: lease for lease in leases}
         for key in plan.take:
             await self._take(by_key[key], stolen=False)
         if plan.steal is not None:
             await self._take(by_key[plan.steal], stolen=True)
-        ready = ready_leases(leases)
         self._holds_all = all(lease.state == FINISHED or lease.key in self.workers
                               or (lease.key not in ready and lease.owner in (None, self.owner)) for lease in leases)
 
