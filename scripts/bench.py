@@ -252,6 +252,8 @@ def run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
                 wait_for(lambda: all(o.thread.is_alive() for o in observers.values()), 10, "observers")
                 cpu0 = {r: proc_stats(system.pid(r))[0] for r in REGIONS}
                 written: dict[str, dict[str, float]] = {r: {} for r in REGIONS}
+                for control in controls.values():
+                    control.reset_stats()
                 out["app_with_system_s"] = both_regions(endpoints, "steady", args.rate, args.steady_s, written)
 
                 def steady_seen() -> bool:
@@ -261,6 +263,7 @@ def run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
                 lags = lags_of(written[CN], observers[SG].seen) + lags_of(written[SG], observers[CN].seen)
                 out["steady_lag_s"] = {"n": len(lags), "p50": quantile(lags, 0.5), "p95": quantile(lags, 0.95),
                                        "p99": quantile(lags, 0.99), "max": max(lags)}
+                out["steady_emulator_busy_s"] = {r: controls[r].stats()["busy_s"] for r in REGIONS}
                 out["lag_series"] = sorted((at - min(written[CN].values()), observers[SG].seen[pk] - at)
                                            for pk, at in written[CN].items())
                 for control in controls.values():
@@ -277,7 +280,8 @@ def run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
                                 "replicated_per_s": args.burst / (last_seen - first),
                                 "visible_after_load_end_s": last_seen - load_end,
                                 "target_calls_per_record": sum(target_calls.values()) / args.burst,
-                                "target_calls": target_calls}
+                                "target_calls": target_calls,
+                                "target_busy_s": controls[SG].stats()["busy_s"]}
                 cpu1 = {r: proc_stats(system.pid(r))[0] for r in REGIONS}
                 replicated = args.burst + sum(len(w) for w in written.values())
                 out["cpu_s_per_1000_records"] = sum(cpu1[r] - cpu0[r] for r in REGIONS) / replicated * 1000
