@@ -116,7 +116,7 @@ class State:
         self.calls: Counter[str] = Counter()
         self.daemon_calls: Counter[str] = Counter()  # calls made with aiobotocore: the daemons' (or the sample's)
         self.faults: Counter[str] = Counter()
-        self.busy_s: Counter[str] = Counter()  # time spent serving each operation (all callers)
+        self.busy_s: defaultdict[str, float] = defaultdict(float)  # time spent serving each operation (all callers)
         self.reads: dict[tuple[str, str], deque[float]] = defaultdict(deque)
         self.streams: dict[tuple[str, str], StreamModel] = {}  # (table, stream label) -> stream
         self.system_delete = False  # set while a TTL sweep deletes

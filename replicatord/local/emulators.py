@@ -74,7 +74,7 @@ def _spare_per_request_work() -> None:
     from moto.core import responses, utils
 
     modules = tuple(backends.list_of_moto_modules())
-    backends.list_of_moto_modules = lambda: modules  # type: ignore[assignment]
+    backends.list_of_moto_modules = lambda: modules
     cached = functools.cache(utils.method_names_from_class)
     responses.method_names_from_class = cached  # type: ignore[attr-defined]
 
