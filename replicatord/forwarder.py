@@ -43,7 +43,7 @@ from replicatord.retry import (
     verdict,
 )
 from replicatord.shards import run_together
-from replicatord.tombstones import TombstoneTable
+from replicatord.tombstones import Tombstones, TombstoneTable
 
 log = logging.getLogger(__name__)
 
@@ -281,27 +281,36 @@ class Forwarder:
             outgoing.append((plan.entry, letter))
             if planned.op == "DELETE":
                 app_deletes.append((planned, letter))
-        if outgoing:
-            await run_together(self._put(peer, outgoing) for peer in self.peers)
+        # The page's writes are checked against their keys' tombstones while the page is
+        # forwarded: the read needs nothing from forwarding, and this page's own deletes are
+        # added to what it found below, so the check sees what it would after recording them.
+        keyed = [(stream_record["dynamodb"], stream_keys(stream_record["dynamodb"]), version, letter)
+                 for stream_record, version, letter in written]
+        found: list[Tombstones] = []
+        steps = [self._put(peer, outgoing) for peer in self.peers] if outgoing else []
+        if keyed:
+            steps.append(self._fetch_tombstones([keys for _, keys, _, _ in keyed], found))
+        await run_together(steps)
         for delete, letter in app_deletes:  # after forwarding: a crash in between forwards it again
             await self.retry.run(functools.partial(self.tombstones.record, self.pair, delete.keys, delete.version),
                                  letter, f"tombstone of {shown(delete.keys)}")
-        repairs += await self._resurrections(written)
+        if keyed:
+            for delete, _ in app_deletes:
+                found[0].raise_to(self.pair, delete.keys, delete.version)
+            repairs += self._resurrections(keyed, found[0])
         for kind, record, letter in repairs:
             await self._repair(kind, record, letter)
 
-    async def _resurrections(
-        self, written: list[tuple[dict[str, Any], Version, Letter]]
+    async def _fetch_tombstones(self, keys: list[Item], found: list[Tombstones]) -> None:
+        found.append(await self.retry.step(functools.partial(self.tombstones.fetch, self.pair, keys),
+                                           "tombstone read"))
+
+    def _resurrections(
+        self, keyed: list[tuple[dict[str, Any], Item, Version, Letter]], tombstones: Tombstones
     ) -> list[tuple[str, ReplicationRecord, Letter]]:
         """Writes older than their key's tombstone: an old PUT that slipped in before the
         tombstone existed, or an application write older than a known delete. The repair applies
         the tombstone with the normal DELETE rule."""
-        if not written:
-            return []
-        keyed = [(stream_record["dynamodb"], stream_keys(stream_record["dynamodb"]), version, letter)
-                 for stream_record, version, letter in written]
-        tombstones = await self.retry.step(
-            functools.partial(self.tombstones.fetch, self.pair, [keys for _, keys, _, _ in keyed]), "tombstone read")
         repairs = []
         for ddb, keys, version, letter in keyed:
             tombstone = tombstones.get(self.pair, keys)

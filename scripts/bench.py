@@ -11,19 +11,22 @@ injected faults or read limits):
    the loader's time again;
 2. a burst of `--burst` items into cn-north-1 (BatchWriteItem, as fast as it goes): the rate at
    which they became visible in ap-southeast-1, its ratio to the emulator's own ceiling for the
-   same conditional puts (the system's condition; one client, measured at the end, same
-   emulator), and the time from the end of the
-   load to the last item visible; calls the system made to the target region per record;
+   same conditional puts (the system's condition; 16 at a time from one asyncio client,
+   measured at the end, same emulator), and the time from the end of the load to the last item
+   visible; calls the system made to the target region per record;
 3. an idle period: the system's calls per minute per region, by operation;
 4. with the system stopped, the same steady load: how long the application alone took.
 Calls are counted at the emulators (`aws_behaviour` stats: aiobotocore's, which is the system's
-and never the observer's); CPU seconds and peak RSS from /proc. Prints a table; `--json` writes
-every figure; `--png` plots lag over time (needs matplotlib). Asserts nothing.
+and never the observer's), and so is the time each emulator spent serving each operation (every
+caller's: the steady load's and the burst's, in the JSON); CPU seconds and peak RSS from /proc.
+Prints a table; `--json` writes every figure; `--png` plots lag over time (needs matplotlib).
+Asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import subprocess
@@ -34,6 +37,9 @@ import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
 
 from replicatord.config import Conflict
 from replicatord.conflict import PUT, Version, put_condition
@@ -155,24 +161,39 @@ def burst(endpoint: str, n: int, written: dict[str, float]) -> float:
     return time.monotonic() - started
 
 
-def conditional_put_ceiling(endpoint: str, kind: str, n: int = 600) -> float:
+def conditional_put_ceiling(endpoint: str, kind: str, n: int = 1500, concurrency: int = 16) -> float:
     """The emulator's rate for the conditional puts `kind` makes when it applies a record (its
-    condition, a burst item, the target table with its stream), from one client, one at a time."""
-    ddb = client("dynamodb", SG, endpoint)
-    started = time.monotonic()
-    for i in range(n):
-        now = f"{time.time():.3f}"
-        item = {"PK": {"S": f"ceiling-{i}"}, "last_update_timestamp": {"N": now},
-                "last_updater_region": {"S": CN}, "payload": {"S": "x" * 200}}
-        if kind == "replicatord":
-            condition = put_condition({"PK": item["PK"]}, Version(Decimal(now), PUT, CN), Conflict())
-            ddb.put_item(TableName=TABLES[SG], Item=item, ConditionExpression=condition.expression,
-                         ExpressionAttributeNames=condition.names, ExpressionAttributeValues=condition.values)
-        else:  # the sample's condition (local/lambda_sample.py)
-            ddb.put_item(TableName=TABLES[SG], Item=item,
-                         ConditionExpression="attribute_not_exists(PK) OR last_update_timestamp < :ts",
-                         ExpressionAttributeValues={":ts": item["last_update_timestamp"]})
-    return n / (time.monotonic() - started)
+    condition, a burst item, the target table with its stream): `concurrency` puts at a time
+    from one asyncio client, as a daemon sends them, so that the figure is the emulator's and not
+    one sequential client's (which measured below what the daemon reached)."""
+
+    async def measure() -> float:
+        session = get_session()
+        async with session.create_client("dynamodb", region_name=SG, endpoint_url=endpoint,
+                                         config=AioConfig(max_pool_connections=concurrency)) as ddb:
+            async def put(i: int) -> None:
+                now = f"{time.time():.3f}"
+                item = {"PK": {"S": f"ceiling-{i}"}, "last_update_timestamp": {"N": now},
+                        "last_updater_region": {"S": CN}, "payload": {"S": "x" * 200}}
+                if kind == "replicatord":
+                    condition = put_condition({"PK": item["PK"]}, Version(Decimal(now), PUT, CN), Conflict())
+                    await ddb.put_item(TableName=TABLES[SG], Item=item, ConditionExpression=condition.expression,
+                                       ExpressionAttributeNames=condition.names,
+                                       ExpressionAttributeValues=condition.values)
+                else:  # the sample's condition (local/lambda_sample.py)
+                    await ddb.put_item(TableName=TABLES[SG], Item=item,
+                                       ConditionExpression="attribute_not_exists(PK) OR last_update_timestamp < :ts",
+                                       ExpressionAttributeValues={":ts": item["last_update_timestamp"]})
+
+            async def worker(start: int) -> None:
+                for i in range(start, n, concurrency):
+                    await put(i)
+
+            started = time.monotonic()
+            await asyncio.gather(*(worker(w) for w in range(concurrency)))
+            return n / (time.monotonic() - started)
+
+    return asyncio.run(measure())
 
 
 def proc_stats(pid: int) -> tuple[float, int]:

@@ -409,3 +409,26 @@ async def test_the_replicated_count_is_written_again_after_a_failure_without_ano
         while target.unreported or aws.count("update_item") < 2:  # noqa: ASYNC110 - the reporter's own task
             await asyncio.sleep(0.01)
     assert aws.calls[-1][1]["ExpressionAttributeValues"] == {":n": {"N": "3"}}
+
+
+async def test_the_tombstone_read_overlaps_forwarding_and_counts_the_pages_own_deletes() -> None:
+    """The page's writes are checked against their tombstones while the page is forwarded (the
+    read is not one more call in the way of the next page); a delete earlier in the same page
+    still counts: an older application write of its key after it is repaired."""
+    read_started = asyncio.Event()
+
+    class Overlapping(FakeAws):
+        async def call(self, service: str, operation: str, *, client: Any = None, **kwargs: Any) -> Any:
+            if operation == "put_records":
+                await read_started.wait()  # forwarding finishes only once the read has begun
+            if operation == "batch_get_item":
+                read_started.set()
+            return await super().call(service, operation, client=client, **kwargs)
+
+    aws = Overlapping()
+    target = forwarder(aws)
+    page = [stream_record("k", "REMOVE", ts="1900000000", seq=1), stream_record("k", ts="1800000000", seq=2)]
+    async with asyncio.timeout(5):
+        await target.process("shard", page)
+    repairs = target.repairer.applied  # type: ignore[attr-defined]
+    assert [(r.op, r.keys, r.version.timestamp) for r in repairs] == [("DELETE", {"PK": {"S": "k"}}, 1900000000)]
