@@ -1,7 +1,8 @@
 """The benchmark: replicatord and the AWS sample it replaces, side by side, on the local emulators.
 
     .venv/bin/python scripts/bench.py [--system both|replicatord|sample] [--rate 50] [--steady-s 20]
-                                      [--burst 5000] [--idle-s 60] [--wan] [--json FILE] [--png FILE]
+                                      [--burst 5000] [--idle-s 60] [--wan] [--squid]
+                                      [--json FILE] [--png FILE]
 
 For each system, in one run on this machine (fresh emulators each, AWS-like timestamps, no
 injected faults or read limits):
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -34,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -45,7 +48,7 @@ from replicatord.config import Conflict
 from replicatord.conflict import PUT, Version, put_condition
 from replicatord.local import emulators
 from replicatord.local.aws_behaviour import Control
-from replicatord.local.wan import running_link
+from replicatord.local.squid import running_squid
 from replicatord.local.world import (
     REGIONS,
     DaemonProcess,
@@ -257,14 +260,15 @@ def run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         provision_local(config, report=lambda _line: None)
         controls = {r: Control(endpoints[r]) for r in REGIONS}
         configs = {r: config for r in REGIONS}
-        links = []
-        if args.wan:
-            for region, peer in ((CN, SG), (SG, CN)):  # each region reaches its peer over the link
-                link = running_link("127.0.0.1", emus[peer].port, 40.0, 10.0)
-                links.append(link)
-                port = link.__enter__().port
+        paths = contextlib.ExitStack()
+        if args.wan or args.squid:
+            proxy = paths.enter_context(running_squid()).url if args.squid else None
+            for region, peer in ((CN, SG), (SG, CN)):  # each region reaches its peer over the path
+                url = endpoints[peer]
+                if args.wan:
+                    url = f"http://127.0.0.1:{paths.enter_context(wan_link(emus[peer].port))}"
                 configs[region] = write_topology(workdir / f"{region}.yaml", topology_document(
-                    {**endpoints, peer: f"http://127.0.0.1:{port}"}))
+                    {**endpoints, peer: url}, proxies={peer: proxy} if proxy else None))
         try:
             system = System(kind, configs, workdir)
             try:
@@ -324,9 +328,24 @@ def run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
             out["ceiling_puts_per_s"] = conditional_put_ceiling(endpoints[SG], kind)
             out["burst"]["ratio_to_ceiling"] = out["burst"]["replicated_per_s"] / out["ceiling_puts_per_s"]
         finally:
-            for link in links:
-                link.__exit__(None, None, None)
+            paths.close()
     return out
+
+
+@contextlib.contextmanager
+def wan_link(target_port: int) -> Iterator[int]:
+    """The 40 ± 10 ms link to a peer, in a process of its own: in this one, its event loop would
+    share the interpreter with the loaders and observers and delay them (and itself)."""
+    port = emulators.free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "replicatord.local.wan", "--listen", f"127.0.0.1:{port}",
+                             "--target", f"127.0.0.1:{target_port}", "--delay-ms", "40", "--jitter-ms", "10"],
+                            stdout=subprocess.DEVNULL)
+    try:
+        emulators.wait_listening("127.0.0.1", port, 30, proc)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -360,6 +379,7 @@ def main() -> int:
     parser.add_argument("--burst", type=int, default=5000)
     parser.add_argument("--idle-s", type=float, default=60.0)
     parser.add_argument("--wan", action="store_true", help="the cross-region path over a 40 ms ± 10 ms link")
+    parser.add_argument("--squid", action="store_true", help="the cross-region path through squid")
     parser.add_argument("--json", help="write every figure to this file")
     parser.add_argument("--png", help="plot lag over time to this file (needs matplotlib)")
     args = parser.parse_args()

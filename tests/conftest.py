@@ -6,9 +6,6 @@ Every factory closes what it opened.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +16,7 @@ from hypothesis import HealthCheck, settings
 
 from replicatord.local import emulators
 from replicatord.local.aws_behaviour import TEST_BEHAVIOUR, Control
+from replicatord.local.squid import Squid, running_squid, squid_binary
 from replicatord.local.world import (
     REGIONS,
     DaemonProcess,
@@ -107,57 +105,12 @@ def _local_regions(names: Sequence[str], tmp_path: Path, behaviour: dict[str, An
                     daemon.terminate(timeout_s=15)
 
 
-@dataclass
-class Squid:
-    url: str
-    access_log: Path
-
-    def requests(self) -> list[str]:
-        return self.access_log.read_text().splitlines() if self.access_log.exists() else []
-
-
-def _squid_binary() -> str:
-    found = shutil.which("squid") or ("/usr/sbin/squid" if os.path.exists("/usr/sbin/squid") else None)
-    if found is None:
-        pytest.fail("squid is not installed: run scripts/bootstrap.sh (it installs it with apt)")
-    return found
-
-
 @pytest.fixture
 def squid() -> Iterator[Squid]:
     """A real squid on loopback that only forwards to loopback (the emulators)."""
-    # Outside pytest's 0700 tmp tree: as root, squid drops to the 'proxy' user to write its logs.
-    workdir = Path(tempfile.mkdtemp(prefix="replicatord-squid-"))
-    workdir.chmod(0o777)
-    port = emulators.free_port()
-    conf = workdir / "squid.conf"
-    conf.write_text(
-        f"""
-http_port 127.0.0.1:{port}
-pid_filename {workdir}/squid.pid
-access_log stdio:{workdir}/access.log
-cache_log {workdir}/cache.log
-cache_store_log none
-coredump_dir {workdir}
-cache deny all
-acl loopback_src src 127.0.0.1/32
-acl emulators dst 127.0.0.1/32
-http_access allow loopback_src emulators
-http_access deny all
-shutdown_lifetime 0 seconds
-logfile_rotate 0
-"""
-    )
-    with (workdir / "stdout.log").open("wb") as out:
-        proc = subprocess.Popen([_squid_binary(), "-N", "-f", str(conf)], stdout=out, stderr=subprocess.STDOUT)
     try:
-        emulators.wait_listening("127.0.0.1", port, 30, proc)
-        yield Squid(f"http://127.0.0.1:{port}", workdir / "access.log")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
+        squid_binary()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    with running_squid() as proxy:
+        yield proxy

@@ -59,6 +59,8 @@ class Sample:
         session = get_session()
         me, peer = self.topology.regions[self.region], self.topology.regions[self.peer]
         config = AioConfig(retries={"mode": "standard", "max_attempts": 10}, max_pool_connections=32, proxies={})
+        # The peer through its proxy, as the sample's first Lambda reaches the other region's Kinesis.
+        to_peer = config.merge(AioConfig(proxies={"http": peer.proxy, "https": peer.proxy} if peer.proxy else {}))
         async with session.create_client("dynamodb", region_name=self.region, endpoint_url=me.endpoint_url,
                                          config=config) as ddb, \
                 session.create_client("dynamodbstreams", region_name=self.region, endpoint_url=me.endpoint_url,
@@ -66,7 +68,7 @@ class Sample:
                 session.create_client("kinesis", region_name=self.region, endpoint_url=me.endpoint_url,
                                       config=config) as kinesis, \
                 session.create_client("kinesis", region_name=self.peer, endpoint_url=peer.endpoint_url,
-                                      config=config) as peer_kinesis:
+                                      config=to_peer) as peer_kinesis:
             self.ddb, self.streams, self.kinesis, self.peer_kinesis = ddb, streams, kinesis, peer_kinesis
             print(json.dumps({"ready": True}), flush=True)
             await asyncio.gather(self.send_to_kinesis(), self.replicator_kinesis())
