@@ -234,6 +234,14 @@ class Forwarder:
         self.retry = RecordRetry(pair, "forwarder", dlq, tuning, metrics, stop)
         self.limit = asyncio.Semaphore(tuning.apply_concurrency)
 
+    def page_keys(self, records: list[dict[str, Any]]) -> frozenset[str] | None:
+        """The items a page changes (shards.py: a page that shares none with the page before
+        is forwarded while that one is still on its way); None if a record does not say."""
+        try:
+            return frozenset(partition_key(stream_keys(record["dynamodb"])) for record in records)
+        except Exception:  # noqa: BLE001 - a malformed record: the page waits its turn, process() judges it
+            return None
+
     async def process(self, shard_id: str, records: list[dict[str, Any]]) -> None:
         """Forward the page's application changes, record their deletes' tombstones, then repair.
 

@@ -12,7 +12,8 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterable
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -206,6 +207,13 @@ class Processor(Protocol):
         ...
 
 
+# A processor with `page_keys(records) -> frozenset[str] | None` (the items a page holds) may be
+# given a page while the one before is still being processed, when the two share no item: the
+# forwarder then sends the next page while the last one crosses the link to the peer. Positions
+# still advance in page order.
+PAGES_IN_FLIGHT = 2
+
+
 def _after(sequence: str, checkpoint: str) -> bool:
     """Whether a sequence number comes after the checkpoint (both numbers in one shard)."""
     try:
@@ -256,6 +264,9 @@ class ShardWorker:
         self._last_read = -float("inf")
         self._empty_since: float | None = None  # monotonic time of the first empty page in a row
         self._min_read_ms = source.min_read_interval_ms(tuning)
+        self._page_keys: Callable[[list[dict[str, Any]]], frozenset[str] | None] | None = getattr(
+            processor, "page_keys", None)
+        self._in_flight: deque[tuple[asyncio.Task[None], frozenset[str]]] = deque()
 
     async def run(self) -> bool:
         """Read the shard until stopped or its end; True if it was read to the end.
@@ -300,6 +311,7 @@ class ShardWorker:
             while not self.stop.is_set():
                 if self.running is not None and not self.running.is_set():
                     ahead = _dropped(ahead)
+                    await self._settle()
                     await self._flush_checkpoint()
                     await self._paused()  # the position is kept; reading resumes from the checkpoint
                     iterator = None
@@ -310,6 +322,7 @@ class ShardWorker:
                             return True
                         refused = False
                     if iterator is None:
+                        await self._settle()  # the pages read from the old position are done
                         await self._flush_checkpoint()
                         iterator = await (self._read_on_after_trim() if trimmed else self._start())
                         trimmed = False
@@ -325,8 +338,9 @@ class ShardWorker:
                             name=f"read ahead {self.shard_id}")
                     records = self._skip_before_start(page.records)
                     if records:
-                        await self._deliver(records)
+                        await self._hand_over(records)
                     if page.next_iterator is None:
+                        await self._settle()
                         await self._flush_checkpoint(finished=True)
                         log.info("%s %s: shard %s read to its end", pipeline, self.pair, self.shard_id)
                         return True
@@ -370,10 +384,42 @@ class ShardWorker:
                     failures += 1
                     log.warning("%s %s: shard %s: %s (retry %d)", pipeline, self.pair, self.shard_id, exc, failures)
                     await sleep_or_stop(self.stop, backoff_s(failures, self.tuning))
+            await self._settle()  # stopping: the pages handed over finish, as a page being delivered does
         finally:
             if ahead is not None:
                 ahead.cancel()
+            for task, _ in self._in_flight:
+                _dropped(task)
+            self._in_flight.clear()
         return False
+
+    async def _hand_over(self, records: list[dict[str, Any]]) -> None:
+        """Deliver the page. A page that shares no item with the pages still being delivered
+        goes beside them (at most PAGES_IN_FLIGHT at once; each item's changes stay in order);
+        otherwise, and for a processor that does not say which items a page holds, it waits."""
+        keys = self._page_keys(records) if self._page_keys is not None else None
+        while self._in_flight and (keys is None or len(self._in_flight) >= PAGES_IN_FLIGHT
+                                   or any(not keys.isdisjoint(held) for _, held in self._in_flight)):
+            await self._settle_oldest()
+        if keys is None:
+            await self._deliver(records)
+            return
+        previous = self._in_flight[-1][0] if self._in_flight else None
+        task = asyncio.create_task(self._deliver(records, previous), name=f"deliver {self.shard_id}")
+        self._in_flight.append((task, keys))
+
+    async def _settle_oldest(self) -> None:
+        task, _ = self._in_flight[0]
+        try:
+            await task
+        finally:
+            if self._in_flight and self._in_flight[0][0] is task:
+                self._in_flight.popleft()
+
+    async def _settle(self) -> None:
+        """Wait until every page handed over is delivered (their errors are raised here)."""
+        while self._in_flight:
+            await self._settle_oldest()
 
     def _gap_s(self) -> float:
         """How far apart this shard's reads are: the source's least interval while records come
@@ -500,8 +546,9 @@ class ShardWorker:
             log.warning("%s %s: shard %s: cannot release the lease (it will expire): %s",
                         self.source.pipeline, self.pair, self.shard_id, exc or "timed out")
 
-    async def _deliver(self, records: list[dict[str, Any]]) -> None:
-        """Process a page until it succeeds, then checkpoint past it. Abandon it on stop."""
+    async def _deliver(self, records: list[dict[str, Any]], previous: asyncio.Task[None] | None = None) -> None:
+        """Process a page until it succeeds, then (once `previous`, the page before, is
+        delivered) checkpoint past it. Abandon it on stop."""
         pipeline = self.source.pipeline
         self.metrics.records_read.labels(self.pair, pipeline).inc(len(records))
         oldest = self.source.created_s(records[0])
@@ -527,6 +574,8 @@ class ShardWorker:
                           exc_info=not isinstance(exc, ReplicatorError))
                 if await sleep_or_stop(self.stop, backoff_s(attempt, self.tuning)):
                     raise Abandoned from None
+        if previous is not None:
+            await previous  # positions advance in page order
         newest = self.source.created_s(records[-1])
         self.metrics.set_iterator_age(self.pair, pipeline, self.shard_id, time.time() - newest)
         # The next record, if any, is no older than this one: an upper bound of its age.

@@ -407,3 +407,64 @@ async def test_an_instance_that_holds_every_lease_reads_the_table_only_at_shard_
     # Cycles every 0.1 s would have read it about 50 times; shard syncs every 2 s: 3, plus the
     # cycles that took the two leases.
     assert len(queries) <= 6, [round(at - started, 2) for at in queries]
+
+
+class Keyed(Recorder):
+    """Pages of records 1-30 change distinct items; 31-60 all change one item. Each page takes
+    a while; notes which pages were processed at once and what was done when."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active: list[frozenset[str]] = []
+        self.most_at_once = 0
+        self.done: set[int] = set()
+        self.same_item_at_once = 0
+
+    def page_keys(self, records: list[dict[str, Any]]) -> frozenset[str]:
+        return frozenset(f"k{seq}" if seq <= 30 else "hot" for seq in (int(r["SequenceNumber"]) for r in records))
+
+    async def process(self, shard_id: str, records: list[dict[str, Any]]) -> None:
+        keys = self.page_keys(records)
+        self.same_item_at_once += any(not keys.isdisjoint(other) for other in self.active)
+        self.active.append(keys)
+        self.most_at_once = max(self.most_at_once, len(self.active))
+        first = int(records[0]["SequenceNumber"])
+        await asyncio.sleep(0.1 if (first // 3) % 2 == 0 else 0.02)  # a page may finish before the one before it
+        self.active.remove(keys)
+        await super().process(shard_id, records)
+        self.done.update(int(r["SequenceNumber"]) for r in records)
+
+
+async def test_pages_of_distinct_items_are_delivered_side_by_side_and_positions_stay_in_order(
+        lease_env: Any) -> None:
+    """A processor that says which items a page holds (the forwarder) gets the next page while
+    the last is still being delivered, when they share no item; never two pages of one item at
+    once, and no checkpoint passes a page that is not done."""
+    aws, settings, metrics = lease_env
+    fake = FakeKinesis({"s": {"records": list(range(1, 61))}})
+    stop = asyncio.Event()
+    pipeline, _, leases = _pipeline(aws, settings, metrics, fake, stop)
+    pipeline.tuning = settings.topology.tuning.model_copy(update={"min_read_interval_ms": 0,
+                                                                  "checkpoint_interval_ms": 0})
+    recorder = pipeline.processor = Keyed()
+    checkpoints: list[str] = []
+    early: list[int] = []  # checkpoints that passed a page not yet done
+    real_call = aws.call
+
+    async def checking(service: str, operation: str, **kwargs: Any) -> Any:
+        if operation == "update_item" and "checkpoint" in kwargs.get("UpdateExpression", ""):
+            at = int(kwargs["ExpressionAttributeValues"][":seq"]["S"])
+            if not set(range(1, at + 1)) <= recorder.done:
+                early.append(at)
+            checkpoints.append(str(at))
+        return await real_call(service, operation, **kwargs)
+
+    aws.call = checking  # type: ignore[method-assign]
+    await _run_until(pipeline, stop, lambda: len(recorder.seen) == 60 and checkpoints[-1:] == ["60"])
+
+    assert sorted(seq for _, seq in recorder.seen) == list(range(1, 61))  # each once
+    assert [seq for _, seq in recorder.seen if seq > 30] == list(range(31, 61))  # one item: in order
+    assert recorder.most_at_once == shards.PAGES_IN_FLIGHT
+    assert recorder.same_item_at_once == 0 and early == []
+    state = await leases.query(pipeline.partition, consistent=True)
+    assert [lease.checkpoint for lease in state] == ["60"]
