@@ -10,6 +10,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol
@@ -294,24 +295,23 @@ class Forwarder:
         # added to what it found below, so the check sees what it would after recording them.
         keyed = [(stream_record["dynamodb"], stream_keys(stream_record["dynamodb"]), version, letter)
                  for stream_record, version, letter in written]
-        found: list[Tombstones] = []
-        steps = [self._put(peer, outgoing) for peer in self.peers] if outgoing else []
+        steps: list[Coroutine[Any, Any, Tombstones | None]] = []
+        if outgoing:
+            steps += (self._put(peer, outgoing) for peer in self.peers)
         if keyed:
-            steps.append(self._fetch_tombstones([keys for _, keys, _, _ in keyed], found))
-        await run_together(steps)
+            steps.append(self.retry.step(functools.partial(
+                self.tombstones.fetch, self.pair, [keys for _, keys, _, _ in keyed]), "tombstone read"))
+        done = await run_together(steps)
+        tombstones = done[-1] if keyed else None
         for delete, letter in app_deletes:  # after forwarding: a crash in between forwards it again
             await self.retry.run(functools.partial(self.tombstones.record, self.pair, delete.keys, delete.version),
                                  letter, f"tombstone of {shown(delete.keys)}")
-        if keyed:
+        if tombstones is not None:
             for delete, _ in app_deletes:
-                found[0].raise_to(self.pair, delete.keys, delete.version)
-            repairs += self._resurrections(keyed, found[0])
+                tombstones.raise_to(self.pair, delete.keys, delete.version)
+            repairs += self._resurrections(keyed, tombstones)
         for kind, record, letter in repairs:
             await self._repair(kind, record, letter)
-
-    async def _fetch_tombstones(self, keys: list[Item], found: list[Tombstones]) -> None:
-        found.append(await self.retry.step(functools.partial(self.tombstones.fetch, self.pair, keys),
-                                           "tombstone read"))
 
     def _resurrections(
         self, keyed: list[tuple[dict[str, Any], Item, Version, Letter]], tombstones: Tombstones

@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from replicatord.aws import Aws
 from replicatord.config import Tuning
@@ -34,6 +34,8 @@ from replicatord.records import creation_seconds
 from replicatord.retry import Abandoned, backoff_s, sleep_or_stop
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 RELEASE_TIMEOUT_S = 2.0
 # A shard that found nothing for this long is read every `idle_poll_interval_ms`.
@@ -54,12 +56,13 @@ class Page:
     behind_s: float = 0.0  # Kinesis MillisBehindLatest, when the page is empty
 
 
-async def run_together(coroutines: Iterable[Coroutine[Any, Any, None]]) -> None:
-    """Run concurrently; if any fails, cancel the rest and raise its error itself (no group)."""
+async def run_together(coroutines: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run concurrently and return their results in order; if any fails, cancel the rest and
+    raise its error itself (no group)."""
     try:
         async with asyncio.TaskGroup() as group:
-            for coroutine in coroutines:
-                group.create_task(coroutine)
+            tasks = [group.create_task(coroutine) for coroutine in coroutines]
+        return [task.result() for task in tasks]
     except BaseExceptionGroup as failed:
         first: BaseException = failed
         while isinstance(first, BaseExceptionGroup):

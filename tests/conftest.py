@@ -109,8 +109,8 @@ def _local_regions(names: Sequence[str], tmp_path: Path, behaviour: dict[str, An
 def squid() -> Iterator[Squid]:
     """A real squid on loopback that only forwards to loopback (the emulators)."""
     try:
-        squid_binary()
+        binary = squid_binary()
     except RuntimeError as exc:
         pytest.fail(str(exc))
-    with running_squid() as proxy:
+    with running_squid(binary) as proxy:
         yield proxy

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -68,8 +69,6 @@ def _spare_per_request_work() -> None:
     directory (listdir and an isdir per service) to route the request, and walks the handler
     class's members to find the action's method. Found with py-spy: a tenth of the emulator's
     time under load. Both answers are kept after the first time."""
-    import functools
-
     from moto import backends
     from moto.core import responses, utils
 

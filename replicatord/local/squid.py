@@ -32,7 +32,8 @@ def squid_binary() -> str:
 
 
 @contextlib.contextmanager
-def running_squid() -> Iterator[Squid]:
+def running_squid(binary: str | None = None) -> Iterator[Squid]:
+    """squid (`binary`, or the one installed) until the block ends."""
     # Outside pytest's 0700 tmp tree: as root, squid drops to the 'proxy' user to write its logs.
     workdir = Path(tempfile.mkdtemp(prefix="replicatord-squid-"))
     workdir.chmod(0o777)
@@ -56,7 +57,7 @@ logfile_rotate 0
 """
     )
     with (workdir / "stdout.log").open("wb") as out:
-        proc = subprocess.Popen([squid_binary(), "-N", "-f", str(conf)], stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([binary or squid_binary(), "-N", "-f", str(conf)], stdout=out, stderr=subprocess.STDOUT)
     try:
         emulators.wait_listening("127.0.0.1", port, 30, proc)
         yield Squid(f"http://127.0.0.1:{port}", workdir / "access.log")

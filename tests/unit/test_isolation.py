@@ -432,3 +432,22 @@ async def test_the_tombstone_read_overlaps_forwarding_and_counts_the_pages_own_d
         await target.process("shard", page)
     repairs = target.repairer.applied  # type: ignore[attr-defined]
     assert [(r.op, r.keys, r.version.timestamp) for r in repairs] == [("DELETE", {"PK": {"S": "k"}}, 1900000000)]
+
+
+def test_a_forwarder_page_names_each_item_it_changes_once_and_a_malformed_page_none() -> None:
+    """What the shard worker overlaps pages by: one key per item (a put and a delete of one item
+    are the same item; items differing in key are not), and no answer when a record lacks its key."""
+    target = forwarder(FakeAws())
+    same = target.page_keys([stream_record("a"), stream_record("a", "REMOVE", seq=2)])
+    assert same is not None and len(same) == 1
+    both = target.page_keys([stream_record("a"), stream_record("b", seq=2)])
+    assert both is not None and len(both) == 2 and same <= both
+    assert target.page_keys([stream_record("a"), {"eventName": "INSERT"}]) is None
+
+
+async def test_a_page_of_deletes_only_is_forwarded() -> None:
+    """A page with no write to check against tombstones (deletes only) is still sent."""
+    aws = FakeAws()
+    await forwarder(aws).process("shard", [stream_record("gone", "REMOVE")])
+    assert sent_keys(aws) == Counter({"gone": 1})
+    assert aws.count("batch_get_item") == 0 and aws.count("update_item") == 1  # no read; the tombstone
