@@ -18,6 +18,7 @@ from decimal import Decimal
 from typing import Any
 
 from replicatord.aws import Aws
+from replicatord.backoff import sleep_or_stop
 from replicatord.config import Conflict, Tuning
 from replicatord.conflict import (
     Item,
@@ -40,7 +41,7 @@ from replicatord.records import (
     same_key_runs,
     shown,
 )
-from replicatord.retry import GAVE_UP, Letter, RecordRetry, sleep_or_stop
+from replicatord.retry import GAVE_UP, Letter, RecordRetry
 from replicatord.shards import run_together
 from replicatord.tombstones import Tombstones, TombstoneTable
 

@@ -4,7 +4,12 @@ A peer's Kinesis client uses the peer's proxy and, for a peer in another partiti
 partition's key pair, read from SSM Parameter Store in the local region (the local region's
 credentials never go across the border); a peer in the same partition is reached with the
 instance's own role, like the local region.
-Every call goes through `Aws.call`, which times it and maps its errors (errors.classify).
+
+Every call goes through `Aws.call`, which bounds it end to end (connection from the pool, the
+proxy's CONNECT, the request, the answer and botocore's own retries, all within one deadline:
+`tuning.aws_timeout_s`, or half the failover time for the lease client), times it, samples the
+endpoint's clock, and maps its errors (errors.classify). A border that drops packets silently
+costs a call its deadline and no more (docs/aws-behaviour.md, "Deadlines").
 """
 
 from __future__ import annotations
@@ -20,13 +25,18 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
 from replicatord.config import Settings, redact_url
-from replicatord.errors import AWS_ERRORS, NotFound, ReplicatorError, classify
+from replicatord.errors import AWS_ERRORS, ClockSkew, NotFound, ReplicatorError, Unreachable, classify, server_skew_s
 from replicatord.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 LOCAL_SERVICES = ("dynamodb", "dynamodbstreams", "kinesis", "sqs", "ssm")
 LEASES = "leases"  # the DynamoDB client of the lease table (Aws.local)
+# The endpoint's clock is read off the Date header of an answer at most this often per region.
+SKEW_SAMPLE_S = 10.0
+# A clock this far off is logged (AWS refuses signatures 15 minutes off; trouble starts sooner
+# for anything that compares times across hosts).
+SKEW_LOG_S = 60.0
 
 
 class StartupError(Exception):
@@ -51,9 +61,15 @@ class Aws:
             self._session.set_config_variable("profile", profile)
         self.local: dict[str, Any] = {}
         self.peers: dict[str, Any] = {}  # peer region -> its current Kinesis client
+        self._peer_contexts: dict[str, Any] = {}  # peer region -> what closes its current client
+        self._retired: list[tuple[float, Any]] = []  # (close after, context) of replaced peer clients
         self._peer_digests: dict[str, bytes] = {}
         self._peer_refreshed: dict[str, float] = {}
         self._peer_locks: dict[str, asyncio.Lock] = {}
+        # id(client) -> (the region it talks to, its deadline per call)
+        self._endpoints: dict[int, tuple[str, float]] = {}
+        self._skew_sampled: dict[str, float] = {}
+        self._skew_logged: dict[str, float] = {}
 
     def _config(self, proxy: str | None = None, timeout_s: float | None = None, pool: int = 64) -> AioConfig:
         tuning = self.settings.topology.tuning
@@ -69,29 +85,50 @@ class Aws:
 
     async def __aenter__(self) -> Aws:
         me = self.settings.me
+        region = self.settings.region
+        tuning = self.settings.topology.tuning
         for service in LOCAL_SERVICES:
             self.local[service] = await self._stack.enter_async_context(
                 self._session.create_client(
                     service,  # type: ignore[call-overload]
-                    region_name=self.settings.region,
+                    region_name=region,
                     endpoint_url=me.endpoint_url,
                     config=self._config(),
                 )
             )
+            self._endpoints[id(self.local[service])] = (region, tuning.aws_timeout_s)
         # Lease calls on connections of their own, each within half the failover time: a renewal
         # never waits behind apply traffic, nor longer than the lease can afford.
+        lease_deadline_s = tuning.failover_s / 2
         self.local[LEASES] = await self._stack.enter_async_context(
             self._session.create_client(
                 "dynamodb",
-                region_name=self.settings.region,
+                region_name=region,
                 endpoint_url=me.endpoint_url,
-                config=self._config(timeout_s=self.settings.topology.tuning.failover_s / 2, pool=16),
+                config=self._config(timeout_s=lease_deadline_s, pool=16),
             )
         )
+        self._endpoints[id(self.local[LEASES])] = (region, lease_deadline_s)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._stack.aclose()
+        try:
+            await self.close_retired(everything=True)
+            for context in self._peer_contexts.values():
+                await context.__aexit__(None, None, None)
+            self._peer_contexts.clear()
+        finally:
+            await self._stack.aclose()
+
+    async def close_retired(self, everything: bool = False) -> int:
+        """Close the clients of replaced key pairs whose calls have all ended: every call ends
+        within its deadline, so a client retired that long ago has none left. Returns how many."""
+        now = time.monotonic()
+        due = [(at, context) for at, context in self._retired if everything or at <= now]
+        self._retired = [(at, context) for at, context in self._retired if not (everything or at <= now)]
+        for _, context in due:
+            await context.__aexit__(None, None, None)
+        return len(due)
 
     async def open_peer(self, peer: str) -> Any:
         """Kinesis client for `peer`, with its proxy: with the instance's own role in the same
@@ -119,25 +156,32 @@ class Aws:
         return client
 
     async def _peer_keys(self, peer: str) -> tuple[str, str]:
+        """Both halves read with decryption: SSM ignores it for a String and needs it for a
+        SecureString, and operators store the access key id either way."""
         credentials = self.settings.topology.regions[peer].credentials
         assert credentials is not None
         access_name, secret_name = peer_credential_names(credentials.ssm_prefix)
-        return (await self.read_parameter(access_name, decrypt=False),
+        return (await self.read_parameter(access_name, decrypt=True),
                 await self.read_parameter(secret_name, decrypt=True))
 
     async def _peer_client(self, peer: str, keys: tuple[str, str] | None) -> Any:
         """A Kinesis client for `peer`: with `keys`, or (None) the default chain, as local clients."""
         target = self.settings.topology.regions[peer]
         explicit = {"aws_access_key_id": keys[0], "aws_secret_access_key": keys[1]} if keys else {}
-        client = await self._stack.enter_async_context(
-            self._session.create_client(
-                "kinesis",  # type: ignore[call-overload]
-                region_name=peer,
-                endpoint_url=target.endpoint_url,
-                config=self._config(target.proxy),
-                **explicit,
-            )
+        context = self._session.create_client(
+            "kinesis",  # type: ignore[call-overload]
+            region_name=peer,
+            endpoint_url=target.endpoint_url,
+            config=self._config(target.proxy),
+            **explicit,
         )
+        client = await context.__aenter__()
+        self._endpoints[id(client)] = (peer, self.settings.topology.tuning.aws_timeout_s)
+        replaced = self._peer_contexts.get(peer)
+        if replaced is not None:
+            # Calls already under way finish with it, each within its deadline; then it is closed.
+            self._retired.append((time.monotonic() + self.settings.topology.tuning.aws_timeout_s + 1.0, replaced))
+        self._peer_contexts[peer] = context
         self.peers[peer] = client
         if keys:
             # Only a digest is kept, to tell whether SSM holds another pair; never the keys themselves.
@@ -186,13 +230,68 @@ class Aws:
             raise StartupError(f"SSM parameter {name} in {self.settings.region} is empty")
         return value
 
+    def deadline_s(self, client: Any) -> float:
+        """How long one call on `client` may take, from asking for a connection to the answer."""
+        return self._endpoints.get(id(client), (self.settings.region, self.settings.topology.tuning.aws_timeout_s))[1]
+
     async def call(self, service: str, operation: str, *, client: Any = None, **kwargs: Any) -> Any:
-        """Call `operation` on the local `service` client (or `client`); raise ReplicatorError."""
+        """Call `operation` on the local `service` client (or `client`), ended within the client's
+        deadline whatever the network does; raise ReplicatorError (Unreachable past the deadline)."""
         target = client if client is not None else self.local[service]
+        region, deadline_s = self._endpoints.get(id(target), (self.settings.region,
+                                                               self.settings.topology.tuning.aws_timeout_s))
         started = time.monotonic()
         try:
-            return await getattr(target, operation)(**kwargs)
+            async with asyncio.timeout(deadline_s):
+                result = await getattr(target, operation)(**kwargs)
+        except TimeoutError:
+            raise Unreachable(f"{region} {service} {operation}: no answer within {deadline_s:g}s") from None
         except AWS_ERRORS as exc:
-            raise classify(exc) from exc
+            error = classify(exc)
+            if isinstance(error, ClockSkew):
+                self._clock_skewed(region, service, error)
+            raise error from exc
         finally:
             self.metrics.aws_request.labels(service, operation).observe(time.monotonic() - started)
+        if started - self._skew_sampled.get(region, -SKEW_SAMPLE_S) >= SKEW_SAMPLE_S and isinstance(result, dict):
+            self._sample_skew(region, service, result)
+        return result
+
+    def _sample_skew(self, region: str, service: str, result: dict[str, Any]) -> None:
+        skew_s = server_skew_s(result)
+        if skew_s is None:
+            return
+        self._skew_sampled[region] = time.monotonic()
+        self.metrics.clock_skew.labels(region).set(skew_s)
+        if abs(skew_s) >= SKEW_LOG_S:
+            self._log_skew(region, service, skew_s, refused=False)
+
+    def _clock_skewed(self, region: str, service: str, error: ClockSkew) -> None:
+        """A request refused for its signing time: the metric, and one line a minute per region."""
+        self.metrics.errors.labels("aws", error.kind).inc()
+        if error.skew_s is not None:
+            self._skew_sampled[region] = time.monotonic()
+            self.metrics.clock_skew.labels(region).set(error.skew_s)
+        self._log_skew(region, service, error.skew_s, refused=True)
+
+    def _log_skew(self, region: str, service: str, skew_s: float | None, refused: bool) -> None:
+        now = time.monotonic()
+        if now - self._skew_logged.get(region, -SKEW_LOG_S) < SKEW_LOG_S:
+            return
+        self._skew_logged[region] = now
+        endpoint = self.endpoint_of(region, service)
+        measured = f"{skew_s:+.0f}s" if skew_s is not None else "unknown (no Date header)"
+        if refused:
+            log.error("clock skew: %s refused a request signed by this host's clock (its clock minus ours: "
+                      "%s); AWS accepts 15 minutes at most. Fix the host's time (chrony/NTP); calls are "
+                      "retried until then", endpoint, measured)
+        else:
+            log.warning("clock skew: %s's clock minus this host's is %s; fix the host's time (chrony/NTP) "
+                        "before AWS refuses its signatures (15 minutes)", endpoint, measured)
+
+    def endpoint_of(self, region: str, service: str) -> str:
+        """The endpoint a service of `region` is reached at, for log lines."""
+        target = self.settings.topology.regions.get(region)
+        if target is not None and target.endpoint_url:
+            return f"{service} {redact_url(target.endpoint_url)} ({region})"
+        return f"{service}.{region} (AWS)"

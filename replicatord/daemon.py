@@ -16,7 +16,6 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -28,10 +27,11 @@ from replicatord.config import Settings
 from replicatord.dlq import MAX_BODY_BYTES, DeadLetterQueue
 from replicatord.errors import AccessDenied, NotFound, ReplicatorError
 from replicatord.forwarder import Forwarder
-from replicatord.leases import LEASE_TABLE_KEY, LEGACY_LEASE_KEY, LeaseTable
+from replicatord.leases import LEASE_TABLE_KEY, LEGACY_LEASE_KEY, LeaseTable, followed_streams, note_followed
 from replicatord.metrics import Metrics
 from replicatord.pipeline import Pipeline
-from replicatord.shards import RELEASE_TIMEOUT_S, DynamoStreamSource, KinesisSource, poll
+from replicatord.shards import RELEASE_TIMEOUT_S, DynamoStreamSource, KinesisSource, poll, run_together
+from replicatord.streams import Forwarding
 from replicatord.tombstones import TombstoneTable
 
 log = logging.getLogger(__name__)
@@ -82,16 +82,6 @@ def ignore_environment_proxies() -> list[str]:
     return dropped
 
 
-@dataclass(frozen=True)
-class PairPlan:
-    name: str
-    table: str
-    stream_arn: str
-    kinesis_stream: str
-    kinesis_created: str
-    kinesis_retention_s: float
-
-
 class Daemon:
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
@@ -100,7 +90,7 @@ class Daemon:
         self.aws = Aws(settings, self.metrics)
         self.pipelines: list[Pipeline] = []
         self.appliers: list[Applier] = []
-        self.forwarding: dict[str, tuple[Pipeline, str]] = {}  # pair -> (forwarder pipeline, table)
+        self.forwarding: dict[str, Forwarding] = {}  # pair -> its forwarder pipelines
         self._tasks: list[asyncio.Task[None]] = []
         self._running: dict[Pipeline, asyncio.Task[None]] = {}
         self._group: asyncio.TaskGroup | None = None
@@ -145,22 +135,8 @@ class Daemon:
         for peer in s.peers:
             await self.aws.open_peer(peer)
         for pair in topology.pairs:
-            plan = await self._plan_pair(pair.name, pair.tables[s.region], pair.streams[s.region])
-            peers = {peer: pair.streams[peer] for peer in s.peers}
-            applier = Applier(self.aws, pair.name, plan.table, me.stats_table, tombstones, topology.conflict,
-                              topology.tuning, dlq, self.metrics, self.stop)
-            forwarder = Forwarder(self.aws, pair.name, peers, tombstones, topology.conflict,
-                                  topology.tuning, dlq, applier, self.metrics, self.stop)
-            forwarding = Pipeline(pair.name, DynamoStreamSource(self.aws, plan.table, plan.stream_arn), forwarder,
-                                  leases, s.instance_id, topology.tuning, self.metrics, self.stop)
-            forwarding.region = s.region
-            self.forwarding[pair.name] = (forwarding, plan.table)
-            self.pipelines.append(forwarding)
-            kinesis = KinesisSource(self.aws, plan.kinesis_stream, plan.kinesis_created, plan.kinesis_retention_s)
-            applying = Pipeline(pair.name, kinesis, applier, leases, s.instance_id, topology.tuning, self.metrics,
-                                self.stop)
-            self.pipelines.append(applying)
-            self.appliers.append(applier)
+            await self._start_pair(pair.name, pair.tables[s.region], pair.streams[s.region],
+                                   {peer: pair.streams[peer] for peer in s.peers}, leases, tombstones, dlq)
         for peer in s.peers:
             # Not fatal: the peer may come back; readiness and the metric say it is not there.
             self.metrics.peer_reachable.labels(peer).set(0)
@@ -231,29 +207,61 @@ class Daemon:
             raise StartupError(f"{what} {table!r} in {self.settings.region}: {exc}") from None
         return dict(result["Table"])
 
-    async def _plan_pair(self, pair: str, table: str, kinesis_stream: str) -> PairPlan:
-        desc = await self._require_table(table, f"pair {pair}: table")
-        spec = desc.get("StreamSpecification") or {}
-        arn = desc.get("LatestStreamArn")
-        if not spec.get("StreamEnabled") or not arn:
-            raise StartupError(f"pair {pair}: table {table!r} has no DynamoDB stream enabled (NEW_AND_OLD_IMAGES)")
-        if spec.get("StreamViewType") != "NEW_AND_OLD_IMAGES":
-            raise StartupError(
-                f"pair {pair}: table {table!r} stream view type is {spec.get('StreamViewType')}, "
-                "replicatord needs NEW_AND_OLD_IMAGES"
-            )
+    async def _start_pair(self, pair: str, table: str, kinesis_stream: str, peers: dict[str, str],
+                          leases: LeaseTable, tombstones: TombstoneTable, dlq: DeadLetterQueue) -> None:
+        """The pair's applier and forwarder pipelines (docs/streams.md: which streams, from where)."""
+        s = self.settings
+        topology = s.topology
+        await self._require_table(table, f"pair {pair}: table")
+        kinesis = await self._kinesis_source(pair, kinesis_stream)
+        applier = Applier(self.aws, pair, table, s.me.stats_table, tombstones, topology.conflict, topology.tuning,
+                          dlq, self.metrics, self.stop)
+        forwarder = Forwarder(self.aws, pair, peers, tombstones, topology.conflict, topology.tuning, dlq, applier,
+                              self.metrics, self.stop)
+
+        def build(arn: str, start: str, retiring: bool) -> Pipeline:
+            pipeline = Pipeline(pair, DynamoStreamSource(self.aws, table, arn), forwarder, leases, s.instance_id,
+                                topology.tuning, self.metrics, self.stop, initial_position=start)
+            pipeline.region = s.region
+            pipeline.retiring = retiring
+            return pipeline
+
+        forwarding = Forwarding(self.aws, leases, pair, table, build, self.metrics)
         try:
-            summary = await self.aws.call("kinesis", "describe_stream_summary", StreamName=kinesis_stream)
+            self.pipelines += await forwarding.startup(topology.tuning.initial_position)
+            applier_start = await self._applier_start(pair, kinesis, leases)
+        except ReplicatorError as exc:
+            raise StartupError(f"pair {pair}: the streams of table {table!r}: {exc}") from None
+        self.forwarding[pair] = forwarding
+        self.pipelines.append(Pipeline(pair, kinesis, applier, leases, s.instance_id, topology.tuning, self.metrics,
+                                       self.stop, initial_position=applier_start))
+        self.appliers.append(applier)
+
+    async def _kinesis_source(self, pair: str, stream: str) -> KinesisSource:
+        try:
+            summary = await self.aws.call("kinesis", "describe_stream_summary", StreamName=stream)
         except NotFound:
             raise StartupError(
-                f"pair {pair}: Kinesis stream {kinesis_stream!r} not found in {self.settings.region} "
+                f"pair {pair}: Kinesis stream {stream!r} not found in {self.settings.region} "
                 "(run 'replicatord provision')"
             ) from None
         except ReplicatorError as exc:
-            raise StartupError(f"pair {pair}: Kinesis stream {kinesis_stream!r}: {exc}") from None
+            raise StartupError(f"pair {pair}: Kinesis stream {stream!r}: {exc}") from None
         created = summary["StreamDescriptionSummary"]["StreamCreationTimestamp"]
         hours = summary["StreamDescriptionSummary"].get("RetentionPeriodHours") or 24
-        return PairPlan(pair, table, str(arn), kinesis_stream, f"{created.timestamp():.0f}", float(hours) * 3600)
+        return KinesisSource(self.aws, stream, f"{created.timestamp():.0f}", float(hours) * 3600)
+
+    async def _applier_start(self, pair: str, kinesis: KinesisSource, leases: LeaseTable) -> str:
+        """Where the applier starts on shards without a lease: `initial_position` on a first start,
+        the oldest record on a Kinesis stream created again since the last run."""
+        created = kinesis.stream.rsplit("@", 1)[1]
+        followed = await followed_streams(self.aws, leases.table, pair, "applier", kinesis.name, leases.client)
+        await note_followed(self.aws, leases.table, pair, "applier", kinesis.name, created, leases.client)
+        if followed and created not in followed:
+            log.warning("pair %s: Kinesis stream %s was created again since the last run: reading it from its "
+                        "oldest record", pair, kinesis.name)
+            return "trim_horizon"
+        return self.settings.topology.tuning.initial_position
 
     # -- background duties -------------------------------------------------------------------
 
@@ -264,43 +272,21 @@ class Daemon:
         self._running[pipeline] = task
 
     async def _follow_streams(self) -> None:
-        """A table's stream disabled and enabled again is a new stream (a new LatestStreamArn):
-        start forwarding it from its oldest record, and let the old stream's pipeline read its
-        shards to their end and stop. A pipeline that stopped leaves readiness."""
-        tuning = self.settings.topology.tuning
-        disabled: set[str] = set()
-        async for _ in poll(tuning.shard_refresh_s, self.stop):
+        """Every `shard_refresh_s`: each pair's table stream (a stream disabled and enabled again is
+        a new stream: streams.Forwarding), and pipelines that stopped leave readiness."""
+        async for _ in poll(self.settings.topology.tuning.shard_refresh_s, self.stop):
             for pipeline, task in list(self._running.items()):
                 if task.done() and pipeline in self.pipelines:
                     self.pipelines.remove(pipeline)
-            for pair, (current, table) in list(self.forwarding.items()):
+            for pair, forwarding in self.forwarding.items():
                 try:
-                    desc = await self.aws.call("dynamodb", "describe_table", TableName=table)
+                    started = await forwarding.check()
                 except ReplicatorError as exc:
-                    log.warning("pair %s: cannot describe table %s: %s", pair, table, exc)
+                    log.warning("pair %s: cannot describe table %s: %s", pair, forwarding.table, exc)
                     continue
-                arn = desc["Table"].get("LatestStreamArn")
-                enabled = bool((desc["Table"].get("StreamSpecification") or {}).get("StreamEnabled"))
-                if not enabled:
-                    if pair not in disabled:
-                        disabled.add(pair)
-                        log.error("pair %s: the stream of table %s is disabled: its changes are not captured "
-                                  "until it is enabled again (NEW_AND_OLD_IMAGES)", pair, table)
-                    continue
-                disabled.discard(pair)
-                source = current.source
-                if not arn or not isinstance(source, DynamoStreamSource) or arn == source.arn:
-                    continue
-                log.warning("pair %s: table %s has a new stream %s (disabled and enabled again): forwarding it "
-                            "from its oldest record; the old stream is read to its end", pair, table, arn)
-                current.retiring = True
-                new = Pipeline(pair, DynamoStreamSource(self.aws, table, str(arn)), current.processor,
-                               current.leases, self.settings.instance_id, tuning, self.metrics, self.stop,
-                               initial_position="trim_horizon")
-                new.region = self.settings.region
-                self.forwarding[pair] = (new, table)
-                self.pipelines.append(new)
-                self._start_pipeline(new)
+                for pipeline in started:
+                    self.pipelines.append(pipeline)
+                    self._start_pipeline(pipeline)
 
     async def _watchdog(self) -> None:
         usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
@@ -311,28 +297,33 @@ class Daemon:
 
     async def _probe_peers(self) -> None:
         """Keep `replicatord_peer_reachable` true even when nothing is being forwarded, and
-        `replicatord_dead_letters` current."""
-        topology = self.settings.topology
-        async for _ in poll(topology.tuning.shard_refresh_s, self.stop):
-            try:
-                attributes = await self.aws.call("sqs", "get_queue_attributes", QueueUrl=self.queue_url,
-                                                 AttributeNames=["ApproximateNumberOfMessages"])
-                self.metrics.dead_letters.set(int(attributes["Attributes"]["ApproximateNumberOfMessages"]))
-            except (ReplicatorError, KeyError, ValueError) as exc:
-                log.debug("cannot read the dead-letter queue's depth: %s", exc)
-            for peer in list(self.aws.peers):
-                stream = topology.pairs[0].streams[peer]
-                try:
-                    await self.aws.call("kinesis", "describe_stream_summary", client=self.aws.peers[peer],
-                                        StreamName=stream)
-                except ReplicatorError as exc:
-                    self.metrics.peer_reachable.labels(peer).set(0)
-                    self.metrics.errors.labels("forwarder", exc.kind).inc()
-                    log.warning("peer %s: Kinesis stream %s not reachable: %s", peer, stream, exc)
-                    if isinstance(exc, AccessDenied):
-                        await self.aws.refresh_peer(peer)
-                else:
-                    self.metrics.peer_reachable.labels(peer).set(1)
+        `replicatord_dead_letters` current. Every call ends within `aws_timeout_s`, and the probes
+        come that often: a border that goes silent shows within twice `aws_timeout_s`."""
+        tuning = self.settings.topology.tuning
+        async for _ in poll(min(tuning.shard_refresh_s, tuning.aws_timeout_s), self.stop):
+            await run_together([self._read_queue_depth(), *(self._probe(peer) for peer in list(self.aws.peers))])
+            await self.aws.close_retired()
+
+    async def _read_queue_depth(self) -> None:
+        try:
+            attributes = await self.aws.call("sqs", "get_queue_attributes", QueueUrl=self.queue_url,
+                                             AttributeNames=["ApproximateNumberOfMessages"])
+            self.metrics.dead_letters.set(int(attributes["Attributes"]["ApproximateNumberOfMessages"]))
+        except (ReplicatorError, KeyError, ValueError) as exc:
+            log.debug("cannot read the dead-letter queue's depth: %s", exc)
+
+    async def _probe(self, peer: str) -> None:
+        stream = self.settings.topology.pairs[0].streams[peer]
+        try:
+            await self.aws.call("kinesis", "describe_stream_summary", client=self.aws.peers[peer], StreamName=stream)
+        except ReplicatorError as exc:
+            self.metrics.peer_reachable.labels(peer).set(0)
+            self.metrics.errors.labels("forwarder", exc.kind).inc()
+            log.warning("peer %s: Kinesis stream %s not reachable: %s", peer, stream, exc)
+            if isinstance(exc, AccessDenied):
+                await self.aws.refresh_peer(peer)
+        else:
+            self.metrics.peer_reachable.labels(peer).set(1)
 
     # -- HTTP: /metrics, /healthz, /readyz ---------------------------------------------------
 
@@ -343,6 +334,9 @@ class Daemon:
         stale = [p.name for p in self.pipelines if not p.healthy(now)]
         if stale:
             return False, "leases not renewed: " + ", ".join(stale)
+        problems = [f"pair {pair}: {f.problem}" for pair, f in self.forwarding.items() if f.problem]
+        if problems:
+            return False, "; ".join(problems)
         held = sum(p.held for p in self.pipelines)
         if not held:
             return False, "standby: no shard leases"

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
+import time
+from collections.abc import Mapping
+from typing import Any
 
 import aiohttp
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, HTTPClientError, ParamValidationError
@@ -59,6 +63,20 @@ class Unreachable(ReplicatorError):
     kind = "unreachable"
 
 
+class ClockSkew(ReplicatorError):
+    """The request's signing time is outside what AWS accepts (SigV4: 15 minutes): this host's
+    clock is off. No record's fault and no key's: retried with backoff until the clock is
+    fixed, never a reason to dead-letter a record or to read the peer's key pair again.
+    `skew_s`: the endpoint's clock minus ours, from its Date header, when known."""
+
+    retriable = True
+    kind = "clock_skew"
+
+    def __init__(self, message: str, skew_s: float | None = None) -> None:
+        super().__init__(message)
+        self.skew_s = skew_s
+
+
 class InvalidRequest(ReplicatorError):
     kind = "invalid_request"
 
@@ -84,6 +102,14 @@ class LeaseLost(ReplicatorError):
 
     kind = "lease_lost"
 
+
+# What AWS answers a request signed too far from its clock: some services have a code of its own,
+# the others (DynamoDB, Kinesis, SSM: InvalidSignatureException; the Query services:
+# SignatureDoesNotMatch) say it in the message of a signature error.
+_SKEW_CODES = frozenset({"RequestTimeTooSkewed", "RequestExpired", "RequestInTheFuture"})
+_SKEW_SIGNATURE_CODES = frozenset({"InvalidSignatureException", "SignatureDoesNotMatch", "AuthFailure"})
+_SKEW_MESSAGES = ("signature expired", "signature not yet current", "request has expired",
+                  "request time too skewed", "request is expired")
 
 _CODES: dict[str, type[ReplicatorError]] = {
     "ProvisionedThroughputExceededException": Throttled,
@@ -132,6 +158,27 @@ _CODES: dict[str, type[ReplicatorError]] = {
 }
 
 
+def is_clock_skew(code: str, message: str) -> bool:
+    """Whether an error answer says the request's signing time was refused (not the key)."""
+    if code in _SKEW_CODES:
+        return True
+    return code in _SKEW_SIGNATURE_CODES and any(text in message.lower() for text in _SKEW_MESSAGES)
+
+
+def server_skew_s(response: Mapping[str, Any], now: float | None = None) -> float | None:
+    """The endpoint's clock minus ours (seconds; whole-second precision), from the answer's Date
+    header; None if it has none."""
+    headers = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}) or {}
+    date = headers.get("date")
+    if not isinstance(date, str):
+        return None
+    try:
+        server = email.utils.parsedate_to_datetime(date).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+    return server - (time.time() if now is None else now)
+
+
 def classify(exc: BaseException) -> ReplicatorError:
     """Map an exception raised by an AWS call to its typed error (the cause is kept)."""
     if isinstance(exc, ReplicatorError):
@@ -140,6 +187,10 @@ def classify(exc: BaseException) -> ReplicatorError:
         error = exc.response.get("Error", {})
         code = str(error.get("Code", ""))
         message = str(error.get("Message", "")) or code
+        if is_clock_skew(code, message):
+            skewed = ClockSkew(f"{code}: {message}", server_skew_s(exc.response))
+            skewed.__cause__ = exc
+            return skewed
         cls = _CODES.get(code)
         if cls is None and code == "TransactionCanceledException":
             reasons = exc.response.get("CancellationReasons") or []

@@ -16,10 +16,11 @@ from decimal import Decimal
 from typing import Any, Protocol
 
 from replicatord.aws import Aws
+from replicatord.backoff import backoff_s, sleep_or_stop
 from replicatord.config import Conflict, Tuning
 from replicatord.conflict import DELETE, PUT, Item, Version, being_deleted, delete_version, version_of, without_marker
 from replicatord.dlq import DeadLetterQueue
-from replicatord.errors import AccessDenied, NotFound, ReplicatorError, Throttled, Transient, Unreachable
+from replicatord.errors import AccessDenied, ClockSkew, NotFound, ReplicatorError, Throttled, Transient, Unreachable
 from replicatord.metrics import Metrics
 from replicatord.records import (
     Entry,
@@ -38,9 +39,7 @@ from replicatord.retry import (
     Letter,
     RecordRetry,
     Verdict,
-    backoff_s,
     reason_of,
-    sleep_or_stop,
     verdict,
 )
 from replicatord.shards import run_together
@@ -204,8 +203,9 @@ def plan_page(records: list[dict[str, Any]], pair: str, region: str, conflict: C
 
 
 # Failures of a whole PutRecords call that concern the peer, not the records in it: retried
-# until they pass (an outage, a revoked key or a missing stream is fixed there, not here).
-PEER_TROUBLE = (Throttled, Transient, Unreachable, AccessDenied, NotFound)
+# until they pass (an outage, a revoked key or a missing stream is fixed there, not here; a
+# skewed clock is fixed on this host). Only AccessDenied makes the forwarder read SSM again.
+PEER_TROUBLE = (Throttled, Transient, Unreachable, AccessDenied, NotFound, ClockSkew)
 
 
 class Forwarder:

@@ -425,6 +425,28 @@ def _advance_update(lease: Lease) -> dict[str, Any]:
     }
 
 
+# --- streams followed (what a restart needs to know of the last run) ------------------------------
+
+def followed_key(pair: str, pipeline: str, name: str) -> dict[str, Any]:
+    """The row that lists which incarnations of a stream (DynamoDB stream labels, Kinesis creation
+    times) a pair's pipeline has followed here: a stream found at startup that is not in it is
+    new since the last run, and is read from its oldest record whatever `initial_position` says."""
+    return {STREAM_KEY: {"S": pause_partition(pair)}, SHARD_KEY: {"S": f"followed/{pipeline}/{name}"}}
+
+
+async def followed_streams(aws: Aws, table: str, pair: str, pipeline: str, name: str,
+                           client: Any = None) -> set[str]:
+    result = await aws.call("dynamodb", "get_item", client=client, TableName=table,
+                            Key=followed_key(pair, pipeline, name), ConsistentRead=True)
+    return set(result.get("Item", {}).get("incarnations", {}).get("SS", []))
+
+
+async def note_followed(aws: Aws, table: str, pair: str, pipeline: str, name: str, incarnation: str,
+                        client: Any = None) -> None:
+    await aws.call("dynamodb", "update_item", client=client, TableName=table, Key=followed_key(pair, pipeline, name),
+                   UpdateExpression="ADD incarnations :i", ExpressionAttributeValues={":i": {"SS": [incarnation]}})
+
+
 # --- pauses (replicatord pause / resume) -----------------------------------------------------------
 
 def pause_partition(pair: str) -> str:

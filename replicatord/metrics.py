@@ -138,6 +138,18 @@ class Metrics:
             "replicatord_paused", "1 while forwarding in this direction is paused (replicatord pause)",
             ["pair", "direction"], registry=r,
         )
+        self.stream_problem = Gauge(
+            "replicatord_stream_problem",
+            "1 while the pair's table in this region has no stream the forwarder can use (disabled, or a view "
+            "type other than NEW_AND_OLD_IMAGES): its changes are not replicated",
+            ["pair"], registry=r,
+        )
+        self.clock_skew = Gauge(
+            "replicatord_clock_skew_seconds",
+            "The region's clock minus this host's, from the Date header of its answers (sampled; whole "
+            "seconds); AWS refuses requests signed 15 minutes off",
+            ["region"], registry=r,
+        )
         self.dead_letters = Gauge(
             "replicatord_dead_letters", "Messages in this region's dead-letter queue (SQS's approximate count)",
             registry=r,

@@ -5,7 +5,8 @@ Both pipelines run every per-record step (an apply, a repair, a stamp, a tombsto
 
 - the record itself is refused (a RecordError, a request DynamoDB calls invalid, an exception of
   our own code that this record triggers): dead-lettered at once, with the reason;
-- the service is passing through trouble (throttling, 5xx, unreachable): retried with capped
+- the service is passing through trouble (throttling, 5xx, unreachable), or this host's clock is
+  too far off for AWS to accept its signatures (clock skew): retried with capped
   backoff for as long as it lasts. The record is not at fault, and the stall shows in
   `replicatord_iterator_age_seconds` and `replicatord_errors_total`;
 - anything else (an unknown error code, access denied, a missing resource, an item that keeps
@@ -22,15 +23,16 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+from replicatord.backoff import backoff_s, sleep_or_stop
 from replicatord.config import Tuning
 from replicatord.dlq import DeadLetterQueue, stream_record_text
 from replicatord.errors import (
+    ClockSkew,
     InvalidRequest,
     LeaseLost,
     ReplicatorError,
@@ -51,21 +53,6 @@ class Abandoned(Exception):
     """Shutdown came while a record was still failing: it is left to be replayed from the checkpoint."""
 
 
-def backoff_s(attempt: int, tuning: Tuning) -> float:
-    """Capped exponential backoff with full jitter."""
-    cap = min(tuning.backoff_max_ms, tuning.backoff_base_ms * 2 ** min(attempt, 20)) / 1000
-    return random.uniform(cap / 2, cap)
-
-
-async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
-    """Wait `seconds` or until `stop` is set; True if stopping."""
-    try:
-        await asyncio.wait_for(stop.wait(), seconds)
-    except TimeoutError:
-        return False
-    return True
-
-
 class Verdict(enum.Enum):
     RETRY = "retry"
     DEAD_LETTER = "dead_letter"
@@ -78,8 +65,9 @@ def verdict(error: BaseException, attempts: int, age_s: float, tuning: Tuning) -
         return Verdict.DEAD_LETTER  # the record is refused: no retry can change that
     if not isinstance(error, ReplicatorError):
         return Verdict.DEAD_LETTER  # our code fails on this record: it would fail the same again
-    if isinstance(error, Throttled | Transient | Unreachable):
-        return Verdict.RETRY  # the service's trouble, not the record's: wait until it passes
+    if isinstance(error, Throttled | Transient | Unreachable | ClockSkew):
+        # The service's trouble (or this host's clock), not the record's: wait until it passes.
+        return Verdict.RETRY
     if attempts >= tuning.max_record_attempts:
         return Verdict.DEAD_LETTER
     if tuning.max_record_age_s is not None and age_s >= tuning.max_record_age_s:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 from replicatord.aws import Aws
+from replicatord.backoff import backoff_s, sleep_or_stop
 from replicatord.config import Tuning
 from replicatord.errors import (
     ExpiredIterator,
@@ -31,13 +32,19 @@ from replicatord.errors import (
 from replicatord.leases import HeldLease, LeaseTable, latest_since, shard_of
 from replicatord.metrics import Metrics
 from replicatord.records import creation_seconds
-from replicatord.retry import Abandoned, backoff_s, sleep_or_stop
+from replicatord.retry import Abandoned
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 RELEASE_TIMEOUT_S = 2.0
+# Kinesis, from a checkpoint past its retention: GetShardIterator(AFTER_SEQUENCE_NUMBER) succeeds
+# and GetRecords answers empty pages with MillisBehindLatest stuck at the retention (reported by
+# Kinesis consumers; docs/aws-behaviour.md). An empty page this close to the retention, before
+# any record came from the checkpoint, that many times in a row, means the checkpoint was trimmed.
+TRIM_EDGE = 0.95
+TRIM_EDGE_PAGES = 2
 # A shard that found nothing for this long is read every `idle_poll_interval_ms`.
 IDLE_AFTER_S = 10.0
 
@@ -98,6 +105,11 @@ class StreamSource(Protocol):
 
     async def list_shards(self) -> list[Shard]: ...
     async def get_iterator(self, shard_id: str, after: str | None) -> str: ...
+
+    async def get_iterator_since(self, shard_id: str, since_s: float) -> str:
+        """An iterator at the first record written at or after `since_s`, or before it where the
+        stream cannot position by time (the reader skips what is older)."""
+        ...
     async def get_records(self, iterator: str, limit: int) -> Page: ...
     def sequence_number(self, record: dict[str, Any]) -> str: ...
     def created_s(self, record: dict[str, Any]) -> float: ...
@@ -140,6 +152,10 @@ class DynamoStreamSource:
             kwargs.update(ShardIteratorType="TRIM_HORIZON")
         result = await self.aws.call("dynamodbstreams", "get_shard_iterator", **kwargs)
         return str(result["ShardIterator"])
+
+    async def get_iterator_since(self, shard_id: str, since_s: float) -> str:
+        # DynamoDB Streams has no AT_TIMESTAMP: from the oldest record (at most 24 hours of them).
+        return await self.get_iterator(shard_id, None)
 
     async def get_records(self, iterator: str, limit: int) -> Page:
         result = await self.aws.call(
@@ -191,6 +207,13 @@ class KinesisSource:
         result = await self.aws.call("kinesis", "get_shard_iterator", **kwargs)
         return str(result["ShardIterator"])
 
+    async def get_iterator_since(self, shard_id: str, since_s: float) -> str:
+        # AT_TIMESTAMP: the first record whose ApproximateArrivalTimestamp is at or after it, so a
+        # stream kept for days is not read from its oldest record to skip it.
+        result = await self.aws.call("kinesis", "get_shard_iterator", StreamName=self.name, ShardId=shard_id,
+                                     ShardIteratorType="AT_TIMESTAMP", Timestamp=since_s)
+        return str(result["ShardIterator"])
+
     async def get_records(self, iterator: str, limit: int) -> Page:
         result = await self.aws.call("kinesis", "get_records", ShardIterator=iterator, Limit=limit)
         behind_s = float(result.get("MillisBehindLatest") or 0) / 1000
@@ -201,6 +224,15 @@ class KinesisSource:
 
     def created_s(self, record: dict[str, Any]) -> float:
         return float(creation_seconds(record["ApproximateArrivalTimestamp"]))
+
+
+async def iterator_after(source: StreamSource, shard_id: str, checkpoint: str | None) -> str:
+    """An iterator at the first record past `checkpoint`: a sequence number, a `latest` start's
+    marker (records written from that second on), or None (the oldest record)."""
+    since = latest_since(checkpoint)
+    if since is not None:
+        return await source.get_iterator_since(shard_id, since)
+    return await source.get_iterator(shard_id, checkpoint)
 
 
 class Processor(Protocol):
@@ -270,6 +302,9 @@ class ShardWorker:
         self._page_keys: Callable[[list[dict[str, Any]]], frozenset[str] | None] | None = getattr(
             processor, "page_keys", None)
         self._in_flight: deque[tuple[asyncio.Task[None], frozenset[str]]] = deque()
+        # Reading from a Kinesis checkpoint not known to be in the stream still: empty pages at
+        # the retention's edge, counted (TRIM_EDGE), until a record comes.
+        self._edge_pages: int | None = None
 
     async def run(self) -> bool:
         """Read the shard until stopped or its end; True if it was read to the end.
@@ -351,6 +386,9 @@ class ShardWorker:
                     failures = 0
                     if page.records:
                         self._empty_since = None
+                        self._edge_pages = None
+                    elif self._at_trimmed_edge(page):
+                        trimmed, iterator, ahead = True, None, _dropped(ahead)
                     else:
                         self._empty_since = self._empty_since or time.monotonic()
                         await self._flush_checkpoint()
@@ -453,8 +491,7 @@ class ShardWorker:
         while not self.running.is_set() and not self.stop.is_set():
             checkpoint = self.held.lease.checkpoint
             try:
-                iterator = await self.source.get_iterator(
-                    self.shard_id, None if latest_since(checkpoint) is not None else checkpoint)
+                iterator = await iterator_after(self.source, self.shard_id, checkpoint)
                 page = await self.source.get_records(iterator, 1)
                 self.metrics.set_pending(self.pair, self.source.pipeline, self.shard_id,
                                          self.source.created_s(page.records[0]) if page.records else None)
@@ -486,8 +523,10 @@ class ShardWorker:
         oldest record left (Kinesis), look first: if the oldest record left is past the
         checkpoint, the checkpoint's record and maybe others after it were trimmed."""
         checkpoint = self.held.lease.checkpoint
-        if latest_since(checkpoint) is not None:
-            return await self.source.get_iterator(self.shard_id, None)  # from the oldest, skipping
+        self._edge_pages = None
+        since = latest_since(checkpoint)
+        if since is not None:
+            return await self.source.get_iterator_since(self.shard_id, since)
         if checkpoint is None or not self.source.silent_trim:
             return await self.source.get_iterator(self.shard_id, checkpoint)
         oldest = await self.source.get_iterator(self.shard_id, None)
@@ -495,7 +534,35 @@ class ShardWorker:
         if page.records and _after(self.source.sequence_number(page.records[0]), checkpoint):
             self._report_trimmed(self.source.created_s(page.records[0]))
             return oldest  # an iterator may be used again: it reads from the oldest record
-        return await self.source.get_iterator(self.shard_id, checkpoint)
+        # The oldest record is at or before the checkpoint (it is still in the stream), or the
+        # probe found nothing, which Kinesis allows: then the pages say it (_at_trimmed_edge).
+        self._edge_pages = None if page.records else 0
+        try:
+            return await self.source.get_iterator(self.shard_id, checkpoint)
+        except InvalidRequest as exc:
+            if "StartingSequenceNumber" not in str(exc):
+                raise
+            # Some Kinesis consumers report this answer for a trimmed checkpoint instead.
+            self._edge_pages = None
+            self._report_trimmed(self.source.created_s(page.records[0]) if page.records else None)
+            return oldest
+
+    def _at_trimmed_edge(self, page: Page) -> bool:
+        """An empty page at the retention's edge while reading from an unconfirmed checkpoint;
+        True once TRIM_EDGE_PAGES came in a row (then the checkpoint is taken as trimmed)."""
+        if self._edge_pages is None:
+            return False
+        if page.behind_s < TRIM_EDGE * self.source.retention_s:
+            self._edge_pages = 0
+            return False
+        self._edge_pages += 1
+        if self._edge_pages < TRIM_EDGE_PAGES:
+            return False
+        self._edge_pages = None
+        log.warning("%s %s: shard %s: empty pages %.0fs behind the stream's tip, at its retention (%.0fs), "
+                    "reading from checkpoint %s: the checkpoint was trimmed", self.source.pipeline, self.pair,
+                    self.shard_id, page.behind_s, self.source.retention_s, self.held.lease.checkpoint)
+        return True
 
     async def _read_on_after_trim(self) -> str:
         oldest = await self.source.get_iterator(self.shard_id, None)

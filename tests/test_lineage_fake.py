@@ -43,6 +43,7 @@ class FakeKinesis:
         self.faults: list[list[Any]] = []
         self.iterators_from: list[tuple[str, str]] = []  # (shard, "TRIM_HORIZON" or "after N")
         self.reads = 0
+        self.stuck_reads = 0
         self.read_at: list[float] = []
 
     def _fault(self, operation: str, shard: str) -> None:
@@ -69,6 +70,15 @@ class FakeKinesis:
     async def get_shard_iterator(self, *, ShardId: str, ShardIteratorType: str, **kw: Any) -> dict[str, Any]:  # noqa: N803
         after = kw.get("StartingSequenceNumber")
         self.iterators_from.append((ShardId, f"after {after}" if after else ShardIteratorType))
+        trimmed_through = self.shards[ShardId].get("trimmed_through")
+        if after is not None and trimmed_through is not None and int(after) <= trimmed_through:
+            # What Kinesis consumers report for a checkpoint past the retention: an iterator that
+            # answers empty pages at the retention for ever, or (less often) a refusal.
+            if self.shards[ShardId].get("trimmed_answer") == "refused":
+                raise ClientError({"Error": {"Code": "InvalidArgumentException", "Message":
+                                             f"StartingSequenceNumber {after} is no longer available"}},
+                                  "GetShardIterator")
+            return {"ShardIterator": f"{ShardId}|stuck"}
         # As AWS: an iterator after a trimmed sequence number reads on from the oldest record left.
         position = 0
         if after is not None:
@@ -80,8 +90,14 @@ class FakeKinesis:
         self.reads += 1
         self.read_at.append(time.monotonic())
         self._fault("get_records", shard_id)
-        position = int(position_text)
         shard = self.shards[shard_id]
+        if position_text == "stuck":
+            self.stuck_reads += 1
+            return {"Records": [], "NextShardIterator": ShardIterator, "MillisBehindLatest": 86_400_000}
+        if shard.get("empty_probes") and Limit == 1:
+            shard["empty_probes"] -= 1  # an empty first page, which Kinesis allows
+            return {"Records": [], "NextShardIterator": ShardIterator, "MillisBehindLatest": 86_400_000}
+        position = int(position_text)
         chunk = shard["records"][position:position + min(Limit, 3)]
         end = position + len(chunk)
         records = [{"SequenceNumber": str(seq), "Data": b"x", "ApproximateArrivalTimestamp": 0} for seq in chunk]
@@ -203,6 +219,29 @@ async def test_a_trimmed_checkpoint_is_reported_and_reading_restarts_at_the_olde
     pipeline2, recorder2, _ = _pipeline(aws, settings, metrics, fake, stop2)
     await _run_until(pipeline2, stop2, lambda: ("s", 52) in recorder2.seen)
     assert recorder2.seen == [("s", 51), ("s", 52)]
+    assert metrics.registry.get_sample_value(
+        "replicatord_checkpoint_trimmed_total", {"pair": "user", "pipeline": "applier"}) == 1
+
+
+@pytest.mark.parametrize("answer", ["empty_pages", "refused"])
+async def test_a_trimmed_checkpoint_that_kinesis_does_not_read_on_from_is_read_again_from_the_oldest(
+        lease_env: Any, answer: str) -> None:
+    """The checkpoint left the retention, and the one-record look at the oldest record finds
+    nothing (an empty first page): the iterator after the checkpoint then answers empty pages at
+    the retention for ever (or is refused). The worker reads the shard again from its oldest
+    record and reports the loss, without a restart."""
+    aws, settings, metrics = lease_env
+    fake = FakeKinesis({"s": {"records": [1, 2, 3]}})
+    stop = asyncio.Event()
+    pipeline, recorder, _ = _pipeline(aws, settings, metrics, fake, stop)
+    await _run_until(pipeline, stop, lambda: ("s", 3) in recorder.seen)
+    fake.shards["s"].update(records=[51, 52], trimmed_through=50, empty_probes=1, trimmed_answer=answer)
+
+    stop2 = asyncio.Event()
+    pipeline2, recorder2, _ = _pipeline(aws, settings, metrics, fake, stop2)
+    await _run_until(pipeline2, stop2, lambda: ("s", 52) in recorder2.seen)
+    assert recorder2.seen == [("s", 51), ("s", 52)]
+    assert fake.stuck_reads == (2 if answer == "empty_pages" else 0), fake.stuck_reads
     assert metrics.registry.get_sample_value(
         "replicatord_checkpoint_trimmed_total", {"pair": "user", "pipeline": "applier"}) == 1
 

@@ -22,9 +22,9 @@ from typing import Any
 from replicatord.aws import StartupError
 from replicatord.config import Pair, Topology
 from replicatord.errors import ReplicatorError
-from replicatord.leases import ACTIVE, STREAM_KEY, Lease, from_item, latest_since, paused_directions, shard_of
+from replicatord.leases import ACTIVE, STREAM_KEY, Lease, from_item, paused_directions, shard_of
 from replicatord.ops.tables import RegionOps, Regions, pick_pairs
-from replicatord.shards import DynamoStreamSource, KinesisSource, StreamSource
+from replicatord.shards import DynamoStreamSource, KinesisSource, StreamSource, iterator_after
 
 
 def format_leases(region: str, leases: list[Lease]) -> list[str]:
@@ -73,8 +73,7 @@ async def oldest_unprocessed(source: StreamSource, leases: list[Lease], now: flo
             continue
         checkpoint = lease.checkpoint
         try:
-            iterator = await source.get_iterator(shard_of(lease.key),
-                                                 None if latest_since(checkpoint) is not None else checkpoint)
+            iterator = await iterator_after(source, shard_of(lease.key), checkpoint)
             page = await source.get_records(iterator, 1)
         except ReplicatorError:
             continue
