@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
+from replicatord.backoff import backoff_s
 from replicatord.config import Conflict, Tuning
 from replicatord.conflict import DELETE, PUT, Version, delete_version
 from replicatord.forwarder import Skip, change_time, plan_forward, plan_repair, plan_restore, stream_keys
 from replicatord.records import ReplicationRecord, creation_seconds, decode_record, encode_record
-from replicatord.backoff import backoff_s
 
 CONFLICT = Conflict()
 TS = CONFLICT.timestamp_attribute
