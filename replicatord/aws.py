@@ -24,8 +24,18 @@ from typing import Any
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
+from replicatord.backoff import backoff_s
 from replicatord.config import Settings, redact_url
-from replicatord.errors import AWS_ERRORS, ClockSkew, NotFound, ReplicatorError, Unreachable, classify, server_skew_s
+from replicatord.errors import (
+    AWS_ERRORS,
+    ClockSkew,
+    NotFound,
+    ReplicatorError,
+    Throttled,
+    Unreachable,
+    classify,
+    server_skew_s,
+)
 from replicatord.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -34,6 +44,8 @@ LOCAL_SERVICES = ("dynamodb", "dynamodbstreams", "kinesis", "sqs", "ssm")
 LEASES = "leases"  # the DynamoDB client of the lease table (Aws.local)
 # The endpoint's clock is read off the Date header of an answer at most this often per region.
 SKEW_SAMPLE_S = 10.0
+# BatchGetItem rounds for the keys DynamoDB left unprocessed, with backoff between them.
+BATCH_ROUNDS = 10
 # A clock this far off is logged (AWS refuses signatures 15 minutes off; trouble starts sooner
 # for anything that compares times across hosts).
 SKEW_LOG_S = 60.0
@@ -229,6 +241,22 @@ class Aws:
         if not isinstance(value, str) or not value:
             raise StartupError(f"SSM parameter {name} in {self.settings.region} is empty")
         return value
+
+    async def batch_get_item(self, request: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+        """BatchGetItem of `request` (RequestItems) until DynamoDB has answered every key: what it
+        leaves unprocessed (throttling, or 16 MB per call) is asked again after a jittered,
+        growing wait, as AWS asks, at most BATCH_ROUNDS times (then Throttled). Items by table."""
+        found: dict[str, list[dict[str, Any]]] = {}
+        for attempt in range(BATCH_ROUNDS):
+            result = await self.call("dynamodb", "batch_get_item", RequestItems=request)
+            for table, items in result.get("Responses", {}).items():
+                found.setdefault(table, []).extend(items)
+            request = result.get("UnprocessedKeys") or {}
+            if not request:
+                return found
+            if attempt + 1 < BATCH_ROUNDS:
+                await asyncio.sleep(backoff_s(attempt, self.settings.topology.tuning))
+        raise Throttled(f"BatchGetItem: keys of {', '.join(sorted(request))} stayed unprocessed")
 
     def deadline_s(self, client: Any) -> float:
         """How long one call on `client` may take, from asking for a connection to the answer."""

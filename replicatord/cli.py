@@ -248,6 +248,29 @@ def _add_ops_options(parser: argparse.ArgumentParser, rate: bool = True) -> None
         parser.add_argument("--segments", type=int, default=4, help="parallel scan segments per table (default 4)")
 
 
+def cmd_iam(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from replicatord.iam import Accounts, policies, write_policies
+
+    topology = load_topology(args.config)
+    accounts = Accounts.parse(args.account, topology)
+    warning = accounts.placeholder_warning(topology)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    documents = policies(topology, accounts)
+    if args.out is None:
+        print(json.dumps(documents, indent=2))
+        return 0
+    try:
+        written = write_policies(documents, Path(args.out))
+    except OSError as exc:
+        raise ConfigError([f"--out: cannot write the policies: {exc}"]) from None
+    for path in written:
+        print(path)
+    return 0
+
+
 def cmd_load(args: argparse.Namespace) -> int:
     require_local_extra("load")
     from replicatord.local import load
@@ -331,6 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="copy only into this peer (repeatable; default: every peer), e.g. a region being added")
     bf.add_argument("--restart", action="store_true", help="start over instead of continuing a stored backfill")
     bf.set_defaults(func=cmd_backfill)
+
+    iam = sub.add_parser("iam", help="least-privilege IAM policies of every identity, generated from the topology")
+    iam.add_argument("--config", "-c", required=True, help="topology YAML file")
+    iam.add_argument("--account", action="append", metavar="REGION=ACCOUNT_ID",
+                     help="the account id of a region (repeatable; default: a placeholder per partition)")
+    iam.add_argument("--out", metavar="DIR",
+                     help="write one file per policy into DIR (default: one JSON object, name -> policy, on stdout)")
+    iam.set_defaults(func=cmd_iam)
 
     # Their help works without the extra (it is what tells a production host the extra is needed).
     needs_local = "Needs the 'local' extra: pip install 'replicatord[local]'."

@@ -16,7 +16,7 @@ from typing import Any
 
 from replicatord.aws import Aws
 from replicatord.conflict import DELETE, Item, Version, parse_number
-from replicatord.errors import ConditionFailed, Throttled
+from replicatord.errors import ConditionFailed
 from replicatord.records import item_to_json, partition_key
 
 TOMB_KEY = "tomb_key"
@@ -85,17 +85,10 @@ class TombstoneTable:
                 self.table: {"Keys": [{TOMB_KEY: {"S": k}} for k in wanted[start:start + BATCH_GET_MAX]],
                              "ConsistentRead": True}
             }
-            for _ in range(10):
-                result = await self.aws.call("dynamodb", "batch_get_item", RequestItems=request)
-                for item in result.get("Responses", {}).get(self.table, []):
-                    version = _version(item, now)
-                    if version is not None:
-                        versions[item[TOMB_KEY]["S"]] = version
-                request = result.get("UnprocessedKeys") or {}
-                if not request:
-                    break
-            else:
-                raise Throttled("tombstone reads stayed unprocessed")
+            for item in (await self.aws.batch_get_item(request)).get(self.table, []):
+                version = _version(item, now)
+                if version is not None:
+                    versions[item[TOMB_KEY]["S"]] = version
         return Tombstones(versions)
 
 

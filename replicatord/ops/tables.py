@@ -20,10 +20,11 @@ from typing import Any, TextIO
 
 from replicatord.applier import Applier
 from replicatord.aws import Aws, StartupError
+from replicatord.backoff import backoff_s
 from replicatord.config import Pair, Settings, Topology
 from replicatord.conflict import Item, Version
 from replicatord.dlq import MAX_BODY_BYTES, DeadLetterQueue
-from replicatord.errors import NotFound, ReplicatorError, Throttled
+from replicatord.errors import NotFound, ReplicatorError
 from replicatord.leases import LeaseTable
 from replicatord.metrics import Metrics
 from replicatord.records import ReplicationRecord, item_to_json, partition_key
@@ -156,19 +157,10 @@ class RegionOps:
         names = await self.key_names(table)
         for start in range(0, len(keys), BATCH_GET_MAX):
             chunk = list({partition_key(k): k for k in keys[start:start + BATCH_GET_MAX]}.values())
-            request: dict[str, Any] = {table: {"Keys": chunk, "ConsistentRead": True}}
-            for attempt in range(20):
-                result = await self.call_with_backoff("batch_get_item", RequestItems=request)
-                items = result.get("Responses", {}).get(table, [])
-                await rate.take(max(1, len(items)))
-                for item in items:
-                    found[partition_key({n: item[n] for n in names})] = item
-                request = result.get("UnprocessedKeys") or {}
-                if not request:
-                    break
-                await asyncio.sleep(min(2.0, 0.05 * 2**attempt))
-            else:
-                raise Throttled(f"{self.region}: reads of {table} stayed unprocessed")
+            items = (await self.aws.batch_get_item({table: {"Keys": chunk, "ConsistentRead": True}})).get(table, [])
+            await rate.take(max(1, len(items)))
+            for item in items:
+                found[partition_key({n: item[n] for n in names})] = item
         return found
 
     async def call_with_backoff(self, operation: str, **kwargs: Any) -> Any:
@@ -179,7 +171,7 @@ class RegionOps:
             except ReplicatorError as exc:
                 if not exc.retriable or attempt == 7:
                     raise
-                await asyncio.sleep(min(5.0, 0.1 * 2**attempt))
+                await asyncio.sleep(backoff_s(attempt, self.topology.tuning))
         raise AssertionError("unreachable")
 
     async def tombstones_of(self, pair: str, keys: Sequence[Item]) -> Tombstones:
