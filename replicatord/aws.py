@@ -19,13 +19,13 @@ import hashlib
 import logging
 import time
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import Any, Protocol
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
 from replicatord.backoff import backoff_s
-from replicatord.config import Settings, redact_url
+from replicatord.config import Settings, Tuning, redact_url
 from replicatord.errors import (
     AWS_ERRORS,
     ClockSkew,
@@ -46,8 +46,8 @@ LEASES = "leases"  # the DynamoDB client of the lease table (Aws.local)
 SKEW_SAMPLE_S = 10.0
 # BatchGetItem rounds for the keys DynamoDB left unprocessed, with backoff between them.
 BATCH_ROUNDS = 10
-# A clock this far off is logged (AWS refuses signatures 15 minutes off; trouble starts sooner
-# for anything that compares times across hosts).
+# A clock this far off is logged: AWS refuses signatures 5 minutes off (Kinesis, SSM) or 15
+# (DynamoDB, SQS, STS), and versions stamped by a skewed clock win or lose wrongly long before.
 SKEW_LOG_S = 60.0
 
 
@@ -242,22 +242,6 @@ class Aws:
             raise StartupError(f"SSM parameter {name} in {self.settings.region} is empty")
         return value
 
-    async def batch_get_item(self, request: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
-        """BatchGetItem of `request` (RequestItems) until DynamoDB has answered every key: what it
-        leaves unprocessed (throttling, or 16 MB per call) is asked again after a jittered,
-        growing wait, as AWS asks, at most BATCH_ROUNDS times (then Throttled). Items by table."""
-        found: dict[str, list[dict[str, Any]]] = {}
-        for attempt in range(BATCH_ROUNDS):
-            result = await self.call("dynamodb", "batch_get_item", RequestItems=request)
-            for table, items in result.get("Responses", {}).items():
-                found.setdefault(table, []).extend(items)
-            request = result.get("UnprocessedKeys") or {}
-            if not request:
-                return found
-            if attempt + 1 < BATCH_ROUNDS:
-                await asyncio.sleep(backoff_s(attempt, self.settings.topology.tuning))
-        raise Throttled(f"BatchGetItem: keys of {', '.join(sorted(request))} stayed unprocessed")
-
     def deadline_s(self, client: Any) -> float:
         """How long one call on `client` may take, from asking for a connection to the answer."""
         return self._endpoints.get(id(client), (self.settings.region, self.settings.topology.tuning.aws_timeout_s))[1]
@@ -311,11 +295,11 @@ class Aws:
         measured = f"{skew_s:+.0f}s" if skew_s is not None else "unknown (no Date header)"
         if refused:
             log.error("clock skew: %s refused a request signed by this host's clock (its clock minus ours: "
-                      "%s); AWS accepts 15 minutes at most. Fix the host's time (chrony/NTP); calls are "
-                      "retried until then", endpoint, measured)
+                      "%s); AWS accepts 5 to 15 minutes depending on the service. Fix the host's time "
+                      "(chrony/NTP); calls are retried until then", endpoint, measured)
         else:
             log.warning("clock skew: %s's clock minus this host's is %s; fix the host's time (chrony/NTP) "
-                        "before AWS refuses its signatures (15 minutes)", endpoint, measured)
+                        "before AWS refuses its signatures (5 minutes off for Kinesis and SSM)", endpoint, measured)
 
     def endpoint_of(self, region: str, service: str) -> str:
         """The endpoint a service of `region` is reached at, for log lines."""
@@ -323,3 +307,24 @@ class Aws:
         if target is not None and target.endpoint_url:
             return f"{service} {redact_url(target.endpoint_url)} ({region})"
         return f"{service}.{region} (AWS)"
+
+
+class Caller(Protocol):
+    async def call(self, service: str, operation: str, *, client: Any = None, **kwargs: Any) -> Any: ...
+
+
+async def batch_get_item(aws: Caller, request: dict[str, Any], tuning: Tuning) -> dict[str, list[dict[str, Any]]]:
+    """BatchGetItem of `request` (RequestItems) until DynamoDB has answered every key: what it
+    leaves unprocessed (throttling, or 16 MB per call) is asked again after a jittered, growing
+    wait (backoff_s), as AWS asks, at most BATCH_ROUNDS times (then Throttled). Items by table."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for attempt in range(BATCH_ROUNDS):
+        result = await aws.call("dynamodb", "batch_get_item", RequestItems=request)
+        for table, items in result.get("Responses", {}).items():
+            found.setdefault(table, []).extend(items)
+        request = result.get("UnprocessedKeys") or {}
+        if not request:
+            return found
+        if attempt + 1 < BATCH_ROUNDS:
+            await asyncio.sleep(backoff_s(attempt, tuning))
+    raise Throttled(f"BatchGetItem: keys of {', '.join(sorted(request))} stayed unprocessed")

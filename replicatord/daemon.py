@@ -131,7 +131,7 @@ class Daemon:
         await self._require_table(me.stats_table, "stats table")
         await self._require_table(me.tombstone_table, "tombstone table")
         leases = LeaseTable(self.aws, me.lease_table, self.aws.local[LEASES])
-        tombstones = TombstoneTable(self.aws, me.tombstone_table, topology.conflict.tombstone_ttl_s)
+        tombstones = TombstoneTable(self.aws, me.tombstone_table, topology.conflict.tombstone_ttl_s, topology.tuning)
         for peer in s.peers:
             await self.aws.open_peer(peer)
         for pair in topology.pairs:

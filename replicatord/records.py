@@ -54,6 +54,19 @@ class ReplicationRecord:
     approximate_creation_time: float  # of the source stream record, epoch seconds
 
 
+PROBE = "PROBE"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What `replicatord preflight` puts on a peer's stream to show that the daemon may: an
+    applier counts it and changes nothing (a record of no item, so nothing to apply)."""
+
+    pair: str
+    origin: str
+    created: float
+
+
 # --- DynamoDB JSON <-> plain JSON ---------------------------------------------------------
 
 _SCALAR_STR = ("S", "N")
@@ -306,26 +319,37 @@ def _json_constant(text: str) -> Any:
     raise RecordError(f"not JSON v1: {text} is not a JSON number")
 
 
+def encode_probe(probe: Probe) -> bytes:
+    doc = {"v": SCHEMA_VERSION, "op": PROBE, "pair": probe.pair, "origin": probe.origin, "created": probe.created}
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
 def decode_record(data: bytes) -> ReplicationRecord:
-    """Parse and validate a payload; raise RecordError with the reason if it is not one.
+    """Parse and validate a payload; raise RecordError with the reason if it is not one (a
+    preflight probe is not one either: `decode_payload` tells it apart).
 
     Every input either decodes or raises RecordError, in time linear in its size: the size, the
     nesting, numbers, base64 and Unicode are bounded the way Kinesis and DynamoDB bound them.
     """
-    if len(data) > MAX_RECORD_BYTES:
-        raise RecordError(f"record of {len(data)} bytes exceeds Kinesis' {MAX_RECORD_BYTES}")
-    try:
-        text = data.decode("utf-8")
-        doc = json.loads(text, parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RecordError(f"not JSON: {exc}") from None
-    except RecursionError:
-        raise RecordError("not JSON: nested too deeply") from None
-    if not isinstance(doc, dict):
-        raise RecordError("not a JSON object")
-    if type(doc.get("v")) is not int or doc.get("v") != SCHEMA_VERSION:
-        raise RecordError(f"unsupported record version {shown(doc.get('v'))}")
+    decoded = decode_payload(data)
+    if isinstance(decoded, Probe):
+        raise RecordError("a preflight probe, not a change")
+    return decoded
+
+
+def _created(doc: dict[str, Any]) -> float:
+    created = _field(doc, "created", (int, float))
+    if not 0 <= created < MAX_EPOCH_S:
+        raise RecordError("field 'created': not a time in epoch seconds")
+    return float(created)
+
+
+def decode_payload(data: bytes) -> ReplicationRecord | Probe:
+    """A replication record or a preflight probe (decode_record's rules); RecordError if neither."""
+    doc = _document(data)
     op = _field(doc, "op", str)
+    if op == PROBE:
+        return Probe(_text_field(doc, "pair"), _text_field(doc, "origin"), _created(doc))
     if op not in OPS:
         raise RecordError(f"unknown op {shown(op)}")
     keys = item_from_json(_field(doc, "keys", dict), "keys")
@@ -348,9 +372,7 @@ def decode_record(data: bytes) -> ReplicationRecord:
     vop = _field(version, "op", str)
     if vop != op:
         raise RecordError("version.op does not match op")
-    created = _field(doc, "created", (int, float))
-    if not 0 <= created < MAX_EPOCH_S:
-        raise RecordError("field 'created': not a time in epoch seconds")
+    created = _created(doc)
     return ReplicationRecord(
         op=op,
         pair=_text_field(doc, "pair"),
@@ -359,8 +381,26 @@ def decode_record(data: bytes) -> ReplicationRecord:
         version=Version(ts, OPS[vop], _text_field(version, "region")),
         origin=_text_field(doc, "origin"),
         sequence_number=_text_field(doc, "seq"),
-        approximate_creation_time=float(created),
+        approximate_creation_time=created,
     )
+
+
+def _document(data: bytes) -> dict[str, Any]:
+    """The payload's JSON object, of schema version 1; RecordError otherwise."""
+    if len(data) > MAX_RECORD_BYTES:
+        raise RecordError(f"record of {len(data)} bytes exceeds Kinesis' {MAX_RECORD_BYTES}")
+    try:
+        text = data.decode("utf-8")
+        doc = json.loads(text, parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RecordError(f"not JSON: {exc}") from None
+    except RecursionError:
+        raise RecordError("not JSON: nested too deeply") from None
+    if not isinstance(doc, dict):
+        raise RecordError("not a JSON object")
+    if type(doc.get("v")) is not int or doc.get("v") != SCHEMA_VERSION:
+        raise RecordError(f"unsupported record version {shown(doc.get('v'))}")
+    return doc
 
 
 def partition_key(keys: Item) -> str:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from replicatord.aws import Aws
+from replicatord.aws import Aws, batch_get_item
+from replicatord.config import Tuning
 from replicatord.conflict import DELETE, Item, Version, parse_number
 from replicatord.errors import ConditionFailed
 from replicatord.records import item_to_json, partition_key
@@ -45,10 +46,11 @@ class Tombstones:
 
 
 class TombstoneTable:
-    def __init__(self, aws: Aws, table: str, ttl_s: float) -> None:
+    def __init__(self, aws: Aws, table: str, ttl_s: float, tuning: Tuning | None = None) -> None:
         self.aws = aws
         self.table = table
         self.ttl_s = ttl_s
+        self.tuning = tuning or Tuning()  # the backoff between BatchGetItem rounds
 
     def key(self, pair: str, keys: Item) -> dict[str, Any]:
         return {TOMB_KEY: {"S": tomb_key(pair, keys)}}
@@ -85,7 +87,7 @@ class TombstoneTable:
                 self.table: {"Keys": [{TOMB_KEY: {"S": k}} for k in wanted[start:start + BATCH_GET_MAX]],
                              "ConsistentRead": True}
             }
-            for item in (await self.aws.batch_get_item(request)).get(self.table, []):
+            for item in (await batch_get_item(self.aws, request, self.tuning)).get(self.table, []):
                 version = _version(item, now)
                 if version is not None:
                     versions[item[TOMB_KEY]["S"]] = version

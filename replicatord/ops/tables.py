@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from replicatord.applier import Applier
-from replicatord.aws import Aws, StartupError
+from replicatord.aws import Aws, StartupError, batch_get_item
 from replicatord.backoff import backoff_s
 from replicatord.config import Pair, Settings, Topology
 from replicatord.conflict import Item, Version
@@ -122,7 +122,8 @@ class RegionOps:
         return LeaseTable(self.aws, self.config.lease_table)
 
     def tombstones(self) -> TombstoneTable:
-        return TombstoneTable(self.aws, self.config.tombstone_table, self.topology.conflict.tombstone_ttl_s)
+        return TombstoneTable(self.aws, self.config.tombstone_table, self.topology.conflict.tombstone_ttl_s,
+                              self.topology.tuning)
 
     async def applier(self, pair: Pair) -> Applier:
         """The applier of `pair` in this region: the one place that writes by version."""
@@ -157,7 +158,8 @@ class RegionOps:
         names = await self.key_names(table)
         for start in range(0, len(keys), BATCH_GET_MAX):
             chunk = list({partition_key(k): k for k in keys[start:start + BATCH_GET_MAX]}.values())
-            items = (await self.aws.batch_get_item({table: {"Keys": chunk, "ConsistentRead": True}})).get(table, [])
+            request = {table: {"Keys": chunk, "ConsistentRead": True}}
+            items = (await batch_get_item(self.aws, request, self.topology.tuning)).get(table, [])
             await rate.take(max(1, len(items)))
             for item in items:
                 found[partition_key({n: item[n] for n in names})] = item
