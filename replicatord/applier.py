@@ -33,10 +33,11 @@ from replicatord.dlq import DeadLetterQueue
 from replicatord.errors import ConditionFailed, Contended, InvalidRequest, ReplicatorError
 from replicatord.metrics import Metrics
 from replicatord.records import (
+    Probe,
     RecordError,
     ReplicationRecord,
     creation_seconds,
-    decode_record,
+    decode_payload,
     partition_key,
     same_key_runs,
     shown,
@@ -63,15 +64,16 @@ class Incoming:
     letter: Letter
 
 
-def decode_page(payloads: list[bytes], pair: str) -> list[tuple[str, ReplicationRecord] | RecordError]:
-    """Each payload as (partition key, record), or the RecordError that says why it is not one."""
-    out: list[tuple[str, ReplicationRecord] | RecordError] = []
+def decode_page(payloads: list[bytes], pair: str) -> list[tuple[str, ReplicationRecord] | Probe | RecordError]:
+    """Each payload as (partition key, record), a preflight probe, or the RecordError that says
+    why it is neither."""
+    out: list[tuple[str, ReplicationRecord] | Probe | RecordError] = []
     for data in payloads:
         try:
-            record = decode_record(data)
+            record = decode_payload(data)
             if record.pair != pair:
                 raise RecordError(f"record of pair {shown(record.pair)} on the stream of pair {pair!r}")
-            out.append((partition_key(record.keys), record))
+            out.append(record if isinstance(record, Probe) else (partition_key(record.keys), record))
         except RecordError as exc:
             out.append(exc)
     return out
@@ -116,6 +118,9 @@ class Applier:
             if isinstance(outcome, RecordError):
                 self.metrics.errors.labels("applier", "bad_record").inc()
                 await self.retry.dead_letter("bad_record", str(outcome), letter)
+                continue
+            if isinstance(outcome, Probe):
+                self.metrics.probes.labels(self.pair).inc()
                 continue
             key, record = outcome
             incoming.append((key, Incoming(record, letter)))

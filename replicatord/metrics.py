@@ -144,6 +144,11 @@ class Metrics:
             "type other than NEW_AND_OLD_IMAGES): its changes are not replicated",
             ["pair"], registry=r,
         )
+        self.probes = Counter(
+            "replicatord_preflight_probes_total",
+            "Probe records of 'replicatord preflight' read by the applier (they change nothing)",
+            ["pair"], registry=r,
+        )
         self.clock_skew = Gauge(
             "replicatord_clock_skew_seconds",
             "The region's clock minus this host's, from the Date header of its answers (sampled; whole "

@@ -43,7 +43,7 @@ from replicatord.errors import (
 )
 from replicatord.forwarder import Forwarder
 from replicatord.metrics import Metrics
-from replicatord.records import RecordError, ReplicationRecord, encode_record
+from replicatord.records import Probe, RecordError, ReplicationRecord, encode_probe, encode_record
 from replicatord.retry import Abandoned, Verdict, verdict
 from replicatord.tombstones import TombstoneTable
 
@@ -253,15 +253,27 @@ async def test_pages_are_decoded_off_the_event_loop(monkeypatch: pytest.MonkeyPa
     import replicatord.applier as applier_module
 
     threads: list[int] = []
-    real = applier_module.decode_record
+    real = applier_module.decode_payload
 
-    def spy(data: bytes) -> ReplicationRecord:
+    def spy(data: bytes) -> ReplicationRecord | Probe:
         threads.append(threading.get_ident())
         return real(data)
 
-    monkeypatch.setattr(applier_module, "decode_record", spy)
+    monkeypatch.setattr(applier_module, "decode_payload", spy)
     await applier(FakeAws()).process("shard", kinesis_page([encode_record(put("a"))]))
     assert threads and threading.get_ident() not in threads
+
+
+async def test_a_preflight_probe_is_counted_and_changes_nothing() -> None:
+    aws = FakeAws()
+    target = applier(aws)
+    page = [encode_probe(Probe("user", CN, NOW)), encode_record(put("a")), encode_probe(Probe("other", CN, NOW))]
+    await target.process("shard", kinesis_page(page))
+    assert target.metrics.registry.get_sample_value("replicatord_preflight_probes_total", {"pair": "user"}) == 1
+    writes = [kwargs for operation, kwargs in aws.accepted if operation == "put_item"]
+    assert [w["Item"]["PK"] for w in writes] == [{"S": "a"}]  # the record, and nothing for the probes
+    letters = [kwargs for operation, kwargs in aws.accepted if operation == "send_message"]
+    assert len(letters) == 1 and "of pair 'other'" in letters[0]["MessageBody"]  # a probe of another pair
 
 
 # The fuzzed page: valid records, hostile payloads and writes DynamoDB refuses, in any order.
