@@ -123,6 +123,15 @@ class Aws:
         self._endpoints[id(self.local[LEASES])] = (region, lease_deadline_s)
         return self
 
+    async def open_local(self, service: str) -> Any:
+        """Another client of this region (closed with the others), for a service the daemon does
+        not use (STS for `preflight`)."""
+        client = await self._stack.enter_async_context(self._session.create_client(
+            service,  # type: ignore[call-overload]
+            region_name=self.settings.region, endpoint_url=self.settings.me.endpoint_url, config=self._config()))
+        self._endpoints[id(client)] = (self.settings.region, self.settings.topology.tuning.aws_timeout_s)
+        return client
+
     async def __aexit__(self, *exc: object) -> None:
         try:
             await self.close_retired(everything=True)

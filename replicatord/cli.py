@@ -1,4 +1,5 @@
-"""The `replicatord` command: run, check-config, provision, status, load, demo.
+"""The `replicatord` command: run, check-config, preflight, provision, iam, status, verify, backfill, dlq,
+pause, resume, load, demo.
 
 Every user error ends as one line on stderr and a non-zero exit status, never a traceback.
 """
@@ -24,6 +25,7 @@ log = logging.getLogger("replicatord")
 EXIT_USAGE = 2
 EXIT_CONFIG = 3
 EXIT_STARTUP = 4
+EXIT_PREFLIGHT = 5  # preflight: a call was refused, or a resource is missing
 
 # `load` and `demo` need the `local` extra, which a production install leaves out: faker for the
 # generated items, and for the demo moto's server (moto[server] brings flask) in the emulator
@@ -96,7 +98,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
     print(describe_plan(settings))
+    if args.live:
+        print()
+        return cmd_preflight(args)
     return 0
+
+
+def cmd_preflight(args: argparse.Namespace) -> int:
+    from replicatord.ops.preflight import passed, preflight, render
+
+    settings = _settings(args)
+    outcomes, identity = _run_ops(preflight(settings.topology, settings.region))
+    print(render(outcomes, identity, settings.region))
+    return 0 if passed(outcomes) else EXIT_PREFLIGHT
 
 
 def describe_plan(settings: Settings) -> str:
@@ -299,7 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate the topology and print one region's plan")
     _add_config(check)
     check.add_argument("--metrics-listen")
+    check.add_argument("--live", action="store_true",
+                       help="then run the preflight: one harmless call of every kind, with this host's credentials")
     check.set_defaults(func=cmd_check_config)
+
+    pre = sub.add_parser("preflight", help="one harmless call of every kind the daemon makes, with this host's "
+                                           "credentials: allowed or refused, and the statement to add")
+    _add_config(pre)
+    pre.set_defaults(func=cmd_preflight)
 
     prov = sub.add_parser("provision", help="create tables, streams, queues and the lease table (idempotent)")
     _add_config(prov, region=False)

@@ -142,6 +142,8 @@ def _binary(value: Any) -> Any:
 
 async def _redrive(topology: Topology, ops: RegionOps, letter: Letter) -> None:
     """One letter, as a page of one record, through the pipeline it came from."""
+    if letter.envelope.get("content") == "preflight":
+        return  # a probe of `replicatord preflight`: nothing to redrive, it is deleted
     (pair,) = pick_pairs(topology, str(letter.envelope.get("pair")))
     payload = letter.payload()
     if letter.envelope.get("content") == "stream_record":
