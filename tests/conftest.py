@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, settings
 
 from replicatord.local import emulators
 from replicatord.local.aws_behaviour import TEST_BEHAVIOUR, Control
+from replicatord.local.iam_check import refused_calls
 from replicatord.local.squid import Squid, running_squid, squid_binary
 from replicatord.local.world import (
     REGIONS,
@@ -83,19 +84,32 @@ def behaviour() -> dict[str, Any]:
 
 
 @pytest.fixture
-def regions(tmp_path: Path, behaviour: dict[str, Any]) -> Iterator[LocalRegions]:
-    yield from _local_regions(REGIONS, tmp_path, behaviour)
+def regions(request: pytest.FixtureRequest, tmp_path: Path, behaviour: dict[str, Any]) -> Iterator[LocalRegions]:
+    yield from _local_regions(request, REGIONS, tmp_path, behaviour)
 
 
 @pytest.fixture
-def mesh(tmp_path: Path, behaviour: dict[str, Any]) -> Iterator[LocalRegions]:
+def mesh(request: pytest.FixtureRequest, tmp_path: Path, behaviour: dict[str, Any]) -> Iterator[LocalRegions]:
     """Three regions: Beijing, Singapore and Ningxia (Beijing's partition)."""
-    yield from _local_regions(regions_for(3), tmp_path, behaviour)
+    yield from _local_regions(request, regions_for(3), tmp_path, behaviour)
 
 
-def _local_regions(names: Sequence[str], tmp_path: Path, behaviour: dict[str, Any]) -> Iterator[LocalRegions]:
+@pytest.fixture
+def tls_regions(request: pytest.FixtureRequest, tmp_path: Path, behaviour: dict[str, Any],
+                monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalRegions]:
+    """The two regions over https (a self-signed certificate that every client of the test and of
+    its daemons trusts through AWS_CA_BUNDLE): a proxy reaches them by CONNECT, as it reaches AWS."""
+    tls = emulators.make_certificate(tmp_path / "tls")
+    monkeypatch.setenv("AWS_CA_BUNDLE", tls[0])
+    yield from _local_regions(request, REGIONS, tmp_path, behaviour, tls)
+
+
+def _local_regions(request: pytest.FixtureRequest, names: Sequence[str], tmp_path: Path,
+                   behaviour: dict[str, Any], tls: emulators.TLS | None = None) -> Iterator[LocalRegions]:
+    """The regions, and when the test is done, every call its daemons and operator commands made
+    checked against the IAM policies the project generates (local/iam_check.py)."""
     ports = {region: emulators.free_port() for region in names}
-    with emulators.running(ports, tmp_path, behaviour) as emus:
+    with emulators.running(ports, tmp_path, behaviour, tls) as emus:
         local = LocalRegions(tmp_path, {r: e.endpoint_url for r, e in emus.items()})
         try:
             yield local
@@ -103,6 +117,12 @@ def _local_regions(names: Sequence[str], tmp_path: Path, behaviour: dict[str, An
             for daemon in local.daemons:
                 if daemon.process is not None:
                     daemon.terminate(timeout_s=15)
+        if local.config is not None and behaviour.get("iam_record") and not request.node.get_closest_marker(
+                "iam_unchecked"):
+            refused = refused_calls(local.config, local.endpoints)
+            if refused:
+                pytest.fail("calls the generated IAM policies would refuse on AWS ('replicatord iam'):\n"
+                            + "\n".join(refused), pytrace=False)
 
 
 @pytest.fixture

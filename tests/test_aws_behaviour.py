@@ -6,18 +6,28 @@ behaviour it shows and nothing else, with boto3's own retries off so that every 
 
 from __future__ import annotations
 
+import email.utils
+import http.client
+import re
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, SSLError
 
+from replicatord.errors import AccessDenied, ClockSkew, classify
+from replicatord.iam import Call
 from replicatord.local import emulators
 from replicatord.local.aws_behaviour import Control
+from replicatord.local.iam_recorder import call_of
+from replicatord.local.squid import Squid
 from replicatord.local.world import wait_for
 
 pytestmark = pytest.mark.integration
@@ -27,7 +37,9 @@ REGION = "cn-north-1"
 QUIET = {"stream_rollover_s": None, "stream_retention_s": 3600, "stream_iterator_expiry_s": 900,
          "stream_reads_per_shard_s": None, "kinesis_reads_per_shard_s": None, "kinesis_iterator_expiry_s": 300,
          "kinesis_retention_s": 3600, "kinesis_put_throttle_rate": 0.0, "throttle_rate": 0.0, "error_rate": 0.0,
-         "error_after_rate": 0.0, "faults_user_agent": "aiobotocore", "whole_second_timestamps": True}
+         "error_after_rate": 0.0, "faults_user_agent": "aiobotocore", "whole_second_timestamps": True,
+         "iam_record": False, "iam_policies": {}, "clock_offset_s": 0.0, "signature_window_s": 900.0,
+         "signature_window_by_service_s": {"kinesis": 300.0, "ssm": 300.0}}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +54,7 @@ def aws(emulator: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     control = Control(emulator)
     control.behaviour(**QUIET)
     control.reset_stats()
+    control.reset_iam_calls()
 
     class Clients:
         def __init__(self) -> None:
@@ -221,6 +234,19 @@ def test_a_stream_disabled_and_enabled_again_is_a_new_stream(aws: Any) -> None:
     assert ended and [r["dynamodb"]["Keys"]["PK"]["S"] for r in records] == ["first"]
     records, ended = read_shard(streams, new_arn, shards(streams, new_arn)[0]["ShardId"])
     assert not ended and [r["dynamodb"]["Keys"]["PK"]["S"] for r in records] == ["second"]
+    # ListStreams names both while the old one's records are readable, a page at a time.
+    def listed(**kwargs: Any) -> tuple[list[str], str | None]:
+        page = streams.list_streams(**kwargs)
+        return [s["StreamArn"] for s in page["Streams"] if s["TableName"] == table], page.get("LastEvaluatedStreamArn")
+
+    assert listed()[0] == [arn, new_arn]
+    first, last = listed(Limit=1)
+    while last is not None and not first:  # other tests' tables come first
+        first, last = listed(Limit=1, ExclusiveStartStreamArn=last)
+    assert first == [arn] and last == arn
+    assert listed(ExclusiveStartStreamArn=last)[0] == [new_arn]
+    with aws.control.changed(stream_retention_s=0.0):
+        assert listed()[0] == [new_arn]
 
 
 # --- Kinesis ---------------------------------------------------------------------------------
@@ -336,3 +362,408 @@ def test_a_revoked_key_is_refused(aws: Any) -> None:
     kinesis.describe_stream_summary(StreamName=name)  # other keys still work
     aws.control.unrevoke("AKIDREVOKED")
     revoked.describe_stream_summary(StreamName=name)
+
+
+# --- IAM: what each request is authorized as, and policies enforced ---------------------------
+
+
+ACCOUNT = "123456789012"  # moto's
+
+
+def arn(service: str, resource: str) -> str:
+    return f"arn:aws-cn:{service}:{REGION}:{ACCOUNT}:{resource}"
+
+
+def recorded(aws: Any, key: str) -> dict[Call, int]:
+    return {call_of(entry): entry["count"] for entry in aws.control.iam_calls() if entry["access_key"] == key}
+
+
+def plain_table(aws: Any, index: str | None = None) -> str:
+    name = f"t{next(_tables)}"
+    attributes = [{"AttributeName": "PK", "AttributeType": "S"}]
+    extra: dict[str, Any] = {}
+    if index:
+        attributes.append({"AttributeName": "G", "AttributeType": "S"})
+        extra["GlobalSecondaryIndexes"] = [{"IndexName": index, "Projection": {"ProjectionType": "ALL"},
+                                            "KeySchema": [{"AttributeName": "G", "KeyType": "HASH"}]}]
+    aws.client("dynamodb").create_table(TableName=name, KeySchema=[{"AttributeName": "PK", "KeyType": "HASH"}],
+                                        AttributeDefinitions=attributes, BillingMode="PAY_PER_REQUEST", **extra)
+    return name
+
+
+def key(pk: str) -> dict[str, Any]:
+    return {"PK": {"S": pk}}
+
+
+def test_iam_calls_of_dynamodb_are_recorded_per_key_table_index_and_item(aws: Any) -> None:
+    a, b = plain_table(aws, index="byG"), plain_table(aws)
+    aws.control.behaviour(iam_record=True)
+    ddb = aws.client("dynamodb", key="AKIDRECORDER")
+    put(ddb, a, "k1")
+    put(ddb, a, "k2")
+    ddb.query(TableName=a, IndexName="byG", KeyConditionExpression="G = :g",
+              ExpressionAttributeValues={":g": {"S": "x"}})
+    ddb.batch_write_item(RequestItems={a: [{"PutRequest": {"Item": key("b1")}}],
+                                       b: [{"PutRequest": {"Item": key("b2")}}]})
+    ddb.transact_write_items(TransactItems=[
+        {"Put": {"TableName": a, "Item": key("t1")}},
+        {"Update": {"TableName": b, "Key": key("b2"), "UpdateExpression": "SET v = :v",
+                    "ExpressionAttributeValues": {":v": {"N": "1"}}}},
+        {"Delete": {"TableName": a, "Key": key("k1")}},
+        {"ConditionCheck": {"TableName": b, "Key": key("b1"), "ConditionExpression": "attribute_not_exists(PK)"}}])
+    ddb.transact_get_items(TransactItems=[{"Get": {"TableName": b, "Key": key("b2")}}])
+    ddb.list_tables()
+    table_a, table_b = arn("dynamodb", f"table/{a}"), arn("dynamodb", f"table/{b}")
+    assert recorded(aws, "AKIDRECORDER") == {
+        Call("dynamodb:PutItem", table_a): 3,  # two puts and the transaction's Put
+        Call("dynamodb:Query", f"{table_a}/index/byG"): 1,
+        Call("dynamodb:BatchWriteItem", table_a): 1,
+        Call("dynamodb:BatchWriteItem", table_b): 1,
+        Call("dynamodb:UpdateItem", table_b): 1,
+        Call("dynamodb:DeleteItem", table_a): 1,
+        Call("dynamodb:ConditionCheckItem", table_b): 1,
+        Call("dynamodb:GetItem", table_b): 1,
+        Call("dynamodb:ListTables", "*"): 1,
+    }
+    aws.client("dynamodb").describe_table(TableName=a)
+    assert recorded(aws, "testing") == {Call("dynamodb:DescribeTable", table_a): 1}  # each key on its own
+
+
+def test_iam_calls_of_stream_and_kinesis_reads_name_the_stream_of_their_iterator(aws: Any) -> None:
+    ddb, _, table, stream_arn = table_with_stream(aws)
+    put(ddb, table, "x")
+    _, name, shard = kinesis_stream(aws)
+    aws.control.behaviour(iam_record=True)
+    streams, kinesis = aws.client("dynamodbstreams", key="AKIDREADER"), aws.client("kinesis", key="AKIDREADER")
+    stream_shard = streams.describe_stream(StreamArn=stream_arn)["StreamDescription"]["Shards"][0]["ShardId"]
+    it = streams.get_shard_iterator(StreamArn=stream_arn, ShardId=stream_shard, ShardIteratorType="TRIM_HORIZON")
+    assert len(streams.get_records(ShardIterator=it["ShardIterator"])["Records"]) == 1
+    streams.list_streams()
+    kinesis.put_record(StreamName=name, Data=b"x", PartitionKey="k")
+    kinesis.list_shards(StreamName=name)
+    it = kinesis.get_shard_iterator(StreamName=name, ShardId=shard, ShardIteratorType="TRIM_HORIZON")
+    assert len(kinesis.get_records(ShardIterator=it["ShardIterator"])["Records"]) == 1
+    kinesis.list_streams()
+    stream = arn("kinesis", f"stream/{name}")
+    assert stream_arn.startswith(arn("dynamodb", f"table/{table}/stream/"))
+    assert recorded(aws, "AKIDREADER") == {
+        Call("dynamodb:DescribeStream", stream_arn): 1,
+        Call("dynamodb:GetShardIterator", stream_arn): 1,
+        Call("dynamodb:GetRecords", stream_arn): 1,
+        Call("dynamodb:ListStreams", "*"): 1,
+        Call("kinesis:PutRecord", stream): 1,
+        Call("kinesis:ListShards", stream): 1,
+        Call("kinesis:GetShardIterator", stream): 1,
+        Call("kinesis:GetRecords", stream): 1,
+        Call("kinesis:ListStreams", "*"): 1,
+    }
+
+
+def test_iam_calls_of_sqs_batches_and_ssm_secure_strings_with_the_kms_calls_they_imply(aws: Any) -> None:
+    aws.control.behaviour(iam_record=True)
+    sqs, ssm = aws.client("sqs", key="AKIDQUEUES"), aws.client("ssm", key="AKIDQUEUES")
+    queue = f"q{next(_tables)}"
+    url = sqs.create_queue(QueueName=queue)["QueueUrl"]
+    sqs.get_queue_url(QueueName=queue)
+    sqs.send_message_batch(QueueUrl=url, Entries=[{"Id": "1", "MessageBody": "a"}, {"Id": "2", "MessageBody": "b"}])
+    messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10)["Messages"]
+    handles = [{"Id": m["MessageId"], "ReceiptHandle": m["ReceiptHandle"]} for m in messages]
+    sqs.change_message_visibility_batch(QueueUrl=url, Entries=[{**h, "VisibilityTimeout": 0} for h in handles])
+    sqs.delete_message_batch(QueueUrl=url, Entries=handles)
+    sqs.list_queues()
+    secret, keyed, plain = (f"/DDBReplication/{queue}/{n}" for n in ("AccessKey", "Keyed", "Plain"))
+    key_id = "1234abcd-12ab-34cd-56ef-1234567890ab"
+    ssm.put_parameter(Name=secret, Value="s3cr3t", Type="SecureString")
+    ssm.put_parameter(Name=keyed, Value="s3cr3t", Type="SecureString", KeyId=key_id)
+    ssm.put_parameter(Name=plain, Value="v", Type="String")
+    assert ssm.get_parameter(Name=secret, WithDecryption=True)["Parameter"]["Value"] == "s3cr3t"
+    assert len(ssm.get_parameters(Names=[keyed, plain], WithDecryption=True)["Parameters"]) == 2
+    ssm.get_parameter(Name=secret)  # not decrypted: no KMS call
+
+    def via_ssm(parameter: str) -> tuple[tuple[str, str], ...]:
+        return (("kms:ViaService", f"ssm.{REGION}.amazonaws.com"),
+                ("kms:EncryptionContext:PARAMETER_ARN", arn("ssm", f"parameter{parameter}")))
+
+    q = arn("sqs", queue)
+    # KMS authorizes on the key's ARN, also for SSM's default alias (a key id of its own here).
+    aws_key, own_key = arn("kms", f"key/{uuid.uuid5(uuid.NAMESPACE_URL, arn('kms', 'alias/aws/ssm'))}"), \
+        arn("kms", f"key/{key_id}")
+    assert recorded(aws, "AKIDQUEUES") == {
+        Call("sqs:CreateQueue", q): 1,
+        Call("sqs:GetQueueUrl", q): 1,
+        Call("sqs:SendMessage", q): 1,
+        Call("sqs:ReceiveMessage", q): 1,
+        Call("sqs:ChangeMessageVisibility", q): 1,
+        Call("sqs:DeleteMessage", q): 1,
+        Call("sqs:ListQueues", "*"): 1,
+        Call("ssm:PutParameter", arn("ssm", f"parameter{secret}")): 1,
+        Call("kms:Encrypt", aws_key, via_ssm(secret)): 1,
+        Call("kms:GenerateDataKey", aws_key, via_ssm(secret)): 1,
+        Call("ssm:PutParameter", arn("ssm", f"parameter{keyed}")): 1,
+        Call("kms:Encrypt", own_key, via_ssm(keyed)): 1,
+        Call("kms:GenerateDataKey", own_key, via_ssm(keyed)): 1,
+        Call("ssm:PutParameter", arn("ssm", f"parameter{plain}")): 1,
+        Call("ssm:GetParameter", arn("ssm", f"parameter{secret}")): 2,
+        Call("kms:Decrypt", aws_key, via_ssm(secret)): 1,
+        Call("ssm:GetParameters", arn("ssm", f"parameter{keyed}")): 1,
+        Call("ssm:GetParameters", arn("ssm", f"parameter{plain}")): 1,
+        Call("kms:Decrypt", own_key, via_ssm(keyed)): 1,
+    }
+
+
+def test_iam_calls_are_recorded_only_when_asked_and_not_for_a_revoked_key(aws: Any) -> None:
+    ddb = aws.client("dynamodb", key="AKIDQUIET")
+    ddb.list_tables()
+    assert recorded(aws, "AKIDQUIET") == {}
+    aws.control.behaviour(iam_record=True)
+    aws.control.revoke("AKIDQUIET")
+    try:
+        with pytest.raises(ClientError):
+            ddb.list_tables()
+        assert recorded(aws, "AKIDQUIET") == {}
+    finally:
+        aws.control.unrevoke("AKIDQUIET")
+    ddb.list_tables()
+    assert recorded(aws, "AKIDQUIET") == {Call("dynamodb:ListTables", "*"): 1}
+    aws.control.reset_iam_calls()
+    assert aws.control.iam_calls() == []
+
+
+def refused(raised: pytest.ExceptionInfo[ClientError]) -> tuple[str, int, str]:
+    """Code, HTTP status and message of a refusal, which replicatord must see as AccessDenied."""
+    assert isinstance(classify(raised.value), AccessDenied)
+    response = raised.value.response
+    return code_of(raised), response["ResponseMetadata"]["HTTPStatusCode"], str(response["Error"]["Message"])
+
+
+def not_allowed(user: str, action: str, resource: str) -> str:
+    return (f"User: arn:aws-cn:iam::{ACCOUNT}:user/{user} is not authorized to perform: {action} on resource: "
+            f"{resource} because no identity-based policy allows the {action} action")
+
+
+def test_a_policy_refuses_exactly_the_call_it_does_not_allow(aws: Any) -> None:
+    table, other = plain_table(aws), plain_table(aws)
+    table_arn = arn("dynamodb", f"table/{table}")
+    aws.control.behaviour(iam_policies={"AKIDLIMITED": {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": ["dynamodb:PutItem", "dynamodb:GetItem"], "Resource": table_arn}]}})
+    limited = aws.client("dynamodb", key="AKIDLIMITED")
+    put(limited, table, "kept")
+    assert "Item" in limited.get_item(TableName=table, Key=key("kept"))
+    with pytest.raises(ClientError) as raised:
+        limited.delete_item(TableName=table, Key=key("kept"))
+    assert refused(raised) == ("AccessDeniedException", 400,
+                               not_allowed("AKIDLIMITED", "dynamodb:DeleteItem", table_arn))
+    assert "Item" in aws.client("dynamodb").get_item(TableName=table, Key=key("kept"))  # it did not take effect
+    with pytest.raises(ClientError) as raised:
+        put(limited, other, "x")
+    assert refused(raised)[2] == not_allowed("AKIDLIMITED", "dynamodb:PutItem", arn("dynamodb", f"table/{other}"))
+
+
+def test_an_explicit_deny_refuses_what_an_allow_grants(aws: Any) -> None:
+    table = plain_table(aws)
+    table_arn = arn("dynamodb", f"table/{table}")
+    aws.control.behaviour(iam_policies={"AKIDDENIED": [  # an identity's list of documents
+        {"Statement": [{"Effect": "Allow", "Action": "dynamodb:*", "Resource": "*"}]},
+        {"Statement": {"Effect": "Deny", "Action": "dynamodb:DeleteItem", "Resource": table_arn}}]})
+    denied = aws.client("dynamodb", key="AKIDDENIED")
+    put(denied, table, "kept")
+    with pytest.raises(ClientError) as raised:
+        denied.delete_item(TableName=table, Key=key("kept"))
+    assert refused(raised) == ("AccessDeniedException", 400,
+                               f"User: arn:aws-cn:iam::{ACCOUNT}:user/AKIDDENIED is not authorized to perform: "
+                               f"dynamodb:DeleteItem on resource: {table_arn} with an explicit deny in an "
+                               "identity-based policy")
+
+
+def test_a_key_without_a_policy_is_not_checked(aws: Any) -> None:
+    table = plain_table(aws)
+    aws.control.behaviour(iam_policies={"AKIDNOTHING": {"Statement": []}})
+    with pytest.raises(ClientError) as raised:
+        aws.client("dynamodb", key="AKIDNOTHING").list_tables()
+    assert refused(raised)[0] == "AccessDeniedException"
+    for unchecked in ("testing", "AKIDOTHER"):
+        ddb = aws.client("dynamodb", key=unchecked)
+        put(ddb, table, unchecked)
+        ddb.delete_item(TableName=table, Key=key(unchecked))
+
+
+def test_sqs_and_kinesis_refusals_reach_boto3_as_access_denied(aws: Any) -> None:
+    queue = f"q{next(_tables)}"
+    aws.client("sqs").create_queue(QueueName=queue)
+    _, stream, _ = kinesis_stream(aws)
+    aws.control.behaviour(iam_policies={"AKIDNARROW": {"Statement": [
+        {"Effect": "Allow", "Action": ["sqs:GetQueueUrl", "kinesis:DescribeStreamSummary"], "Resource": "*"}]}})
+    sqs, kinesis = aws.client("sqs", key="AKIDNARROW"), aws.client("kinesis", key="AKIDNARROW")
+    url = sqs.get_queue_url(QueueName=queue)["QueueUrl"]
+    with pytest.raises(ClientError) as raised:
+        sqs.send_message(QueueUrl=url, MessageBody="x")
+    # SQS's JSON protocol: HTTP 403, the Query protocol's code (x-amzn-query-error), the action in lower case.
+    assert refused(raised) == ("AccessDenied", 403, not_allowed("AKIDNARROW", "sqs:sendmessage", arn("sqs", queue)))
+    kinesis.describe_stream_summary(StreamName=stream)
+    with pytest.raises(ClientError) as raised:
+        kinesis.put_record(StreamName=stream, Data=b"x", PartitionKey="k")
+    assert refused(raised) == ("AccessDeniedException", 400,
+                               not_allowed("AKIDNARROW", "kinesis:PutRecord", arn("kinesis", f"stream/{stream}")))
+
+
+def test_reading_a_secure_string_needs_kms_decrypt_through_ssm(aws: Any) -> None:
+    name = f"/DDBReplication/t{next(_tables)}/SecretKey"
+    aws.client("ssm").put_parameter(Name=name, Value="s3cr3t", Type="SecureString")
+    read = {"Effect": "Allow", "Action": "ssm:GetParameter", "Resource": arn("ssm", f"parameter{name}")}
+    aws.control.behaviour(iam_policies={"AKIDSSM": {"Statement": [read]}})
+    ssm = aws.client("ssm", key="AKIDSSM")
+    ssm.get_parameter(Name=name)
+    with pytest.raises(ClientError) as raised:
+        ssm.get_parameter(Name=name, WithDecryption=True)
+    assert refused(raised) == ("AccessDeniedException", 400,
+                               not_allowed("AKIDSSM", "kms:Decrypt", arn(
+                                   "kms", f"key/{uuid.uuid5(uuid.NAMESPACE_URL, arn('kms', 'alias/aws/ssm'))}")))
+    decrypt = {"Effect": "Allow", "Action": "kms:Decrypt", "Resource": "*",
+               "Condition": {"StringEquals": {"kms:ViaService": f"ssm.{REGION}.amazonaws.com"}}}
+    aws.control.behaviour(iam_policies={"AKIDSSM": {"Statement": [read, decrypt]}})
+    assert ssm.get_parameter(Name=name, WithDecryption=True)["Parameter"]["Value"] == "s3cr3t"
+
+
+# --- the region's clock ------------------------------------------------------------------------
+
+
+STAMP = r"(\d{8}T\d{6}Z)"
+
+
+def epoch(stamp: str) -> int:
+    return int(time.mktime(time.strptime(stamp + "+0000", "%Y%m%dT%H%M%SZ%z")) - time.timezone)
+
+
+def skewed(raised: pytest.ExceptionInfo[ClientError], offset_s: float) -> tuple[str, int, str]:
+    """Code, HTTP status and message of a signature-time refusal, which replicatord must see as
+    clock skew, measured from the answer's Date."""
+    typed = classify(raised.value)
+    assert isinstance(typed, ClockSkew) and typed.skew_s is not None and abs(typed.skew_s - offset_s) < 5
+    response = raised.value.response
+    return code_of(raised), response["ResponseMetadata"]["HTTPStatusCode"], str(response["Error"]["Message"])
+
+
+def signature_times(message: str, minutes: int, late: bool = True) -> tuple[int, int, int]:
+    """(signed, the limit, the region's now) of a signature-time refusal's message."""
+    if late:
+        pattern = rf"Signature expired: {STAMP} is now earlier than {STAMP} \({STAMP} - {minutes} min\.\)"
+    else:
+        pattern = rf"Signature not yet current: {STAMP} is still later than {STAMP} \({STAMP} \+ {minutes} min\.\)"
+    found = re.fullmatch(pattern, message)
+    assert found, message
+    signed, limit, now = (epoch(s) for s in found.groups())
+    return signed, limit, now
+
+
+def test_a_region_clock_20_minutes_off_refuses_the_signature_as_aws_does(aws: Any) -> None:
+    ddb, sqs = aws.client("dynamodb"), aws.client("sqs")
+    aws.control.behaviour(clock_offset_s=20 * 60)
+    with pytest.raises(ClientError) as raised:
+        ddb.list_tables()
+    code, status, message = skewed(raised, 20 * 60)
+    assert (code, status) == ("InvalidSignatureException", 400)
+    signed, limit, now = signature_times(message, 15)
+    assert now - limit == 15 * 60 and 20 * 60 - 5 <= now - signed <= 20 * 60 + 5
+    with pytest.raises(ClientError) as raised:
+        sqs.list_queues()
+    code, status, message = skewed(raised, 20 * 60)
+    assert (code, status) == ("SignatureDoesNotMatch", 403)
+    signature_times(message, 15)
+
+    aws.control.behaviour(clock_offset_s=-20 * 60)
+    with pytest.raises(ClientError) as raised:
+        ddb.list_tables()
+    code, _, message = skewed(raised, -20 * 60)
+    signed, limit, now = signature_times(message, 15, late=False)
+    assert code == "InvalidSignatureException" and limit - now == 15 * 60
+
+
+def test_a_region_clock_10_minutes_ahead_is_within_the_window_except_for_kinesis_and_ssm(aws: Any) -> None:
+    aws.control.behaviour(clock_offset_s=10 * 60)
+    aws.client("dynamodb").list_tables()
+    aws.client("sqs").list_queues()
+    for service, call in (("kinesis", "list_streams"), ("ssm", "describe_parameters")):
+        with pytest.raises(ClientError) as raised:
+            getattr(aws.client(service), call)()
+        code, status, message = skewed(raised, 10 * 60)
+        assert (code, status) == ("InvalidSignatureException", 400)
+        signature_times(message, 5)  # their window is 5 minutes
+
+
+def _raw_dates(endpoint: str, path: str, headers: dict[str, str]) -> list[str]:
+    host, port = endpoint.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        connection.request("POST", path, body=b"{}", headers=headers)
+        response = connection.getresponse()
+        response.read()
+        return response.headers.get_all("Date") or []
+    finally:
+        connection.close()
+
+
+def test_every_response_carries_the_region_clock_as_its_one_date(aws: Any, emulator: str) -> None:
+    aws.control.behaviour(clock_offset_s=10 * 60)
+
+    def shifted(date: str) -> bool:
+        return abs(email.utils.parsedate_to_datetime(date).timestamp() - (time.time() + 600)) < 5
+
+    answer = aws.client("dynamodb").list_tables()
+    assert shifted(answer["ResponseMetadata"]["HTTPHeaders"]["date"])
+    signed = {"X-Amz-Target": "DynamoDB_20120810.ListTables", "Content-Type": "application/x-amz-json-1.0",
+              "Authorization": f"AWS4-HMAC-SHA256 Credential=testing/20260101/{REGION}/dynamodb/aws4_request, "
+                               "SignedHeaders=host, Signature=0"}
+    for path, headers in (("/", signed),  # served by moto
+                          ("/", {**signed, "X-Amz-Date": "20000101T000000Z"}),  # refused by the layer
+                          ("/_replicatord/stats", {})):  # the control API
+        dates = _raw_dates(emulator, path, headers)
+        assert len(dates) == 1 and shifted(dates[0]), (path, dates)
+
+
+# --- https -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def https_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """An emulator serving https with a self-signed certificate: (endpoint URL, certificate path)."""
+    workdir = Path(tmp_path_factory.mktemp("https"))
+    tls = emulators.make_certificate(workdir / "tls")
+    with emulators.running({REGION: emulators.free_port()}, workdir, behaviour=QUIET, tls=tls) as started:
+        yield started[REGION].endpoint_url, tls[0]
+
+
+def test_an_https_emulator_serves_boto3_directly_and_through_squid_by_connect(
+        https_emulator: tuple[str, str], squid: Squid) -> None:
+    url, cert = https_emulator
+    assert url.startswith("https://127.0.0.1:")
+
+    def ddb(**config: Any) -> Any:
+        return boto3.client("dynamodb", region_name=REGION, endpoint_url=url, verify=cert,
+                            config=Config(retries={"max_attempts": 1}, **config))
+
+    direct, proxied = ddb(), ddb(proxies={"https": squid.url})
+    direct.create_table(TableName="tls", KeySchema=[{"AttributeName": "PK", "KeyType": "HASH"}],
+                        AttributeDefinitions=[{"AttributeName": "PK", "AttributeType": "S"}],
+                        BillingMode="PAY_PER_REQUEST")
+    put(direct, "tls", "direct")
+    put(proxied, "tls", "proxied")
+    assert {i["PK"]["S"] for i in proxied.scan(TableName="tls")["Items"]} == {"direct", "proxied"}
+    assert direct.get_item(TableName="tls", Key=key("proxied"))["Item"] == key("proxied")
+    port = url.rsplit(":", 1)[1]
+    wait_for(lambda: any(" CONNECT 127.0.0.1:" + port in line for line in squid.requests()), 10,
+             "squid's access log to show the CONNECT tunnels")
+    assert Control(url, ca_bundle=cert).stats()["calls"]["dynamodb.PutItem"] == 2
+
+
+async def test_aiobotocore_trusts_an_https_emulator_through_aws_ca_bundle(
+        https_emulator: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    url, cert = https_emulator
+    once = AioConfig(retries={"max_attempts": 1})
+    monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
+    async with get_session().create_client("dynamodb", region_name=REGION, endpoint_url=url, config=once) as untrusting:
+        with pytest.raises(SSLError):
+            await untrusting.list_tables()
+    monkeypatch.setenv("AWS_CA_BUNDLE", cert)
+    async with get_session().create_client("dynamodb", region_name=REGION, endpoint_url=url, config=once) as trusting:
+        assert "TableNames" in await trusting.list_tables()
+    assert "calls" in Control(url).stats()  # the control client trusts AWS_CA_BUNDLE too

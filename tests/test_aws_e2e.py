@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from replicatord.config import load_topology
-from replicatord.local.world import DEMO_KEY_PAIR, REGIONS, metric_sum, wait_for
+from replicatord.local.world import REGIONS, metric_sum, peer_writer_key_pair, wait_for
 from replicatord.ops.provision import RegionProvisioner
 from tests.test_e2e import TABLES, _assert_identical, _drained
 from tests.test_integration import cli
@@ -198,7 +198,7 @@ def test_key_rotation_under_load_without_a_restart_and_no_secret_in_any_output(r
     # store a new pair there, then revoke the old one at Singapore.
     RegionProvisioner(load_topology(config), CN, lambda _line: None).store_peer_credentials(
         SG, "AKIDROTATED", new_secret)
-    regions.control(SG).revoke(DEMO_KEY_PAIR[0])
+    regions.control(SG).revoke(peer_writer_key_pair(SG)[0])
     wait_for(lambda: metric_sum(daemons[CN].metrics(), "replicatord_peer_credentials_refreshed_total") >= 1, 60,
              "the daemon to take the new key pair")
     wait_for(lambda: metric_sum(daemons[CN].metrics(), "replicatord_records_forwarded_total", peer=SG) > 200, 60,
@@ -213,7 +213,7 @@ def test_key_rotation_under_load_without_a_restart_and_no_secret_in_any_output(r
     for command in (("status", "--config", str(config)), ("check-config", "--config", str(config), "--region", CN)):
         result = cli(*command)
         outputs += [result.stdout, result.stderr]
-    for secret in (DEMO_KEY_PAIR[1], new_secret):
+    for secret in (peer_writer_key_pair(SG)[1], new_secret):
         assert not any(secret in text for text in outputs), "a secret key appeared in the output"
     print(f"\nkey rotation under load: {sum(map(len, written))} items converged, no restart, no secret in any output")
 

@@ -34,13 +34,19 @@ Every service
   after the call took effect) on calls whose User-Agent contains `faults_user_agent` (the
   daemons' aiobotocore; tests' own boto3 calls are spared unless it is set to "");
 - a revoked access key (`revoke`) gets `UnrecognizedClientException` (HTTP 400), as a deleted
-  or deactivated IAM key does.
+  or deactivated IAM key does;
+- the region's clock is `clock_offset_s` ahead of the host's: it is every response's `Date`, and
+  a request signed further than `signature_window_s` from it (Kinesis and SSM: 5 min, not 15) is
+  refused as AWS refuses it; with `iam_record` each request's IAM authorizations are counted per
+  access key, and a key given policies in `iam_policies` is refused what they do not allow
+  (the answers, and where they come from: local/iam_recorder.py).
 
 Control API, on the emulator's own port: POST /_replicatord/behaviour (JSON: settings to
 change), /_replicatord/revoke and /unrevoke ({"access_key_id"}), /_replicatord/ttl-sweep
 ({"table", "attribute"?}), /_replicatord/rollover ({"table"}), GET /_replicatord/stats (calls
 per operation, of all clients and of aiobotocore's (the daemons'), and faults injected),
-POST /_replicatord/stats/reset. `Control` is its client.
+POST /_replicatord/stats/reset, /_replicatord/iam-calls and /iam-calls/reset. `Control` is its
+client (over https too).
 """
 
 from __future__ import annotations
@@ -50,15 +56,21 @@ import bisect
 import contextlib
 import dataclasses
 import datetime as dt
+import email.utils
+import functools
 import json
 import os
 import random
+import ssl
 import time
 import urllib.request
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from replicatord.iam import Call
+from replicatord.local import iam_recorder
 
 CONTROL_PREFIX = "/_replicatord/"
 
@@ -81,6 +93,15 @@ class Behaviour:
     error_after_rate: float = 0.0
     faults_user_agent: str = "aiobotocore"
     seed: int | None = None
+    iam_record: bool = False
+    iam_policies: dict[str, Any] = field(default_factory=dict)  # access key id -> policy document(s)
+    # Refuse every access key but those of `iam_policies` and the tests' own (LOCAL_CREDENTIALS), as
+    # AWS refuses a key it does not know: UnrecognizedClientException.
+    iam_known_keys_only: bool = False
+    clock_offset_s: float = 0.0  # the region's clock is this far ahead of the host's
+    signature_window_s: float = 15 * 60
+    signature_window_by_service_s: dict[str, float] = field(
+        default_factory=lambda: {"kinesis": 5 * 60.0, "ssm": 5 * 60.0})
 
     def update(self, changes: dict[str, Any]) -> None:
         names = {f.name for f in dataclasses.fields(self)}
@@ -90,6 +111,8 @@ class Behaviour:
         for name, value in changes.items():
             setattr(self, name, value)
 
+
+TESTS_KEY = "testing"  # the access key of the tests' own clients (emulators.LOCAL_CREDENTIALS)
 
 # The end-to-end tests' world: AWS's behaviour with hours made seconds, and a little of every
 # failure. Rollover every few seconds, retention long enough that only the tests about it see it.
@@ -103,6 +126,7 @@ TEST_BEHAVIOUR: dict[str, Any] = {
     "throttle_rate": 0.005,
     "error_rate": 0.003,
     "error_after_rate": 0.003,
+    "iam_record": True,
 }
 
 
@@ -116,6 +140,7 @@ class State:
         self.calls: Counter[str] = Counter()
         self.daemon_calls: Counter[str] = Counter()  # calls made with aiobotocore: the daemons' (or the sample's)
         self.faults: Counter[str] = Counter()
+        self.iam_calls: Counter[tuple[str, Call]] = Counter()  # (access key, iam.Call) -> requests
         self.busy_s: defaultdict[str, float] = defaultdict(float)  # time spent serving each operation (all callers)
         self.reads: dict[tuple[str, str], deque[float]] = defaultdict(deque)
         self.streams: dict[tuple[str, str], StreamModel] = {}  # (table, stream label) -> stream
@@ -281,6 +306,25 @@ class StreamModel:
         if len(shards) > limit:
             out["LastEvaluatedShardId"] = page[-1].id
         return out
+
+
+def list_table_streams(table: str | None, limit: int, exclusive_start: str | None) -> dict[str, Any]:
+    """ListStreams: every stream still readable, of `table` or of every table, oldest first."""
+    now = time.time()
+    retention_s = STATE.behaviour.stream_retention_s
+    found = sorted((stream for stream in STATE.streams.values()
+                    if (table is None or stream.table.name == table)
+                    and (stream.disabled_at is None or now - stream.disabled_at < retention_s)),
+                   key=lambda stream: (stream.table.name, stream.label))
+    arns = [stream.arn for stream in found]
+    if exclusive_start is not None:
+        found = found[arns.index(exclusive_start) + 1:] if exclusive_start in arns else []
+    page = found[:limit]
+    out: dict[str, Any] = {"Streams": [{"StreamArn": s.arn, "TableName": s.table.name, "StreamLabel": s.label}
+                                       for s in page]}
+    if len(found) > limit:
+        out["LastEvaluatedStreamArn"] = page[-1].arn
+    return out
 
 
 def _stream_of(arn: str) -> StreamModel:
@@ -540,6 +584,13 @@ def _install_streams() -> None:
         # every image and took a third of the emulator's time under load (py-spy).
         return json.dumps(page, default=_stream_json, separators=(",", ":"))
 
+    def list_streams(handler: Any) -> Any:
+        # moto lists only each table's latest stream; AWS lists a disabled one too while its
+        # records are readable (24 hours), with StreamStatus DISABLED in DescribeStream.
+        return ActionResult(list_table_streams(handler._get_param("TableName"), int(handler._get_param("Limit") or 100),
+                                               handler._get_param("ExclusiveStartStreamArn")))
+
+    DynamoDBStreamsHandler.list_streams = list_streams  # type: ignore[method-assign,assignment]
     DynamoDBStreamsHandler.describe_stream = describe_stream  # type: ignore[method-assign,assignment]
     DynamoDBStreamsHandler.get_shard_iterator = get_shard_iterator  # type: ignore[method-assign,assignment]
     DynamoDBStreamsHandler.get_records = get_records  # type: ignore[method-assign,assignment]
@@ -561,19 +612,33 @@ _TARGETS = {"DynamoDB_20120810": "dynamodb", "DynamoDBStreams_20120810": "dynamo
 StartResponse = Callable[..., Any]
 
 
-def _json_error(start_response: StartResponse, status: str, code: str, message: str) -> list[bytes]:
+def _json_error(start_response: StartResponse, status: str, code: str, message: str,
+                headers: tuple[tuple[str, str], ...] = ()) -> list[bytes]:
     body = json.dumps({"__type": code, "message": message}).encode()
-    start_response(status, [("Content-Type", "application/x-amz-json-1.1"), ("x-amzn-ErrorType", code),
-                            ("x-amzn-RequestId", os.urandom(8).hex()), ("Content-Length", str(len(body)))])
+    start_response(status, [("Content-Type", "application/x-amz-json-1.1"),
+                            ("x-amzn-ErrorType", code.rpartition("#")[2]), ("x-amzn-RequestId", os.urandom(8).hex()),
+                            ("Content-Length", str(len(body))), *headers])
     return [body]
 
 
-def _access_key(environ: dict[str, Any]) -> str | None:
-    auth = environ.get("HTTP_AUTHORIZATION", "")
-    marker = "Credential="
-    if marker not in auth:
-        return None
-    return str(auth.split(marker, 1)[1].split("/", 1)[0])
+# --- the region's clock ------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def _http_date(epoch_s: int) -> str:
+    return email.utils.formatdate(epoch_s, usegmt=True)  # RFC 7231's IMF-fixdate
+
+
+def _dated(start_response: StartResponse) -> StartResponse:
+    """`start_response` with the region's clock as the response's one Date header (the emulator's
+    request handler adds its own only to a response without one)."""
+
+    def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        headers = [h for h in headers if h[0].lower() != "date"]
+        headers.append(("Date", _http_date(int(time.time() + STATE.behaviour.clock_offset_s))))
+        return start_response(status, headers, exc_info)
+
+    return start
 
 
 class Layer:
@@ -583,6 +648,7 @@ class Layer:
         self.app = app
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        start_response = _dated(start_response)
         path = environ.get("PATH_INFO", "")
         if path.startswith(CONTROL_PREFIX):
             return self.control(path[len(CONTROL_PREFIX):], environ, start_response)
@@ -597,16 +663,33 @@ class Layer:
             STATE.daemon_calls[name] += 1
         started = time.perf_counter()
         try:
-            return self._serve(service, environ, start_response)
+            return self._serve(service, operation, environ, start_response)
         finally:
             STATE.busy_s[name] += time.perf_counter() - started
 
-    def _serve(self, service: str, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        if _access_key(environ) in STATE.revoked:
-            STATE.faults["revoked_key"] += 1
+    def _serve(self, service: str, operation: str, environ: dict[str, Any],
+               start_response: StartResponse) -> Iterable[bytes]:
+        b = STATE.behaviour
+        stamp = environ.get("HTTP_X_AMZ_DATE")
+        if stamp:
+            window = b.signature_window_by_service_s.get(service, b.signature_window_s)
+            refused = iam_recorder.signature_time_refusal(service, stamp, time.time() + b.clock_offset_s, window)
+            if refused is not None:
+                STATE.faults["signature_time"] += 1
+                return _json_error(start_response, refused.status, refused.type, refused.message, refused.headers)
+        credential = iam_recorder.credential(environ.get("HTTP_AUTHORIZATION", ""))
+        unknown = (b.iam_known_keys_only and credential is not None
+                   and credential.access_key not in b.iam_policies and credential.access_key != TESTS_KEY)
+        if credential is not None and (credential.access_key in STATE.revoked or unknown):
+            STATE.faults["revoked_key" if not unknown else "unknown_key"] += 1
             return _json_error(start_response, "400 Bad Request", "UnrecognizedClientException",
                                "The security token included in the request is invalid.")
-        b = STATE.behaviour
+        if credential is not None and (b.iam_record or credential.access_key in b.iam_policies):
+            record = STATE.iam_calls if b.iam_record else None
+            refused = iam_recorder.authorize(service, operation, credential, environ, record, b.iam_policies)
+            if refused is not None:
+                STATE.faults["iam_denied"] += 1
+                return _json_error(start_response, refused.status, refused.type, refused.message, refused.headers)
         if b.faults_user_agent not in environ.get("HTTP_USER_AGENT", ""):
             return self.app(environ, start_response)
         draw = STATE.random.random()
@@ -663,6 +746,11 @@ class Layer:
         if command == "stats":
             return {"calls": dict(STATE.calls), "daemon_calls": dict(STATE.daemon_calls), "faults": dict(STATE.faults),
                     "busy_s": {name: round(s, 3) for name, s in STATE.busy_s.items()}}
+        if command == "iam-calls":
+            return iam_recorder.entries(STATE.iam_calls)
+        if command == "iam-calls/reset":
+            STATE.iam_calls.clear()
+            return {}
         if command == "stats/reset":
             STATE.calls.clear()
             STATE.busy_s.clear()
@@ -685,16 +773,20 @@ def install(app: Callable[..., Iterable[bytes]], behaviour: Behaviour) -> Layer:
 
 
 class Control:
-    """Drives the layer of one emulator (one region) from a test or the demo."""
+    """Drives the layer of one emulator (one region) from a test or the demo. An https emulator's
+    certificate is trusted from `ca_bundle`, else from AWS_CA_BUNDLE (as botocore trusts it)."""
 
-    def __init__(self, endpoint_url: str) -> None:
+    def __init__(self, endpoint_url: str, ca_bundle: str | None = None) -> None:
         self.endpoint_url = endpoint_url.rstrip("/")
+        self._ssl: ssl.SSLContext | None = None
+        if self.endpoint_url.startswith("https:"):
+            self._ssl = ssl.create_default_context(cafile=ca_bundle or os.environ.get("AWS_CA_BUNDLE") or None)
 
     def _post(self, command: str, body: dict[str, Any] | None = None) -> Any:
         request = urllib.request.Request(
             f"{self.endpoint_url}{CONTROL_PREFIX}{command}", data=json.dumps(body or {}).encode(), method="POST",
             headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - loopback emulator
+        with urllib.request.urlopen(request, timeout=30, context=self._ssl) as response:  # noqa: S310 - loopback
             return json.loads(response.read())
 
     def behaviour(self, **changes: Any) -> dict[str, Any]:
@@ -719,6 +811,16 @@ class Control:
 
     def reset_stats(self) -> None:
         self._post("stats/reset")
+
+    def iam_calls(self) -> list[dict[str, Any]]:
+        """The IAM authorizations recorded (`iam_record`): one entry per access key and
+        iam.Call, {access_key, action, resource, context, count} (iam_recorder.call_of makes
+        the Call of one)."""
+        result: list[dict[str, Any]] = self._post("iam-calls")
+        return result
+
+    def reset_iam_calls(self) -> None:
+        self._post("iam-calls/reset")
 
     @contextlib.contextmanager
     def changed(self, **changes: Any) -> Iterator[None]:

@@ -10,13 +10,20 @@ interpreter), 185 against 248 conditional puts/s (scripts/bench.py).
     python -m replicatord.local.emulators serve --port 5101          # one region, foreground
     python -m replicatord.local.emulators start --dir .aws-local cn-north-1=5101 ap-southeast-1=5102
     python -m replicatord.local.emulators stop --dir .aws-local
+    python -m replicatord.local.emulators start --tls --dir .aws-local cn-north-1=5101   # https
+
+Over https (`tls`: a certificate and key, `make_certificate` makes a self-signed one for
+127.0.0.1 and localhost), botocore and aiobotocore trust the emulator through AWS_CA_BUNDLE (both
+read it as the `ca_bundle` setting) or `verify=`, and reach it through a proxy by CONNECT.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import functools
+import ipaddress
 import json
 import logging
 import os
@@ -38,13 +45,81 @@ LOCAL_CREDENTIALS = {
 }
 
 
-def serve(host: str, port: int, behaviour: dict[str, Any] | None = None) -> None:
-    """Serve one region; with `behaviour` (aws_behaviour.Behaviour settings), as AWS behaves."""
-    from moto.moto_server.werkzeug_app import (
-        DomainDispatcherApplication,
-        MotoRequestHandler,
-        create_backend_app,
+TLS = tuple[str, str]  # (certificate path, key path), PEM
+
+
+def make_certificate(directory: Path) -> TLS:
+    """A self-signed certificate for 127.0.0.1 and localhost, valid for a year, and its key,
+    written to `directory` (cert.pem, key.pem). The certificate is its own CA: a client trusts it
+    by naming the file (AWS_CA_BUNDLE, verify=)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    # P-256: every request is a new connection and so a handshake; ECDSA signs far faster than RSA.
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "replicatord local emulator")])
+    now = dt.datetime.now(dt.UTC)
+    public = key.public_key()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                    x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False)
+        .sign(key, hashes.SHA256())
     )
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return str(cert_path), str(key_path)
+
+
+def _request_handler() -> type[Any]:
+    from moto.moto_server.werkzeug_app import MotoRequestHandler
+
+    class RequestHandler(MotoRequestHandler):
+        """moto's handler, whose http.server base adds a Date to every response: here only to a
+        response without one (the AWS-behaviour layer gives its own, of the region's clock)."""
+
+        def send_response(self, code: int, message: str | None = None) -> None:
+            self.log_request(code)
+            self.send_response_only(code, message)
+            self.send_header("Server", self.version_string())
+            self._dated = False
+
+        def send_header(self, keyword: str, value: str) -> None:
+            if keyword.lower() == "date":
+                self._dated = True
+            super().send_header(keyword, value)
+
+        def end_headers(self) -> None:
+            if not getattr(self, "_dated", True):
+                super().send_header("Date", self.date_time_string())
+            super().end_headers()
+
+    return RequestHandler
+
+
+def serve(host: str, port: int, behaviour: dict[str, Any] | None = None, tls: TLS | None = None) -> None:
+    """Serve one region; with `behaviour` (aws_behaviour.Behaviour settings), as AWS behaves; with
+    `tls` (certificate and key paths), over https."""
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
     from werkzeug.serving import run_simple
 
     def _exit(signum: int, frame: FrameType | None) -> None:
@@ -61,7 +136,7 @@ def serve(host: str, port: int, behaviour: dict[str, Any] | None = None) -> None
         app = install(app, settings)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request costs the emulator
     _spare_per_request_work()
-    run_simple(host, port, app, threaded=False, request_handler=MotoRequestHandler)
+    run_simple(host, port, app, threaded=False, request_handler=_request_handler(), ssl_context=tls)
 
 
 def _spare_per_request_work() -> None:
@@ -100,17 +175,22 @@ class Emulator:
     region: str
     port: int
     process: subprocess.Popen[bytes]
+    tls: TLS | None = None
 
     @property
     def endpoint_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
 
 def start(
-    ports: Mapping[str, int], log_dir: Path | None = None, behaviour: Mapping[str, Any] | None = None
+    ports: Mapping[str, int],
+    log_dir: Path | None = None,
+    behaviour: Mapping[str, Any] | None = None,
+    tls: TLS | None = None,
 ) -> dict[str, Emulator]:
     """Start one emulator per region and wait until each accepts connections. With `behaviour`
-    (aws_behaviour settings; {} for AWS's own figures) each behaves as AWS does."""
+    (aws_behaviour settings; {} for AWS's own figures) each behaves as AWS does; with `tls`
+    (certificate and key paths, e.g. from `make_certificate`) each serves https."""
     started: dict[str, Emulator] = {}
     try:
         for region, port in ports.items():
@@ -120,13 +200,15 @@ def start(
                 log_path = str(log_dir / f"moto-{region}.log")
             with open(log_path, "ab") as out:
                 extra = [] if behaviour is None else ["--behaviour", json.dumps(dict(behaviour))]
+                if tls is not None:
+                    extra += ["--tls-cert", tls[0], "--tls-key", tls[1]]
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "replicatord.local.emulators", "serve", "--port", str(port), *extra],
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     env={**os.environ, **LOCAL_CREDENTIALS},
                 )
-            started[region] = Emulator(region, port, proc)
+            started[region] = Emulator(region, port, proc, tls)
         for emulator in started.values():
             wait_listening("127.0.0.1", emulator.port, 30, emulator.process)
     except BaseException:
@@ -150,9 +232,12 @@ def stop(emulators: Iterable[Emulator]) -> None:
 
 @contextlib.contextmanager
 def running(
-    ports: Mapping[str, int], log_dir: Path | None = None, behaviour: Mapping[str, Any] | None = None
+    ports: Mapping[str, int],
+    log_dir: Path | None = None,
+    behaviour: Mapping[str, Any] | None = None,
+    tls: TLS | None = None,
 ) -> Iterator[dict[str, Emulator]]:
-    emulators = start(ports, log_dir, behaviour)
+    emulators = start(ports, log_dir, behaviour, tls)
     try:
         yield emulators
     finally:
@@ -176,21 +261,30 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, required=True)
     srv.add_argument("--behaviour", help="JSON: aws_behaviour settings ({} for AWS's own figures)")
+    srv.add_argument("--tls-cert", help="serve https with this certificate (PEM) ...")
+    srv.add_argument("--tls-key", help="... and this key (PEM)")
     st = sub.add_parser("start", help="one emulator per REGION=PORT, in the background")
     st.add_argument("--dir", default=".aws-local", help="pid and log files")
+    st.add_argument("--tls", action="store_true", help="serve https, with a certificate made in --dir")
     st.add_argument("regions", nargs="+", metavar="REGION=PORT")
     sp = sub.add_parser("stop", help="stop what 'start' started")
     sp.add_argument("--dir", default=".aws-local")
     args = parser.parse_args(argv)
     if args.command == "serve":
-        serve(args.host, args.port, json.loads(args.behaviour) if args.behaviour else None)
+        if bool(args.tls_cert) != bool(args.tls_key):
+            parser.error("--tls-cert and --tls-key go together")
+        tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
+        serve(args.host, args.port, json.loads(args.behaviour) if args.behaviour else None, tls)
         return 0
     workdir = Path(args.dir)
     if args.command == "start":
-        emulators = start(_parse_region_ports(args.regions), workdir)
+        tls = make_certificate(workdir / "tls") if args.tls else None
+        emulators = start(_parse_region_ports(args.regions), workdir, tls=tls)
         for e in emulators.values():
             (workdir / f"moto-{e.region}.pid").write_text(str(e.process.pid))
             print(f"{e.region}: {e.endpoint_url} (pid {e.process.pid})")
+        if tls is not None:
+            print(f"export AWS_CA_BUNDLE={Path(tls[0]).resolve()}")
         return 0
     for pidfile in sorted(workdir.glob("moto-*.pid")):
         pid = int(pidfile.read_text())

@@ -2,7 +2,10 @@
 
 Kernel netem is not available on the machines this runs on, so the link between the emulated
 regions is this proxy: every chunk is held for `delay_ms ± jitter_ms` in each direction, in
-order, and `outage()` refuses new connections and cuts open ones.
+order. `set_down(True)` is an outage that refuses new connections and cuts open ones;
+`set_blackhole(True)` is a black hole (a route that drops packets, a firewall that drops rather
+than rejects): connections are accepted but nothing ever comes back and nothing is closed, so a
+client only learns of it from its own timeouts.
 
     python -m replicatord.local.wan --listen 127.0.0.1:7000 --target 127.0.0.1:5102 --delay-ms 40
 """
@@ -14,7 +17,8 @@ import asyncio
 import contextlib
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 
 def _in_loop(loop: asyncio.AbstractEventLoop) -> bool:
@@ -24,14 +28,31 @@ def _in_loop(loop: asyncio.AbstractEventLoop) -> bool:
         return False
 
 
+@dataclass(eq=False)
+class _Connection:
+    """One client connection and, once made, its upstream one. `silent`: black-holed, nothing is
+    forwarded either way any more (its byte streams have lost data: it is never resumed)."""
+
+    writers: list[asyncio.StreamWriter]
+    silent: bool = False
+    cut: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+        self.cut.set()
+
+
 class WanLink:
     def __init__(self, target_host: str, target_port: int, delay_ms: float = 0.0, jitter_ms: float = 0.0) -> None:
         self.target = (target_host, target_port)
         self.delay_ms = delay_ms
         self.jitter_ms = jitter_ms
         self.down = False
+        self.blackhole = False
         self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._connections: set[_Connection] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.port = 0
 
@@ -45,29 +66,58 @@ class WanLink:
         if self._server is not None:
             self._server.close()
             self._cut()
+            if self._handlers:  # cut: each ends at once
+                await asyncio.wait(self._handlers, timeout=5)
             await self._server.wait_closed()
+
+    def _on_loop(self, switch: Callable[[], None]) -> None:
+        """Run `switch` on the link's loop, from any thread, and wait until it has run."""
+        loop = self._loop
+        if loop is None or not loop.is_running() or _in_loop(loop):
+            switch()
+            return
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                switch()
+            finally:
+                done.set()
+
+        loop.call_soon_threadsafe(run)
+        done.wait(5)
 
     def set_down(self, down: bool) -> None:
         """Start or end an outage; callable from any thread."""
-        loop = self._loop
-        if loop is not None and loop.is_running() and not _in_loop(loop):
-            done = threading.Event()
 
-            def switch() -> None:
-                self.set_down(down)
-                done.set()
+        def switch() -> None:
+            self.down = down
+            if down:
+                self._cut()
 
-            loop.call_soon_threadsafe(switch)
-            done.wait(5)
-            return
-        self.down = down
-        if down:
-            self._cut()
+        self._on_loop(switch)
+
+    def set_blackhole(self, on: bool) -> None:
+        """Start or end a black hole; callable from any thread. While on, new connections are
+        accepted and what they send is read and dropped, open ones go silent both ways; nothing
+        is answered or closed. Ending it cuts the silent connections (their data was lost);
+        new ones are forwarded again."""
+
+        def switch() -> None:
+            self.blackhole = on
+            for connection in list(self._connections):
+                if on:
+                    connection.silent = True
+                elif connection.silent:
+                    self._connections.discard(connection)
+                    connection.close()
+
+        self._on_loop(switch)
 
     def _cut(self) -> None:
-        for writer in list(self._writers):
-            writer.close()
-        self._writers.clear()
+        for connection in list(self._connections):
+            connection.close()
+        self._connections.clear()
 
     def _delay_s(self) -> float:
         jitter = random.uniform(-self.jitter_ms, self.jitter_ms) if self.jitter_ms else 0.0
@@ -77,25 +127,44 @@ class WanLink:
         if self.down:
             writer.close()
             return
+        connection = _Connection([writer], silent=self.blackhole)
+        self._connections.add(connection)
+        handler = asyncio.current_task()
+        if handler is not None:
+            self._handlers.add(handler)
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
-        except OSError:
-            writer.close()
-            return
-        self._writers.update((writer, up_writer))
-        try:
+            if connection.silent:
+                await self._swallow(reader, connection)
+                return
+            try:
+                up_reader, up_writer = await asyncio.open_connection(*self.target)
+            except OSError:
+                return
+            connection.writers.append(up_writer)
+            if connection.cut.is_set():  # cut while connecting
+                up_writer.close()
+                return
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._pipe(reader, up_writer))
-                group.create_task(self._pipe(up_reader, writer))
+                group.create_task(self._pipe(reader, up_writer, connection))
+                group.create_task(self._pipe(up_reader, writer, connection))
+            if connection.silent:
+                await connection.cut.wait()  # both ends hung up: a black hole tells neither
         except* (OSError, asyncio.IncompleteReadError):
             pass
         finally:
-            for w in (writer, up_writer):
-                self._writers.discard(w)
-                w.close()
+            self._connections.discard(connection)
+            self._handlers.discard(handler)
+            connection.close()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Forward chunks in order, each after the link's delay (a queue keeps the order)."""
+    async def _swallow(self, reader: asyncio.StreamReader, connection: _Connection) -> None:
+        """Read and drop all the client sends; never answer, never close (until cut)."""
+        while await reader.read(65536):
+            pass
+        await connection.cut.wait()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, connection: _Connection) -> None:
+        """Forward chunks in order, each after the link's delay (a queue keeps the order); once
+        the connection is silent, read and drop."""
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
@@ -105,15 +174,19 @@ class WanLink:
                 if not chunk:
                     break
                 await asyncio.sleep(max(0.0, due - loop.time()))
+                if connection.silent:
+                    continue
                 writer.write(chunk)
                 await writer.drain()
-            with contextlib.suppress(OSError):
-                writer.write_eof()
+            if not connection.silent:
+                with contextlib.suppress(OSError):
+                    writer.write_eof()
 
         sender = asyncio.create_task(send())
         try:
             while chunk := await reader.read(65536):
-                await queue.put((loop.time() + self._delay_s(), chunk))
+                if not connection.silent:
+                    await queue.put((loop.time() + self._delay_s(), chunk))
         finally:
             await queue.put((loop.time(), b""))
             await sender

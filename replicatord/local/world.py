@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,34 @@ def table_of(region: str) -> str:
 
 def stream_of(region: str) -> str:
     return f"ddb_replication_stream_{SUFFIX[region]}"
-DEMO_KEY_PAIR = ("AKIDLOCALDEMO", "local-emulator-dummy")  # the emulator accepts any key pair
+
+# Each identity of the local world has a key pair of its own (the emulator accepts any), so that
+# the local regions can record who made which call and the tests can check every call against the
+# policy `replicatord iam` generates for that identity. The secrets are dummies, not secrets.
+OPERATOR_KEY_PAIR = ("AKIDLOCALOPERATOR", "local-operator-dummy")
+
+
+def instance_key_pair(region: str) -> tuple[str, str]:
+    """What the instance profile of `region`'s daemon hosts gives them."""
+    return f"AKIDLOCALDAEMON{SUFFIX[region].upper()}", f"local-instance-role-{SUFFIX[region]}-dummy"
+
+
+def peer_writer_key_pair(region: str) -> tuple[str, str]:
+    """The access key of `region`'s peer-writer user (stored in SSM of the other partition's regions)."""
+    return f"AKIDLOCALPEERWRITER{SUFFIX[region].upper()}", f"local-peer-writer-{SUFFIX[region]}-dummy"
+
+
+def identities(regions: Sequence[str]) -> dict[str, tuple[str, str | None]]:
+    """Access key id -> (identity kind as `iam.identity_files` names it, its region; None: any)."""
+    found: dict[str, tuple[str, str | None]] = {OPERATOR_KEY_PAIR[0]: ("operator", None)}
+    for region in regions:
+        found[instance_key_pair(region)[0]] = ("daemon", region)
+        found[peer_writer_key_pair(region)[0]] = ("peer-writer", region)
+    return found
+
+
+def key_pair_env(pair: tuple[str, str]) -> dict[str, str]:
+    return {"AWS_ACCESS_KEY_ID": pair[0], "AWS_SECRET_ACCESS_KEY": pair[1], "AWS_SESSION_TOKEN": "local"}
 
 
 def topology_document(
@@ -87,8 +114,26 @@ def write_topology(path: Path, document: dict[str, Any]) -> Path:
     return path
 
 
-def local_env() -> dict[str, str]:
-    env = {**os.environ, **LOCAL_CREDENTIALS}
+@contextlib.contextmanager
+def acting_as(pair: tuple[str, str]) -> Iterator[None]:
+    """This process's default credentials are `pair`'s for the block (then as they were)."""
+    changed = key_pair_env(pair)
+    before = {name: os.environ.get(name) for name in changed}
+    os.environ.update(changed)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def local_env(pair: tuple[str, str] = OPERATOR_KEY_PAIR) -> dict[str, str]:
+    """The environment of a process of the local world: an operator command, unless `pair` is
+    another identity's key pair."""
+    env = {**os.environ, **key_pair_env(pair)}
     env.pop("AWS_PROFILE", None)
     return env
 
@@ -241,7 +286,7 @@ class DaemonProcess:
     def __init__(self, config: Path, region: str, log_dir: Path, instance_id: str | None = None,
                  env: Mapping[str, str] | None = None) -> None:
         self.config = config
-        self.env = {**local_env(), **(env or {})}
+        self.env = {**local_env(instance_key_pair(region)), **(env or {})}
         self.region = region
         self.port = free_port()
         self.instance_id = instance_id or f"{region}-{self.port}"
@@ -311,16 +356,18 @@ class DaemonProcess:
 
 
 def provision_local(config: Path, report: Callable[[str], None] = print, only: Sequence[str] | None = None) -> None:
-    """Provision the regions of `config` (or `only` these) and store in each region the (dummy)
-    key pair of every peer across the partition border (with `only`: the pairs that involve
-    those regions, both ways); a peer in the same partition needs none."""
+    """Provision the regions of `config` (or `only` these), as the operator, and store in each
+    region the (dummy) key pair of every peer's peer-writer user across the partition border (with
+    `only`: the pairs that involve those regions, both ways); a peer in the same partition needs
+    none."""
     from replicatord.config import load_topology, partition_of
     from replicatord.ops.provision import RegionProvisioner, provision
 
-    os.environ.update(LOCAL_CREDENTIALS)
     topology = load_topology(config)
-    provision(topology, regions=list(only) if only else None, report=report)
-    for region in topology.regions:
-        for peer in topology.regions:
-            if partition_of(peer) != partition_of(region) and (not only or region in only or peer in only):
-                RegionProvisioner(topology, region, report).store_peer_credentials(peer, *DEMO_KEY_PAIR)
+    with acting_as(OPERATOR_KEY_PAIR):
+        provision(topology, regions=list(only) if only else None, report=report)
+        for region in topology.regions:
+            for peer in topology.regions:
+                if partition_of(peer) != partition_of(region) and (not only or region in only or peer in only):
+                    RegionProvisioner(topology, region, report).store_peer_credentials(
+                        peer, *peer_writer_key_pair(peer))
