@@ -198,9 +198,10 @@ class Forwarding:
             pipeline = self.build(follow.arn, follow.start, follow.retiring)
             if not follow.retiring:
                 self.current = pipeline
-            elif stream_label(follow.arn) not in followed:
-                log.warning("pair %s: older stream %s of table %s holds records not read yet: reading it to its "
-                            "end", self.pair, stream_label(follow.arn), self.table)
+            else:
+                why = "was being read" if stream_label(follow.arn) in followed else "is new since the last run"
+                log.warning("pair %s: older stream %s of table %s %s: reading what is left of it to its end",
+                            self.pair, stream_label(follow.arn), self.table, why)
             await self._note(follow.arn)
             pipelines.append(pipeline)
         return pipelines

@@ -23,7 +23,7 @@ import yaml
 from botocore.config import Config
 
 from replicatord.config import Region
-from replicatord.leases import Lease, from_item
+from replicatord.leases import Lease, from_item, latest_since
 from replicatord.local.emulators import LOCAL_CREDENTIALS, free_port
 
 # The original deployment's two regions first; then a second region in each partition.
@@ -196,7 +196,9 @@ class Drained:
     def __call__(self) -> bool:
         now = self.positions()
         quiet, self.last = now == self.last, now
-        return quiet and all(checkpoint == end for _, _, checkpoint, end in now)
+        # An empty shard of a `latest` start keeps its marker until a record comes.
+        return quiet and all(checkpoint == end or (end is None and latest_since(checkpoint) is not None)
+                             for _, _, checkpoint, end in now)
 
     def positions(self) -> list[tuple[str, str, str | None, str | None]]:
         """(region, shard, its checkpoint, its stream's last sequence number) for every shard."""
