@@ -44,6 +44,8 @@ class FakeKinesis:
         self.iterators_from: list[tuple[str, str]] = []  # (shard, "TRIM_HORIZON" or "after N")
         self.reads = 0
         self.stuck_reads = 0
+        self.timestamps: list[float] = []
+        self.arrived: dict[int, float] = {}  # sequence number -> arrival time (default 0)
         self.read_at: list[float] = []
 
     def _fault(self, operation: str, shard: str) -> None:
@@ -70,6 +72,8 @@ class FakeKinesis:
     async def get_shard_iterator(self, *, ShardId: str, ShardIteratorType: str, **kw: Any) -> dict[str, Any]:  # noqa: N803
         after = kw.get("StartingSequenceNumber")
         self.iterators_from.append((ShardId, f"after {after}" if after else ShardIteratorType))
+        if ShardIteratorType == "AT_TIMESTAMP":
+            self.timestamps.append(kw["Timestamp"])
         trimmed_through = self.shards[ShardId].get("trimmed_through")
         if after is not None and trimmed_through is not None and int(after) <= trimmed_through:
             # What Kinesis consumers report for a checkpoint past the retention: an iterator that
@@ -100,7 +104,8 @@ class FakeKinesis:
         position = int(position_text)
         chunk = shard["records"][position:position + min(Limit, 3)]
         end = position + len(chunk)
-        records = [{"SequenceNumber": str(seq), "Data": b"x", "ApproximateArrivalTimestamp": 0} for seq in chunk]
+        records = [{"SequenceNumber": str(seq), "Data": b"x", "ApproximateArrivalTimestamp": self.arrived.get(seq, 0)}
+                   for seq in chunk]
         closed_and_done = shard.get("closed") and end >= len(shard["records"])
         return {"Records": records, "NextShardIterator": None if closed_and_done else f"{shard_id}|{end}",
                 "MillisBehindLatest": 0}
@@ -244,6 +249,24 @@ async def test_a_trimmed_checkpoint_that_kinesis_does_not_read_on_from_is_read_a
     assert fake.stuck_reads == (2 if answer == "empty_pages" else 0), fake.stuck_reads
     assert metrics.registry.get_sample_value(
         "replicatord_checkpoint_trimmed_total", {"pair": "user", "pipeline": "applier"}) == 1
+
+
+async def test_a_first_start_at_latest_positions_kinesis_shards_by_time(lease_env: Any) -> None:
+    """`initial_position: latest` on Kinesis: AT_TIMESTAMP at the second of the start, not a read
+    of the whole retention to skip it; what arrived before is still skipped if the iterator
+    gives it (botocore sends whole seconds)."""
+    aws, settings, metrics = lease_env
+    fake = FakeKinesis({"s": {"records": [1, 2, 3]}})
+    stop = asyncio.Event()
+    pipeline, recorder, _ = _pipeline(aws, settings, metrics, fake, stop)
+    pipeline.initial_position = "latest"
+    started = time.time()
+    fake.shards["s"]["records"].append(4)
+    fake.arrived[4] = started + 60  # written after the start
+    await _run_until(pipeline, stop, lambda: ("s", 4) in recorder.seen)
+    assert recorder.seen == [("s", 4)]
+    assert ("s", "AT_TIMESTAMP") in fake.iterators_from and ("s", "TRIM_HORIZON") not in fake.iterators_from
+    assert len(fake.timestamps) == 1 and started - 1 <= fake.timestamps[0] <= started + 1
 
 
 class Flaky(Recorder):
