@@ -32,6 +32,7 @@ from replicatord.conflict import (
 from replicatord.dlq import DeadLetterQueue
 from replicatord.errors import ConditionFailed, Contended, InvalidRequest, ReplicatorError
 from replicatord.metrics import Metrics
+from replicatord.provenance import Provenance, refusal
 from replicatord.records import (
     Probe,
     RecordError,
@@ -64,18 +65,35 @@ class Incoming:
     letter: Letter
 
 
-def decode_page(payloads: list[bytes], pair: str) -> list[tuple[str, ReplicationRecord] | Probe | RecordError]:
-    """Each payload as (partition key, record), a preflight probe, or the RecordError that says
-    why it is neither."""
-    out: list[tuple[str, ReplicationRecord] | Probe | RecordError] = []
+@dataclass(frozen=True)
+class Refused:
+    """A payload that is not a record (`bad_record`), or not one a peer could have sent
+    (provenance.refusal's reasons): dead-lettered with the reason, never applied."""
+
+    reason: str
+    detail: str
+
+
+Decoded = tuple[str, ReplicationRecord] | Probe | Refused
+
+
+def decode_page(payloads: list[bytes], pair: str, rules: Provenance | None, now: float) -> list[Decoded]:
+    """Each payload as (partition key, record), a preflight probe, or why it is refused."""
+    out: list[Decoded] = []
     for data in payloads:
         try:
             record = decode_payload(data)
             if record.pair != pair:
                 raise RecordError(f"record of pair {shown(record.pair)} on the stream of pair {pair!r}")
-            out.append(record if isinstance(record, Probe) else (partition_key(record.keys), record))
         except RecordError as exc:
-            out.append(exc)
+            out.append(Refused("bad_record", str(exc)))
+            continue
+        if isinstance(record, Probe):
+            out.append(record)
+        elif rules is not None and (why := refusal(record, rules, now)) is not None:
+            out.append(Refused(*why))
+        else:
+            out.append((partition_key(record.keys), record))
     return out
 
 
@@ -92,10 +110,14 @@ class Applier:
         dlq: DeadLetterQueue,
         metrics: Metrics,
         stop: asyncio.Event,
+        provenance: Provenance | None = None,
     ) -> None:
+        """`provenance`: what a peer could have sent (the daemon and the operator commands always
+        give it; without it only the shape of records is checked)."""
         self.aws = aws
         self.pair = pair
         self.table = table
+        self.provenance = provenance
         self.tombstones = tombstones
         self.stats_table = stats_table
         self.conflict = conflict
@@ -108,31 +130,36 @@ class Applier:
         self._reporting: asyncio.Task[None] | None = None
 
     async def process(self, shard_id: str, records: list[dict[str, Any]]) -> None:
-        """Apply a page: returns once every record is applied, stale or dead-lettered."""
+        """Apply a page: returns once every record is applied, stale or dead-lettered. What is
+        refused goes to the queue in batches while the good records are applied."""
         payloads: list[bytes] = [r["Data"] for r in records]
-        decoded = await asyncio.to_thread(decode_page, payloads, self.pair)
+        decoded = await asyncio.to_thread(decode_page, payloads, self.pair, self.provenance, time.time())
+        junk: list[tuple[str, str, Letter]] = []
         incoming: list[tuple[str, Incoming]] = []
         for kinesis_record, outcome in zip(records, decoded, strict=True):
             arrived = kinesis_record.get("ApproximateArrivalTimestamp")
             letter = Letter(kinesis_record["Data"], float(creation_seconds(arrived)) if arrived else time.time())
-            if isinstance(outcome, RecordError):
-                self.metrics.errors.labels("applier", "bad_record").inc()
-                await self.retry.dead_letter("bad_record", str(outcome), letter)
-                continue
-            if isinstance(outcome, Probe):
+            if isinstance(outcome, Refused):
+                self.metrics.records_refused.labels(self.pair, outcome.reason).inc()
+                self.metrics.errors.labels("applier", outcome.reason).inc()
+                junk.append((outcome.reason, outcome.detail, letter))
+            elif isinstance(outcome, Probe):
                 self.metrics.probes.labels(self.pair).inc()
-                continue
-            key, record = outcome
-            incoming.append((key, Incoming(record, letter)))
+            else:
+                key, record = outcome
+                incoming.append((key, Incoming(record, letter)))
+        counts = [0]
+        await run_together([self.retry.dead_letter_many(junk), self._apply_page(incoming, counts)])
+        await self._report(counts[0])
+
+    async def _apply_page(self, incoming: list[tuple[str, Incoming]], counts: list[int]) -> None:
         if not incoming:
             return
         tombstones = await self.retry.step(
             functools.partial(self.tombstones.fetch, self.pair, [i.record.keys for _, i in incoming]),
             "tombstone read",
         )
-        counts = [0]
         await run_together(self._apply_key(run, tombstones, counts) for run in same_key_runs(incoming).values())
-        await self._report(counts[0])
 
     async def _apply_key(self, run: list[Incoming], tombstones: Tombstones, counts: list[int]) -> None:
         for incoming in run:

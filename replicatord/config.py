@@ -96,6 +96,11 @@ class Conflict(_Model):
     ttl_deletes: Literal["replicate", "skip"] = "replicate"
     # How long a delete's tombstone is kept: longer than the longest replication delay.
     tombstone_ttl_s: Annotated[float, Field(gt=0)] = 72 * 3600
+    # A replicated change whose version timestamp is further ahead of this host's clock than this
+    # is refused (dead-lettered, never applied), and operator commands report such an item instead
+    # of copying it: a version from the future wins every conflict for ever. Applications stamp
+    # epoch seconds; their clocks and ours may differ by this much at most.
+    max_future_s: Annotated[float, Field(gt=0)] = 24 * 3600
 
 
 class Metrics(_Model):

@@ -30,6 +30,7 @@ from replicatord.forwarder import Forwarder
 from replicatord.leases import LEASE_TABLE_KEY, LEGACY_LEASE_KEY, LeaseTable, followed_streams, note_followed
 from replicatord.metrics import Metrics
 from replicatord.pipeline import Pipeline
+from replicatord.provenance import Provenance
 from replicatord.shards import RELEASE_TIMEOUT_S, DynamoStreamSource, KinesisSource, poll, run_together
 from replicatord.streams import Forwarding
 from replicatord.tombstones import TombstoneTable
@@ -212,10 +213,11 @@ class Daemon:
         """The pair's applier and forwarder pipelines (docs/streams.md: which streams, from where)."""
         s = self.settings
         topology = s.topology
-        await self._require_table(table, f"pair {pair}: table")
+        described = await self._require_table(table, f"pair {pair}: table")
         kinesis = await self._kinesis_source(pair, kinesis_stream)
+        rules = Provenance.from_table(s.region, s.peers, described, topology.conflict)
         applier = Applier(self.aws, pair, table, s.me.stats_table, tombstones, topology.conflict, topology.tuning,
-                          dlq, self.metrics, self.stop)
+                          dlq, self.metrics, self.stop, rules)
         forwarder = Forwarder(self.aws, pair, peers, tombstones, topology.conflict, topology.tuning, dlq, applier,
                               self.metrics, self.stop)
 

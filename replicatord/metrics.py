@@ -144,6 +144,13 @@ class Metrics:
             "type other than NEW_AND_OLD_IMAGES): its changes are not replicated",
             ["pair"], registry=r,
         )
+        self.records_refused = Counter(
+            "replicatord_records_refused_total",
+            "Kinesis records the applier refused and dead-lettered: not a record (bad_record), or not one a "
+            "peer could have sent (forged_origin, version_mismatch, key_schema, forged_marker, future_version, "
+            "bad_created)",
+            ["pair", "reason"], registry=r,
+        )
         self.probes = Counter(
             "replicatord_preflight_probes_total",
             "Probe records of 'replicatord preflight' read by the applier (they change nothing)",

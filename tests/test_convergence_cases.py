@@ -66,15 +66,15 @@ BLOBS = Pair("blobs", {CN: "blobs-cn", SG: "blobs-sg"},
 def provision(regions: Any, pairs: tuple[Pair, ...] = (USER,), keys: dict[str, dict[str, str]] | None = None,
               conflict: dict[str, Any] | None = None) -> None:
     """Like LocalRegions.provision, with the options topology_document has no argument for:
-    more pairs, a key schema per pair, a `conflict` section."""
+    more pairs, a key schema per pair, a `conflict` section. The cases stamp their writes in the
+    far FUTURE (above every delete stamped now), so the bound on future versions is widened."""
     doc = topology_document(regions.endpoints)
     template = doc["pairs"][0]
     doc["pairs"] = [{**template, "name": p.name, "tables": p.tables, "streams": p.streams} for p in pairs]
     for pair_doc in doc["pairs"]:
         if keys and pair_doc["name"] in keys:
             pair_doc["key"] = keys[pair_doc["name"]]
-    if conflict:
-        doc["conflict"] = conflict
+    doc["conflict"] = {"max_future_s": float(FUTURE) + 10**6, **(conflict or {})}
     regions.config = write_topology(regions.workdir / "topology.yaml", doc)
     provision_local(regions.config, report=lambda _line: None)
 

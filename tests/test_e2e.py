@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from decimal import Decimal
 from typing import Any
 
@@ -50,7 +51,7 @@ def _shared_writes(regions: Any, keys: int, seed: int) -> dict[str, tuple[Decima
     """Both regions write the same keys at once, with colliding timestamps. Returns each key's
     winning version (timestamp, PUT=0, region): what both tables must hold afterwards."""
     rnd = random.Random(seed)
-    base = Decimal("1800000000")
+    base = Decimal(int(time.time()))
     plans: dict[str, list[tuple[str, Decimal]]] = {r: [] for r in REGIONS}
     winners: dict[str, tuple[Decimal, int, str]] = {}
     for i in range(keys):

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from replicatord.conflict import PUT, Version
+from replicatord.conflict import DELETE, PUT, Version
 from replicatord.local.world import REGIONS, metric_sum, wait_for
 from replicatord.records import ReplicationRecord, encode_record
 from tests.test_e2e import STREAMS, Loads, _assert_identical, _drained
@@ -32,10 +32,12 @@ CHOSEN = ["created_5000_digit_int", "v_5000_digit_int", "B_non_ascii", "BS_non_a
 
 
 def refused_writes() -> dict[str, bytes]:
-    """Valid records whose writes DynamoDB refuses (ValidationException)."""
+    """Valid records whose writes DynamoDB refuses (ValidationException), or that no peer sends
+    (a key of another type than the table's: refused before any write)."""
     def record(keys: dict[str, Any], **extra: Any) -> bytes:
-        image = {**keys, "last_update_timestamp": {"N": "1800000000"}, "last_updater_region": {"S": CN}, **extra}
-        version = Version(Decimal("1800000000"), PUT, CN)
+        ts = str(int(time.time()))
+        image = {**keys, "last_update_timestamp": {"N": ts}, "last_updater_region": {"S": CN}, **extra}
+        version = Version(Decimal(ts), PUT, CN)
         return encode_record(ReplicationRecord("PUT", "user", keys, image, version, CN, "1", time.time()))
 
     return {
@@ -115,15 +117,78 @@ def test_hostile_records_between_normal_traffic_are_dead_lettered_and_replicatio
     for name, payload in hostile.items():
         assert payload in by_payload, f"{name} is not in the dead-letter queue as it arrived"
         letter = by_payload[payload]
-        expected = "rejected" if name in refused_writes() else "bad_record"
+        expected = ("key_schema" if name == "key_of_the_wrong_type" else "rejected" if name in refused_writes()
+                    else "bad_record")
         assert (letter["reason"], letter["pipeline"]) == (expected, "applier"), (name, letter["detail"])
         assert letter["detail"]
     metrics = daemons[SG].metrics()
     assert metric_sum(metrics, "replicatord_dlq_sent_total", reason="bad_record") == len(CHOSEN)
-    assert metric_sum(metrics, "replicatord_dlq_sent_total", reason="rejected") == len(refused_writes())
+    assert metric_sum(metrics, "replicatord_dlq_sent_total", reason="rejected") == len(refused_writes()) - 1
+    assert metric_sum(metrics, "replicatord_dlq_sent_total", reason="key_schema") == 1
     log = daemons[SG].log_path.read_text()
     assert "Traceback" not in log
     print(f"\n{len(hostile)} hostile records among 1,200 items: drained {drained_s:.1f}s after the load began; "
           f"{len(letters)} dead letters, daemon pid {pid} unchanged")
     for daemon in daemons.values():
         assert daemon.terminate() == 0
+
+
+def test_the_five_forgeries_of_a_key_holder_are_refused_and_the_tables_stay_one(regions: Any) -> None:
+    """Issue 17's five forged records, put on Singapore's stream as whoever holds the peer-writer
+    key could: none is applied, each is dead-lettered with its reason, and the application's later
+    writes of the same keys win in both regions."""
+    regions.provision()
+    daemons = {r: regions.daemon(r) for r in REGIONS}
+    for daemon in daemons.values():
+        daemon.wait_ready()
+    now = time.time()
+    far = Decimal(int(now + 60 * 365 * 86400))
+    own = Decimal(int(now))
+
+    def record(op: str, pk: str, version: Version, origin: str, image: dict[str, Any] | None = None,
+               keys: dict[str, Any] | None = None) -> bytes:
+        keys = keys or {"PK": {"S": pk}}
+        if op == "PUT" and image is None:
+            image = {**keys, "last_update_timestamp": {"N": str(version.timestamp)},
+                     "last_updater_region": {"S": version.region}, "forgery": {"BOOL": True}}
+        return encode_record(ReplicationRecord(op, "user", keys, image, version, origin, "1", now))  # type: ignore[arg-type]
+
+    forged = {
+        "forged_origin": record("PUT", "self", Version(own, PUT, SG), SG),
+        "version_mismatch": record("PUT", "mismatch", Version(own, PUT, CN), CN, image={
+            "PK": {"S": "mismatch"}, "last_update_timestamp": {"N": str(own + 5)},
+            "last_updater_region": {"S": CN}}),
+        "key_schema": record("PUT", "", Version(own, PUT, CN), CN, keys={"forged": {"S": "k"}}),
+        "future_version": record("PUT", "future", Version(far, PUT, CN), CN),
+        "future_version ": record("DELETE", "future-delete", Version(far, DELETE, CN), CN),
+    }
+    kinesis = regions.client("kinesis", SG)
+    for n, payload in enumerate(forged.values()):
+        kinesis.put_record(StreamName=STREAMS[SG], Data=payload, PartitionKey=f"forged-{n}")
+    wait_for(lambda: metric_sum(daemons[SG].metrics(), "replicatord_records_refused_total") >= len(forged), 60,
+             "the forged records to be refused")
+    # The application's own writes of those keys, after the forgeries.
+    ddb_sg = regions.client("dynamodb", SG)
+    for pk in ("self", "mismatch", "future", "future-delete"):
+        ddb_sg.put_item(TableName="user-sg", Item={
+            "PK": {"S": pk}, "last_update_timestamp": {"N": f"{time.time():.3f}"}, "last_updater_region": {"S": SG},
+            "app": {"BOOL": True}})
+    _drained(regions)
+    diff = _assert_identical(regions)
+    for region in REGIONS:
+        ddb = regions.client("dynamodb", region)
+        for pk in ("self", "mismatch", "future", "future-delete"):
+            item = ddb.get_item(TableName=f"user-{'cn' if region == CN else 'sg'}", Key={"PK": {"S": pk}},
+                                ConsistentRead=True).get("Item")
+            assert item is not None and "app" in item and "forgery" not in item, (region, pk, item)
+    metrics = daemons[SG].metrics()
+    for reason in ("forged_origin", "version_mismatch", "key_schema"):
+        assert metric_sum(metrics, "replicatord_records_refused_total", reason=reason) == 1, reason
+    assert metric_sum(metrics, "replicatord_records_refused_total", reason="future_version") == 2
+    assert metric_sum(metrics, "replicatord_dlq_sent_total") == len(forged)
+    assert metric_sum(daemons[CN].metrics(), "replicatord_records_applied_total") == 4  # the app's, not the forgery
+    sqs = regions.client("sqs", SG)
+    letters = read_dead_letters(sqs, sqs.get_queue_url(QueueName="ddbreplicatorsg")["QueueUrl"], len(forged))
+    assert sorted(letter["reason"] for letter in letters) == sorted(r.strip() for r in forged)
+    print(f"\nfive forgeries: all refused and dead-lettered ({', '.join(sorted(set(r.strip() for r in forged)))}); "
+          f"the application's later writes kept in both regions; {diff.counts} items")

@@ -157,7 +157,7 @@ def test_peer_outage_holds_records_until_the_link_is_back(regions: Any, tmp_path
         ddb = regions.client("dynamodb", CN)
         for i in range(50):
             ddb.put_item(TableName="user-cn", Item={
-                "PK": {"S": f"outage-{i}"}, "last_update_timestamp": {"N": f"{1800000000 + i}"},
+                "PK": {"S": f"outage-{i}"}, "last_update_timestamp": {"N": f"{time.time():.3f}"},
                 "last_updater_region": {"S": CN},
             })
         wait_for(lambda: metric_sum(cn.metrics(), "replicatord_errors_total", pipeline="forwarder") > 0, 60,

@@ -30,9 +30,10 @@ from replicatord.conflict import version_of, without_marker
 from replicatord.errors import ReplicatorError
 from replicatord.leases import ACTIVE, SHARD_KEY, STREAM_KEY, from_item, latest_since, shard_of
 from replicatord.ops.tables import Progress, RateLimit, RegionOps, Regions, key_text, pick_pairs, put_record
+from replicatord.provenance import future_beyond_bound
 from replicatord.records import RecordError, creation_seconds, item_from_json, item_to_json
 
-COUNTS = ("scanned", "copied", "older", "failed", "unversioned")
+COUNTS = ("scanned", "copied", "older", "failed", "unversioned", "future")
 # With --to, how long the backfill waits for the source's appliers to catch up before it starts.
 APPLIED_TIMEOUT_S = 300.0
 WRITES_AT_ONCE = 16
@@ -79,7 +80,8 @@ class Summary:
                  + (" (resumed)" if self.resumed else ""),
                  f"  items: {c['scanned']:,} scanned; writes per peer: {c['copied']:,} copied, "
                  f"{c['older']:,} skipped as older (the peer holds as new or newer), {c['failed']:,} failed; "
-                 f"{c['unversioned']:,} without version attributes (left alone)",
+                 f"{c['unversioned']:,} without version attributes (left alone), {c['future']:,} with a version "
+                 "more than conflict.max_future_s ahead (reported, not copied)",
                  f"  this run: {self.this_run['scanned']:,} items in {self.elapsed_s:.1f}s "
                  f"({self.to_json()['items_per_s']:,.0f} items/s)"]
         lines += [f"  failed: {failure}" for failure in self.failures[:10]]
@@ -172,6 +174,11 @@ class Backfill:
                 counts["unversioned"] += 1
                 continue
             keys = {n: item[n] for n in names}
+            if future_beyond_bound(version.timestamp, conflict, time.time()):
+                counts["future"] += 1
+                summary.failures.append(f"{key_text(keys)}: version {version.timestamp} is more than "
+                                        f"conflict.max_future_s ahead: not copied")
+                continue
             records.append(put_record(self.pair.name, keys, without_marker(item, conflict), version, version.region))
         for peer in self.peers:
             applier = await self.ops[peer].applier(self.pair)

@@ -27,6 +27,7 @@ from replicatord.dlq import MAX_BODY_BYTES, DeadLetterQueue
 from replicatord.errors import NotFound, ReplicatorError
 from replicatord.leases import LeaseTable
 from replicatord.metrics import Metrics
+from replicatord.provenance import Provenance
 from replicatord.records import ReplicationRecord, item_to_json, partition_key
 from replicatord.tombstones import Tombstones, TombstoneTable
 
@@ -126,11 +127,16 @@ class RegionOps:
                               self.topology.tuning)
 
     async def applier(self, pair: Pair) -> Applier:
-        """The applier of `pair` in this region: the one place that writes by version."""
+        """The applier of `pair` in this region: the one place that writes by version, with the
+        daemon's rules of what a peer could have sent (a redriven letter is judged again)."""
         if pair.name not in self._appliers:
+            table = pair.tables[self.region]
+            described = (await self.aws.call("dynamodb", "describe_table", TableName=table))["Table"]
+            peers = [region for region in self.topology.regions if region != self.region]
+            rules = Provenance.from_table(self.region, peers, described, self.topology.conflict)
             self._appliers[pair.name] = Applier(
-                self.aws, pair.name, pair.tables[self.region], self.config.stats_table, self.tombstones(),
-                self.topology.conflict, self.topology.tuning, await self.dlq(), self.metrics, self.stop)
+                self.aws, pair.name, table, self.config.stats_table, self.tombstones(),
+                self.topology.conflict, self.topology.tuning, await self.dlq(), self.metrics, self.stop, rules)
         return self._appliers[pair.name]
 
     async def scan_pages(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ from replicatord.ops.tables import (
     put_record,
     same_item,
 )
+from replicatord.provenance import future_beyond_bound
 from replicatord.records import ReplicationRecord, partition_key
 
 SAMPLES = 10
@@ -46,6 +48,9 @@ class Comparison:
     only_in: dict[str, list[Item]] = field(default_factory=dict)  # region -> keys
     different: list[Item] = field(default_factory=list)
     unversioned: list[Item] = field(default_factory=list)  # differences we cannot decide
+    # Items whose version is further ahead than conflict.max_future_s: reported, never spread (a
+    # version from the future wins every conflict for ever; its clock or a forgery is the cause).
+    future: list[Item] = field(default_factory=list)
     repaired: Counter[str] = field(default_factory=Counter)
     failed: list[str] = field(default_factory=list)
 
@@ -58,11 +63,12 @@ class Comparison:
             "pair": self.pair, "reference": self.reference, "region": self.other, "scanned": self.scanned,
             "identical": self.identical,
             "only_in": {r: len(keys) for r, keys in self.only_in.items()},
-            "different": len(self.different), "unversioned": len(self.unversioned),
+            "different": len(self.different), "unversioned": len(self.unversioned), "future": len(self.future),
             "samples": {
                 **{f"only_in_{r}": [key_text(k) for k in keys[:SAMPLES]] for r, keys in self.only_in.items()},
                 "different": [key_text(k) for k in self.different[:SAMPLES]],
                 "unversioned": [key_text(k) for k in self.unversioned[:SAMPLES]],
+                "future": [key_text(k) for k in self.future[:SAMPLES]],
             },
             "repaired": dict(self.repaired), "repair_failed": self.failed[:SAMPLES],
         }
@@ -82,6 +88,9 @@ class Comparison:
         if self.unversioned:
             lines.append(f"  without version attributes (reported, not repaired): {len(self.unversioned):,}, e.g. "
                          + ", ".join(key_text(k) for k in self.unversioned[:3]))
+        if self.future:
+            lines.append(f"  versions more than conflict.max_future_s ahead (reported, not spread; fix or delete "
+                         f"them): {len(self.future):,}, e.g. " + ", ".join(key_text(k) for k in self.future[:3]))
         for kind, n in sorted(self.repaired.items()):
             lines.append(f"  repair: {kind}: {n:,}")
         for failure in self.failed[:SAMPLES]:
@@ -160,6 +169,10 @@ class Verifier:
             if any(items[r] is not None and versions[r] is None for r in regions):
                 result.unversioned.append(key)
                 continue
+            now = time.time()
+            if any(v is not None and future_beyond_bound(v.timestamp, conflict, now) for v in versions.values()):
+                result.future.append(key)
+                continue
             present = [r for r in regions if items[r] is not None]
             if len(present) == 2:
                 a, b = regions
@@ -221,7 +234,7 @@ async def verify(
 
 def report(results: list[Comparison], as_json: bool, repaired: bool) -> tuple[str, int]:
     """The output and the exit status: 0 only if identical (or every difference repaired)."""
-    ok = all(r.identical or (repaired and not r.failed and not r.unversioned) for r in results)
+    ok = all(r.identical or (repaired and not r.failed and not r.unversioned and not r.future) for r in results)
     if as_json:
         return json.dumps({"identical": all(r.identical for r in results), "ok": ok,
                            "comparisons": [r.to_json() for r in results]}, indent=2), 0 if ok else 1

@@ -43,6 +43,7 @@ from replicatord.errors import (
 )
 from replicatord.forwarder import Forwarder
 from replicatord.metrics import Metrics
+from replicatord.provenance import Provenance
 from replicatord.records import Probe, RecordError, ReplicationRecord, encode_probe, encode_record
 from replicatord.retry import Abandoned, Verdict, verdict
 from replicatord.tombstones import TombstoneTable
@@ -132,10 +133,10 @@ class FakeAws:
         """Whole dead letters (parts joined), in the order sent."""
         partial: dict[str, list[dict[str, Any]]] = {}
         out = []
-        for op, kw in self.accepted:
-            if op != "send_message":
-                continue
-            body = json.loads(kw["MessageBody"])
+        sent = [json.loads(kw["MessageBody"]) for op, kw in self.accepted if op == "send_message"]
+        sent += [json.loads(entry["MessageBody"]) for op, kw in self.accepted if op == "send_message_batch"
+                 for entry in kw["Entries"]]
+        for body in sorted(sent, key=lambda b: float(b["time"])):
             parts = partial.setdefault(body["letter_id"], [])
             parts.append(body)
             if len(parts) == body["parts"]:  # a record sent twice has the same id: two letters
@@ -177,11 +178,12 @@ def kinesis_page(payloads: list[bytes]) -> list[dict[str, Any]]:
              "ApproximateArrivalTimestamp": datetime.fromtimestamp(NOW, UTC)} for i, data in enumerate(payloads)]
 
 
-def applier(aws: FakeAws, stop: asyncio.Event | None = None, tuning: Tuning = TUNING) -> Applier:
+def applier(aws: FakeAws, stop: asyncio.Event | None = None, tuning: Tuning = TUNING,
+            provenance: Provenance | None = None) -> Applier:
     metrics = Metrics()
     dlq = DeadLetterQueue(aws, "queue", metrics)  # type: ignore[arg-type]
     return Applier(aws, "user", "user-sg", "replicator_stats", TombstoneTable(aws, "tombs", 3600),  # type: ignore[arg-type]
-                   CONFLICT, tuning, dlq, metrics, stop or asyncio.Event())
+                   CONFLICT, tuning, dlq, metrics, stop or asyncio.Event(), provenance)
 
 
 # --- the applier ---------------------------------------------------------------------------
@@ -222,9 +224,10 @@ async def test_a_failing_record_is_retried_alone_and_the_page_goes_on() -> None:
 
 
 async def test_a_dead_letter_the_queue_refuses_holds_the_page_until_it_is_taken() -> None:
-    aws = FakeAws(faults=[fail("send_message", None, classify(client_error("ServiceUnavailable", 503)), times=3)])
+    aws = FakeAws(faults=[fail("send_message_batch", None, classify(client_error("ServiceUnavailable", 503)),
+                               times=3)])
     await applier(aws).process("shard", kinesis_page([b"{not json", encode_record(put("ok"))]))
-    assert aws.count("send_message") == 4  # three refusals, then accepted
+    assert aws.count("send_message_batch") == 4  # three refusals, then accepted
     assert aws.count("put_item", "ok") == 1
     assert [letter["payload"] for letter in aws.dead_letters()] == [b"{not json"]
 
@@ -264,6 +267,44 @@ async def test_pages_are_decoded_off_the_event_loop(monkeypatch: pytest.MonkeyPa
     assert threads and threading.get_ident() not in threads
 
 
+RULES = Provenance(SG, frozenset({CN}), (("PK", "S"),), CONFLICT)
+
+
+async def test_forged_records_are_dead_lettered_with_their_reason_and_the_rest_applied() -> None:
+    aws = FakeAws()
+    target = applier(aws, provenance=RULES)
+    forged = {
+        "forged_origin": put("self", region=SG),
+        "version_mismatch": ReplicationRecord("PUT", "user", {"PK": {"S": "mismatch"}}, {
+            "PK": {"S": "mismatch"}, CONFLICT.timestamp_attribute: {"N": "1700000001"},
+            CONFLICT.region_attribute: {"S": CN}}, Version(Decimal("1700000000"), PUT, CN), CN, "1", NOW),
+        "key_schema": ReplicationRecord("PUT", "user", {"other": {"S": "k"}}, {
+            "other": {"S": "k"}, CONFLICT.timestamp_attribute: {"N": "1700000000"},
+            CONFLICT.region_attribute: {"S": CN}}, Version(Decimal("1700000000"), PUT, CN), CN, "1", NOW),
+        "future_version": put("future", ts=str(int(NOW + 60 * 365 * 86400))),
+    }
+    await target.process("shard", kinesis_page([encode_record(put("good-1")), *map(encode_record, forged.values()),
+                                                encode_record(put("good-2"))]))
+    assert [w["Item"]["PK"]["S"] for op, w in aws.accepted if op == "put_item"] == ["good-1", "good-2"]
+    letters = aws.dead_letters()
+    assert sorted(letter["reason"] for letter in letters) == sorted(forged)
+    for reason in forged:
+        assert target.metrics.registry.get_sample_value(
+            "replicatord_records_refused_total", {"pair": "user", "reason": reason}) == 1
+
+
+async def test_a_flood_of_junk_goes_to_the_queue_in_batches_beside_the_good_records() -> None:
+    aws = FakeAws()
+    target = applier(aws, provenance=RULES)
+    page = [b"{}"] * 5000 + [encode_record(put(f"good-{i}")) for i in range(20)]
+    await target.process("shard", kinesis_page(page))
+    assert len(aws.dead_letters()) == 5000
+    assert aws.count("send_message") == 0 and aws.count("send_message_batch") == 500  # ten a call
+    assert aws.count("put_item") == 20
+    assert target.metrics.registry.get_sample_value(
+        "replicatord_records_refused_total", {"pair": "user", "reason": "bad_record"}) == 5000
+
+
 async def test_a_preflight_probe_is_counted_and_changes_nothing() -> None:
     aws = FakeAws()
     target = applier(aws)
@@ -272,8 +313,8 @@ async def test_a_preflight_probe_is_counted_and_changes_nothing() -> None:
     assert target.metrics.registry.get_sample_value("replicatord_preflight_probes_total", {"pair": "user"}) == 1
     writes = [kwargs for operation, kwargs in aws.accepted if operation == "put_item"]
     assert [w["Item"]["PK"] for w in writes] == [{"S": "a"}]  # the record, and nothing for the probes
-    letters = [kwargs for operation, kwargs in aws.accepted if operation == "send_message"]
-    assert len(letters) == 1 and "of pair 'other'" in letters[0]["MessageBody"]  # a probe of another pair
+    letters = aws.dead_letters()
+    assert len(letters) == 1 and "of pair 'other'" in letters[0]["detail"]  # a probe of another pair
 
 
 # The fuzzed page: valid records, hostile payloads and writes DynamoDB refuses, in any order.
