@@ -192,3 +192,42 @@ def test_the_five_forgeries_of_a_key_holder_are_refused_and_the_tables_stay_one(
     assert sorted(letter["reason"] for letter in letters) == sorted(r.strip() for r in forged)
     print(f"\nfive forgeries: all refused and dead-lettered ({', '.join(sorted(set(r.strip() for r in forged)))}); "
           f"the application's later writes kept in both regions; {diff.counts} items")
+
+
+def test_a_flood_of_junk_does_not_hold_up_the_good_records_behind_it(regions: Any) -> None:
+    """5,000 records of `{}` put at once on Singapore's stream (what Kinesis takes in 5 s from
+    anyone with the key), then 20 normal writes in Beijing: they arrive within seconds, and every
+    piece of junk is in the dead-letter queue."""
+    regions.provision()
+    daemons = {r: regions.daemon(r) for r in REGIONS}
+    for daemon in daemons.values():
+        daemon.wait_ready()
+    kinesis = regions.client("kinesis", SG)
+    started = time.monotonic()
+    for batch in range(10):
+        entries = [{"Data": b"{}", "PartitionKey": f"junk-{batch}-{i}"} for i in range(500)]
+        while entries:  # the local Kinesis refuses a share of entries, as AWS does under load
+            result = kinesis.put_records(StreamName=STREAMS[SG], Records=entries)
+            entries = [e for e, r in zip(entries, result["Records"], strict=True) if r.get("ErrorCode")]
+    flooded_s = time.monotonic() - started
+    ddb_cn, ddb_sg = regions.client("dynamodb", CN), regions.client("dynamodb", SG)
+    for i in range(20):
+        ddb_cn.put_item(TableName="user-cn", Item={"PK": {"S": f"behind-{i}"}, "last_update_timestamp": {
+            "N": f"{time.time():.3f}"}, "last_updater_region": {"S": CN}})
+    written = time.monotonic()
+
+    def arrived() -> bool:
+        return all("Item" in ddb_sg.get_item(TableName="user-sg", Key={"PK": {"S": f"behind-{i}"}})
+                   for i in range(20))
+
+    wait_for(arrived, 120, "the good records behind the junk")
+    good_s = time.monotonic() - written
+    wait_for(lambda: metric_sum(daemons[SG].metrics(), "replicatord_dlq_sent_total", reason="bad_record") == 5000,
+             120, "every piece of junk to be in the dead-letter queue")
+    junk_s = time.monotonic() - started
+    metrics = daemons[SG].metrics()
+    assert metric_sum(metrics, "replicatord_records_refused_total", reason="bad_record") == 5000
+    assert regions.control(SG).stats()["daemon_calls"].get("sqs.SendMessage", 0) == 0  # batches only
+    print(f"\na flood of 5,000 junk records (put in {flooded_s:.1f}s): the 20 good records behind it arrived "
+          f"{good_s:.1f}s after they were written; all 5,000 dead-lettered {junk_s:.1f}s after the flood began "
+          f"({regions.control(SG).stats()['daemon_calls'].get('sqs.SendMessageBatch', 0)} SendMessageBatch calls)")

@@ -152,6 +152,32 @@ def _spare_per_request_work() -> None:
     cached = functools.cache(utils.method_names_from_class)
     responses.method_names_from_class = cached  # type: ignore[attr-defined]
 
+    _spare_sqs_scans()
+
+
+def _spare_sqs_scans() -> None:
+    """moto's SQS works out the queue's approximate message counts (a scan of every message) for
+    each message it takes, through the queue's attribute map: with thousands of dead letters
+    queued, a SendMessageBatch took a second, and the emulator, which serves one request at a
+    time, kept the daemons' lease renewals waiting past their deadline. AWS's counts are
+    approximate ("eventually consistent"); here they are kept for a second."""
+    from moto.sqs.models import Queue
+
+    def cached(name: str) -> property:
+        scan = getattr(Queue, name).fget
+
+        def get(self: Any) -> int:
+            cache = self.__dict__.setdefault("_replicatord_counts", {})
+            now = time.monotonic()
+            if name not in cache or now - cache[name][0] >= 1.0:
+                cache[name] = (now, scan(self))
+            return int(cache[name][1])
+
+        return property(get)
+
+    for name in ("approximate_number_of_messages", "approximate_number_of_messages_delayed",
+                 "approximate_number_of_messages_not_visible"):
+        setattr(Queue, name, cached(name))
 
 def free_port() -> int:
     with socket.socket() as sock:
