@@ -188,8 +188,10 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         raise ConfigError([f"--region: {args.region!r} is not in the topology"])
     if args.action == "show" and not args.id:
         raise ConfigError(["dlq show: --id is required (the letter id that 'dlq list' prints)"])
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError([f"--limit: at least 1, got {args.limit}"])
     result = _run_ops(dlq(topology, args.region, args.action, args.pair, args.reason, args.id, args.yes,
-                          parse_profiles(args.profile, topology)))
+                          parse_profiles(args.profile, topology), args.limit))
     print(render(args.action, result, args.json, show_payload=args.action == "show"))
     if args.action == "purge" and result.get("refused"):
         print("error: dlq purge deletes messages: give --yes", file=sys.stderr)
@@ -349,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     dq.add_argument("--reason", help="only letters with this reason")
     dq.add_argument("--id", help="only the letter with this id (a prefix is enough)")
     dq.add_argument("--yes", action="store_true", help="purge: yes, delete them")
+    dq.add_argument("--limit", type=int, help="look at this many matching letters at most (list and show: 1000)")
     dq.set_defaults(func=cmd_dlq)
 
     for name, what in (("pause", "stop"), ("resume", "restart")):

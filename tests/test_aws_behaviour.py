@@ -9,6 +9,7 @@ from __future__ import annotations
 import email.utils
 import http.client
 import re
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -767,3 +768,15 @@ async def test_aiobotocore_trusts_an_https_emulator_through_aws_ca_bundle(
     async with get_session().create_client("dynamodb", region_name=REGION, endpoint_url=url, config=once) as trusting:
         assert "TableNames" in await trusting.list_tables()
     assert "calls" in Control(url).stats()  # the control client trusts AWS_CA_BUNDLE too
+
+
+def test_a_client_stopped_half_way_through_a_request_does_not_hold_the_region(emulator: str, aws: Any) -> None:
+    """A daemon frozen by SIGSTOP, or a link gone silent, mid-request: the emulator serves one
+    request at a time, so it drops that connection after its timeout and serves the others."""
+    host, port = emulator.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as stalled:
+        stalled.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"half")
+        started = time.monotonic()
+        aws.client("dynamodb").list_tables()
+        waited = time.monotonic() - started
+    assert waited < emulators.REQUEST_TIMEOUT_S + 5, waited

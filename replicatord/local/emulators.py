@@ -90,12 +90,21 @@ def make_certificate(directory: Path) -> TLS:
     return str(cert_path), str(key_path)
 
 
+REQUEST_TIMEOUT_S = 5.0
+
+
 def _request_handler() -> type[Any]:
     from moto.moto_server.werkzeug_app import MotoRequestHandler
 
     class RequestHandler(MotoRequestHandler):
         """moto's handler, whose http.server base adds a Date to every response: here only to a
-        response without one (the AWS-behaviour layer gives its own, of the region's clock)."""
+        response without one (the AWS-behaviour layer gives its own, of the region's clock).
+
+        A client that stops half-way through its request (a daemon under SIGSTOP, a link gone
+        silent) would hold the emulator, which serves one request at a time, for ever; AWS is
+        not held by one client. Its socket times out instead (loopback clients send at once)."""
+
+        timeout = REQUEST_TIMEOUT_S
 
         def send_response(self, code: int, message: str | None = None) -> None:
             self.log_request(code)
