@@ -97,6 +97,20 @@ def decode_page(payloads: list[bytes], pair: str, rules: Provenance | None, now:
     return out
 
 
+def payload_chunks(records: list[dict[str, Any]], limit: int) -> list[list[dict[str, Any]]]:
+    """The page cut, in order, into runs of at most `limit` payload bytes (a larger record alone)."""
+    chunks: list[list[dict[str, Any]]] = [[]]
+    size = 0
+    for record in records:
+        data = len(record.get("Data", b""))
+        if chunks[-1] and size + data > limit:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(record)
+        size += data
+    return [chunk for chunk in chunks if chunk]
+
+
 class Applier:
     def __init__(
         self,
@@ -118,6 +132,7 @@ class Applier:
         self.pair = pair
         self.table = table
         self.provenance = provenance
+        self.chunk_bytes = tuning.apply_chunk_bytes
         self.tombstones = tombstones
         self.stats_table = stats_table
         self.conflict = conflict
@@ -130,8 +145,15 @@ class Applier:
         self._reporting: asyncio.Task[None] | None = None
 
     async def process(self, shard_id: str, records: list[dict[str, Any]]) -> None:
-        """Apply a page: returns once every record is applied, stale or dead-lettered. What is
-        refused goes to the queue in batches while the good records are applied."""
+        """Apply a page: returns once every record is applied, stale or dead-lettered. It is
+        decoded and applied `tuning.apply_chunk_bytes` of payload at a time, in order: decoded
+        records take many times their payload's memory (a 10 MiB page of small attributes would
+        take over 100 MB at once). What is refused goes to the queue in batches while the good
+        records are applied."""
+        for chunk in payload_chunks(records, self.chunk_bytes):
+            await self._process_chunk(chunk)
+
+    async def _process_chunk(self, records: list[dict[str, Any]]) -> None:
         payloads: list[bytes] = [r["Data"] for r in records]
         decoded = await asyncio.to_thread(decode_page, payloads, self.pair, self.provenance, time.time())
         junk: list[tuple[str, str, Letter]] = []

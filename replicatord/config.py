@@ -147,6 +147,11 @@ class Tuning(_Model):
     # Optional: such a record is dead-lettered at its next failure once it is older than this
     # (time since it entered the stream), whatever its attempts.
     max_record_age_s: Annotated[float, Field(gt=0)] | None = None
+    # Memory (README, "Memory"): pages read ahead are held within this budget, daemon-wide (a page
+    # a shard must read is always read); the applier decodes and applies a page this many bytes
+    # of payload at a time (a larger record alone).
+    read_ahead_budget_mib: Annotated[int, Field(ge=0, le=4096)] = 64
+    apply_chunk_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
 
     @model_validator(mode="after")
     def _renew_within_failover(self) -> Tuning:

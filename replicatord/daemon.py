@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from replicatord.applier import Applier
 from replicatord.aws import LEASES, Aws, StartupError
+from replicatord.budget import ByteBudget
 from replicatord.config import Settings
 from replicatord.dlq import MAX_BODY_BYTES, DeadLetterQueue
 from replicatord.errors import AccessDenied, NotFound, ReplicatorError
@@ -92,6 +93,8 @@ class Daemon:
         self.pipelines: list[Pipeline] = []
         self.appliers: list[Applier] = []
         self.forwarding: dict[str, Forwarding] = {}  # pair -> its forwarder pipelines
+        # Pages read and not yet handled, every pipeline together (budget.py).
+        self.budget = ByteBudget(settings.topology.tuning.read_ahead_budget_mib * 1024 * 1024)
         self._tasks: list[asyncio.Task[None]] = []
         self._running: dict[Pipeline, asyncio.Task[None]] = {}
         self._group: asyncio.TaskGroup | None = None
@@ -226,6 +229,7 @@ class Daemon:
                                 topology.tuning, self.metrics, self.stop, initial_position=start)
             pipeline.region = s.region
             pipeline.retiring = retiring
+            pipeline.budget = self.budget
             return pipeline
 
         forwarding = Forwarding(self.aws, leases, pair, table, build, self.metrics)
@@ -235,8 +239,10 @@ class Daemon:
         except ReplicatorError as exc:
             raise StartupError(f"pair {pair}: the streams of table {table!r}: {exc}") from None
         self.forwarding[pair] = forwarding
-        self.pipelines.append(Pipeline(pair, kinesis, applier, leases, s.instance_id, topology.tuning, self.metrics,
-                                       self.stop, initial_position=applier_start))
+        applying = Pipeline(pair, kinesis, applier, leases, s.instance_id, topology.tuning, self.metrics, self.stop,
+                            initial_position=applier_start)
+        applying.budget = self.budget
+        self.pipelines.append(applying)
         self.appliers.append(applier)
 
     async def _kinesis_source(self, pair: str, stream: str) -> KinesisSource:
@@ -305,6 +311,7 @@ class Daemon:
         async for _ in poll(min(tuning.shard_refresh_s, tuning.aws_timeout_s), self.stop):
             await run_together([self._read_queue_depth(), *(self._probe(peer) for peer in list(self.aws.peers))])
             await self.aws.close_retired()
+            self.metrics.page_bytes_held.set(self.budget.used)
 
     async def _read_queue_depth(self) -> None:
         try:

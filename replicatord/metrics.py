@@ -156,6 +156,11 @@ class Metrics:
             "Probe records of 'replicatord preflight' read by the applier (they change nothing)",
             ["pair"], registry=r,
         )
+        self.page_bytes_held = Gauge(
+            "replicatord_page_bytes_held",
+            "Bytes of stream pages read and not yet handled, every shard together (pages read ahead are "
+            "held within tuning.read_ahead_budget_mib)", registry=r,
+        )
         self.clock_skew = Gauge(
             "replicatord_clock_skew_seconds",
             "The region's clock minus this host's, from the Date header of its answers (sampled; whole "

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 
+from replicatord.budget import ByteBudget
 from replicatord.config import Tuning
 from replicatord.errors import LeaseLost, ReplicatorError
 from replicatord.leases import (
@@ -79,6 +80,9 @@ class Pipeline:
         self.running.set()
         self._paused_before: list[str] = []
         self.region = ""  # set by the daemon for forwarders: the region whose changes they send
+        # The daemon's page budget, shared by every shard worker (set by the daemon; else each
+        # worker has one of its own).
+        self.budget: ByteBudget | None = None
         self.workers: dict[str, tuple[HeldLease, asyncio.Task[bool]]] = {}
         self.clock = LeaseClock()
         self.cycle_ok_at = 0.0  # monotonic time of the last lease cycle that reached the table
@@ -270,7 +274,7 @@ class Pipeline:
         held = HeldLease(taken)
         held.renewed_at = sent_at
         worker = ShardWorker(self.pair, self.source, self.processor, self.leases, held,
-                             self.tuning, self.metrics, self.stop, self.running)
+                             self.tuning, self.metrics, self.stop, self.running, self.budget)
         assert self._group is not None
         task = self._group.create_task(worker.run(), name=lease.key)
         task.add_done_callback(lambda _: self._wake.set())

@@ -227,12 +227,17 @@ def _map_from_json(data: Any, depth: int) -> Item:
 
 
 def item_size_floor(item: Item) -> int:
-    """A lower bound of an item's size as DynamoDB counts it: names, strings and binaries (numbers
-    and type overheads left out, so an item DynamoDB accepts is never refused by this bound)."""
-    size = 0
-    for name, value in item.items():
-        size += len(name.encode()) + _value_size_floor(value)
-    return size
+    """A lower bound of an item's size as DynamoDB counts it (docs: "Item sizes and formats"):
+    attribute names and strings in UTF-8 bytes, binaries in bytes, a number one byte per two
+    significant digits plus one, a boolean or null one byte, a list or map 3 bytes plus one per
+    element and its elements. Never above DynamoDB's count, so an item it accepts is never
+    refused by this bound."""
+    return sum(len(name.encode()) + _value_size_floor(value) for name, value in item.items())
+
+
+def _number_size_floor(text: str) -> int:
+    mantissa = text.lstrip("+-").split("e")[0].split("E")[0].replace(".", "").strip("0")
+    return len(mantissa) // 2 + 1
 
 
 def _value_size_floor(value: dict[str, Any]) -> int:
@@ -241,14 +246,20 @@ def _value_size_floor(value: dict[str, Any]) -> int:
         return len(inner.encode())
     if kind == "B":
         return len(inner)
+    if kind == "N":
+        return _number_size_floor(inner)
+    if kind in ("BOOL", "NULL"):
+        return 1
     if kind == "SS":
         return sum(len(m.encode()) for m in inner)
     if kind == "BS":
         return sum(len(m) for m in inner)
+    if kind == "NS":
+        return sum(_number_size_floor(m) for m in inner)
     if kind == "L":
-        return sum(_value_size_floor(v) for v in inner)
+        return 3 + sum(1 + _value_size_floor(v) for v in inner)
     if kind == "M":
-        return item_size_floor(inner)
+        return 3 + sum(1 + len(n.encode()) + _value_size_floor(v) for n, v in inner.items())
     return 0
 
 

@@ -14,11 +14,12 @@ import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
 from replicatord.aws import Aws
 from replicatord.backoff import backoff_s, sleep_or_stop
+from replicatord.budget import ByteBudget, Hold
 from replicatord.config import Tuning
 from replicatord.errors import (
     ExpiredIterator,
@@ -61,6 +62,7 @@ class Page:
     records: list[dict[str, Any]]
     next_iterator: str | None
     behind_s: float = 0.0  # Kinesis MillisBehindLatest, when the page is empty
+    hold: Hold = field(default_factory=Hold)  # its bytes in the daemon's page budget
 
 
 async def run_together(coroutines: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
@@ -98,6 +100,11 @@ class StreamSource(Protocol):
     # (Kinesis) instead of being refused with TrimmedDataAccessException (DynamoDB Streams).
     silent_trim: bool
     retention_s: float  # how long a record stays in the stream
+    max_page_bytes: int  # the most one GetRecords can answer
+
+    def page_bytes(self, records: list[dict[str, Any]]) -> int:
+        """What a page of `records` holds, about."""
+        ...
 
     def min_read_interval_ms(self, tuning: Tuning) -> int:
         """The least time between two reads of one shard while records come."""
@@ -119,6 +126,11 @@ class DynamoStreamSource:
     pipeline = "forwarder"
     silent_trim = False
     retention_s = 24 * 3600.0  # fixed for DynamoDB Streams
+    max_page_bytes = 1024 * 1024  # GetRecords answers 1 MB at most
+
+    def page_bytes(self, records: list[dict[str, Any]]) -> int:
+        # Parsed by botocore already; an item is 400 KB at most, and the page 1 MB.
+        return min(self.max_page_bytes, 2048 * len(records))
 
     def __init__(self, aws: Aws, table: str, stream_arn: str) -> None:
         self.aws = aws
@@ -173,6 +185,10 @@ class DynamoStreamSource:
 class KinesisSource:
     pipeline = "applier"
     silent_trim = True
+    max_page_bytes = 10 * 1024 * 1024  # GetRecords answers 10 MiB at most
+
+    def page_bytes(self, records: list[dict[str, Any]]) -> int:
+        return sum(len(r.get("Data", b"")) + 128 for r in records)
 
     def __init__(self, aws: Aws, stream: str, created: str, retention_s: float = 24 * 3600.0) -> None:
         self.aws = aws
@@ -258,8 +274,9 @@ def _after(sequence: str, checkpoint: str) -> bool:
 
 
 def _dropped(task: asyncio.Task[Any] | None) -> asyncio.Task[Any] | None:
-    """Cancel a read ahead that will not be used (its failure, if any, is of no interest);
-    returns None, to be assigned in its place."""
+    """Cancel a task whose result will not be used (its failure, if any, is of no interest);
+    returns None, to be assigned in its place. (A page read ahead gives its bytes back through
+    the worker's holds.)"""
     if task is not None:
         task.cancel()
         if task.done() and not task.cancelled():
@@ -283,9 +300,13 @@ class ShardWorker:
         metrics: Metrics,
         stop: asyncio.Event,
         running: asyncio.Event | None = None,
+        budget: ByteBudget | None = None,
     ) -> None:
         self.pair = pair
         self.source = source
+        # The daemon's page budget (budget.py): pages this worker holds, read ahead within it.
+        self.budget = budget or ByteBudget(tuning.read_ahead_budget_mib * 1024 * 1024)
+        self._holds: set[Hold] = set()
         self.processor = processor
         self.leases = leases
         self.held = held
@@ -331,6 +352,8 @@ class ShardWorker:
             log.exception("%s %s: shard %s: worker failed; its lease is released and taken again",
                           pipeline, self.pair, self.shard_id)
         finally:
+            for hold in list(self._holds):
+                self._give_back(hold)
             self.metrics.forget_shard(self.pair, pipeline, self.shard_id)
             if release:
                 await self._keep_position()
@@ -348,7 +371,7 @@ class ShardWorker:
         try:
             while not self.stop.is_set():
                 if self.running is not None and not self.running.is_set():
-                    ahead = _dropped(ahead)
+                    ahead = self._drop_ahead(ahead)
                     await self._settle()
                     await self._flush_checkpoint()
                     await self._paused()  # the position is kept; reading resumes from the checkpoint
@@ -367,16 +390,20 @@ class ShardWorker:
                     if ahead is not None:
                         page, ahead = await ahead, None
                     else:
-                        page = await self._read_page(iterator, self._gap_s())
+                        page = await self._read_page(iterator, self._gap_s(), self._hold(None))
                     if page is None:
                         break  # stopping
                     if page.records and page.next_iterator is not None:
-                        ahead = asyncio.create_task(
-                            self._read_page(page.next_iterator, self._min_read_ms / 1000),
-                            name=f"read ahead {self.shard_id}")
+                        room = self._hold(self.source.max_page_bytes)
+                        if room is not None:  # read ahead only within the daemon's page budget
+                            ahead = asyncio.create_task(
+                                self._read_page(page.next_iterator, self._min_read_ms / 1000, room),
+                                name=f"read ahead {self.shard_id}")
                     records = self._skip_before_start(page.records)
                     if records:
-                        await self._hand_over(records)
+                        await self._hand_over(records, page.hold)
+                    else:
+                        self._give_back(page.hold)
                     if page.next_iterator is None:
                         await self._settle()
                         await self._flush_checkpoint(finished=True)
@@ -388,7 +415,7 @@ class ShardWorker:
                         self._empty_since = None
                         self._edge_pages = None
                     elif self._at_trimmed_edge(page):
-                        trimmed, iterator, ahead = True, None, _dropped(ahead)
+                        trimmed, iterator, ahead = True, None, self._drop_ahead(ahead)
                     else:
                         self._empty_since = self._empty_since or time.monotonic()
                         await self._flush_checkpoint()
@@ -398,7 +425,7 @@ class ShardWorker:
                                                  time.time() - page.behind_s if page.behind_s else None)
                     continue
                 except (ExpiredIterator, Transient, InvalidRequest) as exc:
-                    ahead = _dropped(ahead)  # it read on from a position that is given up
+                    ahead = self._drop_ahead(ahead)  # it read on from a position that is given up
                     # A fresh iterator from the checkpoint: the old one expired or was refused.
                     self.metrics.errors.labels(pipeline, exc.kind).inc()
                     log.info("%s %s: shard %s: %s; new iterator from checkpoint",
@@ -407,11 +434,11 @@ class ShardWorker:
                     failures += 1
                     await sleep_or_stop(self.stop, backoff_s(failures, self.tuning))
                 except TrimmedData:
-                    ahead = _dropped(ahead)
+                    ahead = self._drop_ahead(ahead)
                     # DynamoDB Streams: the checkpoint (or the iterator's position) is past retention.
                     trimmed, iterator = True, None
                 except NotFound as exc:
-                    ahead = _dropped(ahead)
+                    ahead = self._drop_ahead(ahead)
                     # The shard is unknown: gone from the stream (retention), or a passing refusal.
                     self.metrics.errors.labels(pipeline, exc.kind).inc()
                     refused, iterator = True, None
@@ -420,7 +447,7 @@ class ShardWorker:
                 except LeaseLost:
                     raise
                 except ReplicatorError as exc:
-                    ahead = _dropped(ahead)
+                    ahead = self._drop_ahead(ahead)
                     self.metrics.errors.labels(pipeline, exc.kind).inc()
                     failures += 1
                     log.warning("%s %s: shard %s: %s (retry %d)", pipeline, self.pair, self.shard_id, exc, failures)
@@ -434,19 +461,41 @@ class ShardWorker:
             self._in_flight.clear()
         return False
 
-    async def _hand_over(self, records: list[dict[str, Any]]) -> None:
-        """Deliver the page. A page that shares no item with the pages still being delivered
-        goes beside them (at most PAGES_IN_FLIGHT at once; each item's changes stay in order);
-        otherwise, and for a processor that does not say which items a page holds, it waits."""
+    def _hold(self, nbytes: int | None) -> Hold | None:
+        """A hold in the page budget: for a page that must be read (`nbytes` None: always, sized
+        once read), or for one read ahead (room for `nbytes`, else None)."""
+        hold = self.budget.hold(0) if nbytes is None else self.budget.try_hold(nbytes)
+        if hold is not None:
+            self._holds.add(hold)
+        return hold
+
+    def _drop_ahead(self, task: asyncio.Task[Page | None] | None) -> asyncio.Task[Any] | None:
+        """Cancel a read ahead that will not be used (returns None, to be assigned in its place);
+        a page it read gives its bytes back."""
+        if task is not None and task.done() and not task.cancelled() and task.exception() is None:
+            page = task.result()
+            if page is not None:
+                self._give_back(page.hold)
+        return _dropped(task)
+
+    def _give_back(self, hold: Hold) -> None:
+        self.budget.release(hold)
+        self._holds.discard(hold)
+
+    async def _hand_over(self, records: list[dict[str, Any]], hold: Hold | None = None) -> None:
+        """Deliver the page (its `hold` given back once delivered). A page that shares no item
+        with the pages still being delivered goes beside them (at most PAGES_IN_FLIGHT at once;
+        each item's changes stay in order); otherwise, and for a processor that does not say
+        which items a page holds, it waits."""
         keys = self._page_keys(records) if self._page_keys is not None else None
         while self._in_flight and (keys is None or len(self._in_flight) >= PAGES_IN_FLIGHT
                                    or any(not keys.isdisjoint(held) for _, held in self._in_flight)):
             await self._settle_oldest()
         if keys is None:
-            await self._deliver(records)
+            await self._deliver(records, None, hold)
             return
         previous = self._in_flight[-1][0] if self._in_flight else None
-        task = asyncio.create_task(self._deliver(records, previous), name=f"deliver {self.shard_id}")
+        task = asyncio.create_task(self._deliver(records, previous, hold), name=f"deliver {self.shard_id}")
         self._in_flight.append((task, keys))
 
     async def _settle_oldest(self) -> None:
@@ -475,14 +524,23 @@ class ShardWorker:
             gap_ms = tuning.idle_poll_interval_ms or gap_ms
         return max(self._min_read_ms, gap_ms) / 1000
 
-    async def _read_page(self, iterator: str, gap_s: float) -> Page | None:
+    async def _read_page(self, iterator: str, gap_s: float, hold: Hold | None) -> Page | None:
         """GetRecords, no sooner than `gap_s` after this shard's previous read (the per-shard
-        read limits are shared with every other consumer of the stream); None if stopping."""
-        wait_s = self._last_read + gap_s - time.monotonic()
-        if wait_s > 0 and await sleep_or_stop(self.stop, wait_s):
-            return None
-        self._last_read = time.monotonic()
-        return await self.source.get_records(iterator, self.tuning.get_records_limit)
+        read limits are shared with every other consumer of the stream); None if stopping. The
+        page holds what it is worth in the budget through `hold` (given back on any failure)."""
+        assert hold is not None
+        try:
+            wait_s = self._last_read + gap_s - time.monotonic()
+            if wait_s > 0 and await sleep_or_stop(self.stop, wait_s):
+                self._give_back(hold)
+                return None
+            self._last_read = time.monotonic()
+            page = await self.source.get_records(iterator, self.tuning.get_records_limit)
+        except BaseException:
+            self._give_back(hold)
+            raise
+        self.budget.resize(hold, self.source.page_bytes(page.records))
+        return replace(page, hold=hold)
 
     async def _paused(self) -> None:
         """While paused: read nothing, but look every `shard_refresh_s` at the first record after
@@ -616,9 +674,17 @@ class ShardWorker:
             log.warning("%s %s: shard %s: cannot release the lease (it will expire): %s",
                         self.source.pipeline, self.pair, self.shard_id, exc or "timed out")
 
-    async def _deliver(self, records: list[dict[str, Any]], previous: asyncio.Task[None] | None = None) -> None:
+    async def _deliver(self, records: list[dict[str, Any]], previous: asyncio.Task[None] | None = None,
+                       hold: Hold | None = None) -> None:
         """Process a page until it succeeds, then (once `previous`, the page before, is
-        delivered) checkpoint past it. Abandon it on stop."""
+        delivered) checkpoint past it. Abandon it on stop. Its `hold` is given back at the end."""
+        try:
+            await self._deliver_page(records, previous)
+        finally:
+            if hold is not None:
+                self._give_back(hold)
+
+    async def _deliver_page(self, records: list[dict[str, Any]], previous: asyncio.Task[None] | None) -> None:
         pipeline = self.source.pipeline
         self.metrics.records_read.labels(self.pair, pipeline).inc(len(records))
         oldest = self.source.created_s(records[0])

@@ -17,6 +17,7 @@ from replicatord.records import (
     creation_seconds,
     decode_record,
     encode_record,
+    item_size_floor,
     partition_key,
 )
 
@@ -394,3 +395,22 @@ def test_creation_seconds(value: Any, expected: Decimal) -> None:
     got = creation_seconds(value)
     assert isinstance(got, Decimal)
     assert got == expected
+
+
+@pytest.mark.parametrize(("item", "size"), [
+    ({"a": {"S": "héllo"}}, 1 + 6),
+    ({"a": {"B": b"\x00\x01"}}, 1 + 2),
+    ({"a": {"N": "123.4500"}}, 1 + 3),  # 4 significant digits: 2 bytes + 1
+    ({"a": {"N": "-0.000001"}}, 1 + 1),
+    ({"a": {"BOOL": True}, "b": {"NULL": True}}, 2 + 2),
+    ({"a": {"L": [{"NULL": True}] * 3}}, 1 + 3 + 3 * 2),
+    ({"a": {"M": {"xy": {"S": "z"}}}}, 1 + 3 + 1 + 2 + 1),
+    ({"a": {"NS": ["1", "22"]}, "b": {"SS": ["x"]}}, 1 + (1 + 2) + 1 + 1),
+])
+def test_the_size_floor_counts_every_type(item: dict[str, Any], size: int) -> None:
+    assert item_size_floor(item) == size
+
+
+def test_a_list_of_nulls_is_counted_not_free() -> None:
+    """Issue 17: 65,000 NULLs used to count as 54 bytes."""
+    assert item_size_floor({"PK": {"S": "k"}, "l": {"L": [{"NULL": True}] * 65_000}}) > 130_000
