@@ -15,8 +15,10 @@ costs a call its deadline and no more (docs/aws-behaviour.md, "Deadlines").
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hashlib
 import logging
+import os
 import time
 from contextlib import AsyncExitStack
 from typing import Any, Protocol
@@ -25,7 +27,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
 from replicatord.backoff import backoff_s
-from replicatord.config import Settings, Tuning, redact_url
+from replicatord.config import ConfigError, Settings, Tuning, proxy_with_password, redact_url
 from replicatord.errors import (
     AWS_ERRORS,
     ClockSkew,
@@ -53,6 +55,22 @@ SKEW_LOG_S = 60.0
 
 class StartupError(Exception):
     """A fatal problem found before any task starts; the message is one line."""
+
+
+PR_SET_DUMPABLE = 4
+
+
+def make_non_dumpable() -> bool:
+    """Make this process non-dumpable (Linux prctl): no core file, and no ptrace or /proc/<pid>/mem
+    reads by other processes of the same user, so a peer's secret key read here stays here
+    whatever the host's core handler does with LimitCORE. Every process that reads the secret
+    calls it (the daemon at start, and `Aws` before it reads SSM: status, dlq redrive, preflight,
+    provision). False where prctl is not available."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
 
 
 def peer_credential_names(prefix: str) -> tuple[str, str]:
@@ -181,6 +199,7 @@ class Aws:
         SecureString, and operators store the access key id either way."""
         credentials = self.settings.topology.regions[peer].credentials
         assert credentials is not None
+        make_non_dumpable()  # whichever command reads the secret (the daemon, status, dlq, preflight)
         access_name, secret_name = peer_credential_names(credentials.ssm_prefix)
         return (await self.read_parameter(access_name, decrypt=True),
                 await self.read_parameter(secret_name, decrypt=True))
@@ -188,12 +207,16 @@ class Aws:
     async def _peer_client(self, peer: str, keys: tuple[str, str] | None) -> Any:
         """A Kinesis client for `peer`: with `keys`, or (None) the default chain, as local clients."""
         target = self.settings.topology.regions[peer]
+        try:
+            proxy = proxy_with_password(peer, target, os.environ)
+        except ConfigError as exc:
+            raise StartupError(exc.lines[0]) from None
         explicit = {"aws_access_key_id": keys[0], "aws_secret_access_key": keys[1]} if keys else {}
         context = self._session.create_client(
             "kinesis",  # type: ignore[call-overload]
             region_name=peer,
             endpoint_url=target.endpoint_url,
-            config=self._config(target.proxy),
+            config=self._config(proxy),
             **explicit,
         )
         client = await context.__aenter__()

@@ -17,7 +17,15 @@ from collections.abc import Callable
 from typing import Any
 
 from replicatord.aws import StartupError
-from replicatord.config import ConfigError, Settings, Topology, load_topology, redact_url, resolve_settings
+from replicatord.config import (
+    ConfigError,
+    Settings,
+    Topology,
+    load_topology,
+    proxy_password_in_file,
+    redact_url,
+    resolve_settings,
+)
 from replicatord.local.load_args import add_arguments as add_load_arguments
 
 log = logging.getLogger("replicatord")
@@ -98,6 +106,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
     print(describe_plan(settings))
+    for region, config in settings.topology.regions.items():
+        if proxy_password_in_file(config):
+            print(f"warning: regions.{region}.proxy holds a password, in a file every user of the host can read: "
+                  f"give the URL without it and name the variable that holds it with "
+                  f"regions.{region}.proxy_password_env (in /etc/replicatord/replicatord.env, mode 0600)",
+                  file=sys.stderr)
     if args.live:
         print()
         return cmd_preflight(args)
@@ -156,7 +170,8 @@ def cmd_provision(args: argparse.Namespace) -> int:
     from replicatord.ops.provision import provision
 
     topology = load_topology(args.config)
-    return provision(topology, regions=args.only_region, store_peer_credentials=args.store_peer_credentials)
+    return provision(topology, regions=args.only_region, store_peer_credentials=args.store_peer_credentials,
+                     access_key_id=args.access_key_id, secret_file=args.secret_file)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -331,9 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--store-peer-credentials",
         nargs=2,
         metavar=("IN_REGION", "FOR_PEER"),
-        help="store FOR_PEER's access key pair in SSM of IN_REGION; the pair is read from "
-        "REPLICATORD_PEER_ACCESS_KEY_ID/REPLICATORD_PEER_SECRET_ACCESS_KEY or from stdin (two lines)",
+        help="store FOR_PEER's access key pair in SSM of IN_REGION: the access key id from --access-key-id, the "
+        "secret from --secret-file or a prompt that does not echo it (or stdin: two lines, id then secret)",
     )
+    prov.add_argument("--access-key-id", help="with --store-peer-credentials: the access key id (not secret)")
+    prov.add_argument("--secret-file", metavar="PATH",
+                      help="with --store-peer-credentials: a file (mode 600) whose first line is the secret key")
     prov.set_defaults(func=cmd_provision)
 
     st = sub.add_parser("status", help="per pair and direction: positions, time to data loss, pauses, "

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import re
 import socket
+import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -54,6 +56,9 @@ class Region(_Model):
     endpoint_url: str | None = None
     credentials: Credentials | None = None
     proxy: str | None = None
+    # The environment variable that holds the proxy's password (in the unit's 0600 EnvironmentFile):
+    # topology.yaml is world-readable, so a password never belongs in `proxy`. The URL names the user.
+    proxy_password_env: Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")] | None = None
     # Versioned name: the layout changed in 0.2 (a partition per stream); `provision` copies the
     # checkpoints of a 0.1 table named replicatord_leases into it.
     lease_table: str = "replicatord_leases_v2"
@@ -304,6 +309,32 @@ def resolve_settings(
     else:
         host, port = parse_listen(topology.metrics.listen, "metrics.listen")
     return Settings(topology, region, instance_id, host, port)
+
+
+def proxy_with_password(region: str, config: Region, environ: Mapping[str, str]) -> str | None:
+    """The proxy URL others use to reach `region`, with the password from the variable that
+    `proxy_password_env` names; ConfigError (one line) if it is unset or the URL has no user."""
+    if config.proxy is None or config.proxy_password_env is None:
+        return config.proxy
+    password = environ.get(config.proxy_password_env)
+    if not password:
+        raise ConfigError([f"regions.{region}.proxy_password_env: {config.proxy_password_env} is not set (put it "
+                           "in /etc/replicatord/replicatord.env, mode 0600)"])
+    scheme, sep, rest = config.proxy.partition("://")
+    userinfo, at, hostport = rest.rpartition("@")
+    if not sep or not at or not userinfo or ":" in userinfo:
+        raise ConfigError([f"regions.{region}.proxy: with proxy_password_env, give the user and no password "
+                           "(http://USER@HOST:PORT)"])
+    return f"{scheme}://{userinfo}:{urllib.parse.quote(password, safe='')}@{hostport}"
+
+
+def proxy_password_in_file(config: Region) -> bool:
+    """Whether the topology's proxy URL holds a password (the file is meant to be world-readable)."""
+    if config.proxy is None:
+        return False
+    rest = config.proxy.partition("://")[2] or config.proxy
+    userinfo, at, _ = rest.rpartition("@")
+    return bool(at) and ":" in userinfo
 
 
 def redact_url(url: str) -> str:

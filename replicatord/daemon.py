@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -22,7 +21,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from replicatord.applier import Applier
-from replicatord.aws import LEASES, Aws, StartupError
+from replicatord.aws import LEASES, Aws, StartupError, make_non_dumpable
 from replicatord.budget import ByteBudget
 from replicatord.config import Settings
 from replicatord.dlq import MAX_BODY_BYTES, DeadLetterQueue
@@ -52,20 +51,6 @@ def sd_notify(message: str) -> None:
             sock.sendall(message.encode())
         except OSError as exc:
             log.warning("cannot notify systemd: %s", exc)
-
-
-PR_SET_DUMPABLE = 4
-
-
-def forbid_core_dumps() -> bool:
-    """Make this process non-dumpable (Linux prctl): no core file, and no ptrace or /proc/<pid>/mem
-    reads by other processes of the same user, so the peer's secret key stays in this process
-    whatever the host's core handler does with LimitCORE. False where prctl is not available."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return bool(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0)
-    except (OSError, AttributeError):
-        return False
 
 
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
@@ -106,7 +91,7 @@ class Daemon:
 
     async def run(self) -> None:
         ignore_environment_proxies()
-        if not forbid_core_dumps():
+        if not make_non_dumpable():
             log.warning("cannot make the process non-dumpable (prctl); rely on LimitCORE=0")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -173,8 +173,9 @@ cmd_install() {
   install -D -m 0644 "$here/systemd/replicatord.service" "$r/etc/systemd/system/replicatord.service"
   say "installed $r/etc/systemd/system/replicatord.service"
 
-  # /etc/replicatord: 0644 files (no secrets, DESIGN.md §2); topology.yaml is read by the
-  # service's dynamic user, replicatord.env by systemd. An operator's files are never replaced.
+  # /etc/replicatord: topology.yaml 0644 (no secrets: read by the service's dynamic user);
+  # replicatord.env 0600, owned by root (read by systemd itself; it may hold the proxy's
+  # password, regions.R.proxy_password_env). An operator's files are never replaced.
   local etc=$r/etc/replicatord
   install -d -m 0755 "$etc"
   if [ -e "$etc/topology.yaml" ]; then
@@ -189,6 +190,8 @@ cmd_install() {
     local kept
     kept=$(sed -n 's/^REPLICATORD_REGION=//p' "$etc/replicatord.env" | tail -n 1)
     say "kept $etc/replicatord.env (REPLICATORD_REGION=$kept)"
+    [ -z "$(find "$etc/replicatord.env" -perm /0077)" ] ||
+      say "warning: $etc/replicatord.env can be read by other users; it may hold the proxy password (chmod 0600)"
     [ -z "$region" ] || [ "$region" = "$kept" ] ||
       say "warning: --region $region differs from that file's REPLICATORD_REGION=$kept; edit the file by hand"
     region=${region:-$kept}
@@ -197,7 +200,7 @@ cmd_install() {
     # configuration error (exit 3, not restarted) instead of serving the example's region.
     sed "s/^REPLICATORD_REGION=.*/REPLICATORD_REGION=$region/" "$here/systemd/replicatord.env.example" \
       >"$etc/replicatord.env"
-    chmod 0644 "$etc/replicatord.env"
+    chmod 0600 "$etc/replicatord.env"
     say "created $etc/replicatord.env (REPLICATORD_REGION=$region)"
   fi
 

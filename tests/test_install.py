@@ -174,7 +174,7 @@ def test_installed_files_and_modes(install: Install) -> None:
     # The service's dynamic user reads the topology and the venv; systemd reads the env file.
     assert mode(install.topology.parent) == 0o755
     assert mode(install.topology) == 0o644
-    assert mode(install.env_file) == 0o644
+    assert mode(install.env_file) == 0o600  # it may hold the proxy password
     assert mode(install.unit) == 0o644
     assert mode(install.venv / "bin" / "replicatord") & 0o005 == 0o005
     assert install.unit.read_text() == (REPO / "systemd" / "replicatord.service").read_text()

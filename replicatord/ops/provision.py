@@ -8,6 +8,7 @@ the environment or stdin and go to SSM (the secret as a SecureString).
 
 from __future__ import annotations
 
+import getpass
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -17,8 +18,8 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from replicatord.aws import StartupError, peer_credential_names
-from replicatord.config import Topology
+from replicatord.aws import StartupError, make_non_dumpable, peer_credential_names
+from replicatord.config import ConfigError, Topology
 from replicatord.leases import LEASE_TABLE_KEY, LEGACY_LEASE_KEY, LEGACY_LEASE_TABLE, SHARD_KEY, STREAM_KEY
 from replicatord.tombstones import EXPIRES_AT, TOMB_KEY
 
@@ -173,18 +174,45 @@ class RegionProvisioner:
         self.queue(self.config.dead_letter_queue)
 
 
-def read_key_pair() -> tuple[str, str]:
-    access = os.environ.get("REPLICATORD_PEER_ACCESS_KEY_ID")
-    secret = os.environ.get("REPLICATORD_PEER_SECRET_ACCESS_KEY")
-    if access and secret:
-        return access, secret
-    lines = [line.strip() for line in sys.stdin.read().splitlines() if line.strip()]
-    if len(lines) != 2:
-        raise StartupError(
-            "--store-peer-credentials: give the key pair as REPLICATORD_PEER_ACCESS_KEY_ID and "
-            "REPLICATORD_PEER_SECRET_ACCESS_KEY, or on stdin as two lines (access key id, secret key)"
-        )
-    return lines[0], lines[1]
+SECRET_VARIABLES = ("REPLICATORD_PEER_ACCESS_KEY_ID", "REPLICATORD_PEER_SECRET_ACCESS_KEY")
+
+
+def read_key_pair(access_key_id: str | None = None, secret_file: str | None = None) -> tuple[str, str]:
+    """The peer's key pair for --store-peer-credentials. The access key id from the flag, else
+    the first line of stdin (or a prompt); the secret from `secret_file`, else without echo at a
+    terminal (getpass), else the next line of stdin. Never from the environment: a variable
+    leaks into /proc/<pid>/environ, child processes and shell history."""
+    if any(os.environ.get(name) for name in SECRET_VARIABLES):
+        raise ConfigError([f"--store-peer-credentials: {' and '.join(SECRET_VARIABLES)} are not read (the "
+                           "environment leaks secrets): unset them, give --access-key-id and --secret-file or "
+                           "answer the prompt"])
+    make_non_dumpable()
+    tty = sys.stdin.isatty()
+    lines = iter(()) if tty or (access_key_id and secret_file) else iter(sys.stdin.read().splitlines())
+    if access_key_id is None:
+        access_key_id = input("access key id: ").strip() if tty else next(lines, "").strip()
+    if secret_file is not None:
+        secret = _secret_from_file(secret_file)
+    elif tty:
+        secret = getpass.getpass("secret access key (not shown): ").strip()
+    else:
+        secret = next(lines, "").strip()
+    if not access_key_id or not secret:
+        raise StartupError("--store-peer-credentials: give the access key id (--access-key-id, or the first line "
+                           "of stdin) and the secret (--secret-file, the prompt, or the next line of stdin)")
+    return access_key_id, secret
+
+
+def _secret_from_file(path: str) -> str:
+    try:
+        mode = os.stat(path).st_mode
+        with open(path, encoding="utf-8") as handle:
+            secret = handle.readline().strip()
+    except OSError as exc:
+        raise ConfigError([f"--secret-file: cannot read {path}: {exc.strerror}"]) from None
+    if mode & 0o077:
+        print(f"warning: --secret-file {path} can be read by other users (chmod 600)", file=sys.stderr)
+    return secret
 
 
 def provision(
@@ -192,6 +220,8 @@ def provision(
     regions: list[str] | None = None,
     store_peer_credentials: list[str] | None = None,
     report: Callable[[str], None] = print,
+    access_key_id: str | None = None,
+    secret_file: str | None = None,
 ) -> int:
     unknown = [r for r in (regions or []) + (store_peer_credentials or []) if r not in topology.regions]
     if unknown:
@@ -202,7 +232,7 @@ def provision(
             in_region, peer = store_peer_credentials
             if in_region == peer:
                 raise StartupError("--store-peer-credentials: a region never holds its own credentials")
-            access, secret = read_key_pair()
+            access, secret = read_key_pair(access_key_id, secret_file)
             worker = RegionProvisioner(topology, in_region, report)
             worker.store_peer_credentials(peer, access, secret)
             return 0

@@ -392,3 +392,34 @@ def test_duplicate_yaml_key_is_an_error() -> None:
     text = EXAMPLE.read_text().replace("conflict:", "metrics:\n  listen: 10.0.0.1:1\nconflict:", 1)
     lines = errors_of(text)
     assert any("metrics" in line and "duplicate" in line for line in lines)
+
+
+def test_the_proxy_password_comes_from_the_environment_file_not_the_topology() -> None:
+    from replicatord.config import ConfigError, Region, proxy_password_in_file, proxy_with_password
+
+    region = Region(proxy="http://replicatord@squid.internal:3128", proxy_password_env="REPLICATORD_PROXY_PASSWORD",
+                    dead_letter_queue="q")
+    assert proxy_with_password("ap-southeast-1", region, {"REPLICATORD_PROXY_PASSWORD": "p@ss:w/rd"}) == \
+        "http://replicatord:p%40ss%3Aw%2Frd@squid.internal:3128"
+    with pytest.raises(ConfigError, match="REPLICATORD_PROXY_PASSWORD is not set"):
+        proxy_with_password("ap-southeast-1", region, {})
+    with pytest.raises(ConfigError, match="give the user and no password"):
+        proxy_with_password("ap-southeast-1", Region(proxy="http://u:p@h:1", proxy_password_env="X",
+                                                     dead_letter_queue="q"), {"X": "y"})
+    assert proxy_with_password("x", Region(proxy="http://h:1", dead_letter_queue="q"), {}) == "http://h:1"
+    assert proxy_password_in_file(Region(proxy="http://u:secret@h:1", dead_letter_queue="q"))
+    assert not proxy_password_in_file(region)
+
+
+def test_check_config_warns_of_a_password_in_the_topology(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from replicatord import cli
+
+    doc = yaml.safe_load((EXAMPLE.parent / "replicatord.example.yaml").read_text())
+    doc["regions"]["ap-southeast-1"]["proxy"] = "http://replicatord:hunter2@10.0.0.5:3128"
+    path = tmp_path / "topology.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert cli.main(["check-config", "--config", str(path), "--region", "cn-north-1"]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "regions.ap-southeast-1.proxy holds a password" in warnings[0]
+    assert "hunter2" not in captured.out + captured.err
