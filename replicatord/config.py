@@ -203,13 +203,26 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load that refuses a key written twice in one mapping (YAML keeps the last silently)."""
+    """safe_load that refuses a key written twice in one mapping (YAML keeps the last silently), a
+    key that is a list or a map, and aliases (an alias bomb would make validation walk an
+    exponential tree; a topology file has no use for them)."""
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not supported in a topology file",
+                                              event.start_mark)
+        return super().compose_node(parent, index)  # type: ignore[arg-type]
 
 
 def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[object, object]:
     seen: set[object] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node)
+        if isinstance(key, list | dict | set):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a key must be a name, not a {type(key).__name__}", key_node.start_mark
+            )
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark
@@ -228,12 +241,18 @@ def parse_topology(text: str, source: str = "<config>") -> Topology:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
         raise ConfigError([f"{source}: invalid YAML{where}: {problem}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{source}: invalid YAML: nested too deeply"]) from None
+    except (ValueError, TypeError, OverflowError) as exc:  # a scalar the constructors cannot take
+        raise ConfigError([f"{source}: invalid YAML: {type(exc).__name__}: {str(exc)[:200]}"]) from None
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: expected a mapping at the top level"])
     try:
         return Topology.model_validate(data)
+    except RecursionError:
+        raise ConfigError([f"{source}: nested too deeply"]) from None
     except ValidationError as exc:
         lines = []
         for err in exc.errors():

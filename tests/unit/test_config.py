@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
 from replicatord.config import (
     ConfigError,
@@ -423,3 +425,46 @@ def test_check_config_warns_of_a_password_in_the_topology(tmp_path: Any, capsys:
     warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "regions.ap-southeast-1.proxy holds a password" in warnings[0]
     assert "hunter2" not in captured.out + captured.err
+
+
+@pytest.mark.parametrize("text", [
+    "? [1, 2]\n: x\n",
+    "regions:\n  ? [a]\n  : {}\n",
+    "? {a: 1}\n: x\n",
+    "[" * 10000,
+    "{a: " * 5000,
+    "a: &x [1, 2]\nb: [*x, *x]\n",  # aliases: an alias bomb starts like this
+    "regions: !!float nan-ish\n",
+    "regions: !!int 0x\n",
+    "regions: !!timestamp 2020-13-45\n",
+    "\x00\x01",
+    "regions: {cn-north-1: {dead_letter_queue: q}, x: {dead_letter_queue: q}}\n"
+    "pairs: [{name: p, tables: 5, streams: []}]",
+])
+def test_a_malformed_topology_is_one_line_never_a_traceback(text: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse_topology(text, "t.yaml")
+    assert raised.value.lines and all("\n" not in line and line.startswith("t.yaml: ") for line in raised.value.lines)
+
+
+yaml_like = st.lists(st.sampled_from(list("{}[]:,-?&*!|>'\"#% \n\tax1.") + ["regions", "pairs", ": ", "!!binary "]),
+                     max_size=120).map("".join)
+
+
+@given(yaml_like)
+def test_any_text_is_a_topology_or_one_line_per_problem(text: str) -> None:
+    try:
+        parse_topology(text, "t.yaml")
+    except ConfigError as exc:
+        assert exc.lines and all("\n" not in line for line in exc.lines)
+
+
+def test_an_unreadable_or_malformed_file_exits_3_with_one_line(tmp_path: Any,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from replicatord import cli
+
+    path = tmp_path / "topology.yaml"
+    path.write_text("? [a, b]\n: c\n")
+    assert cli.main(["check-config", "--config", str(path), "--region", "cn-north-1"]) == cli.EXIT_CONFIG
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "a key must be a name" in err[0], err
