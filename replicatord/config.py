@@ -6,6 +6,7 @@ Every problem is reported as one line naming the field path and the reason
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -59,6 +60,11 @@ class Region(_Model):
     # The environment variable that holds the proxy's password (in the unit's 0600 EnvironmentFile):
     # topology.yaml is world-readable, so a password never belongs in `proxy`. The URL names the user.
     proxy_password_env: Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")] | None = None
+    # Optional: the addresses (CIDR) the other partition's daemons reach this region from (their
+    # NAT or proxy egress). `replicatord iam` then lets this region's peer-writer key work only
+    # from there (aws:SourceIp), so a leaked key is useless elsewhere.
+    peer_writer_source_ips: list[str] = Field(default_factory=list)
+
     # Versioned name: the layout changed in 0.2 (a partition per stream); `provision` copies the
     # checkpoints of a 0.1 table named replicatord_leases into it.
     lease_table: str = "replicatord_leases_v2"
@@ -66,6 +72,15 @@ class Region(_Model):
     stats_table: str = "replicator_stats"
     loader_stats_table: str = "loader_stats"
     dead_letter_queue: str
+
+    @model_validator(mode="after")
+    def _networks(self) -> Region:
+        for network in self.peer_writer_source_ips:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"peer_writer_source_ips: {network!r} is not an address or a network (CIDR)") from None
+        return self
 
 
 class Pair(_Model):

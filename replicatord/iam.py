@@ -18,6 +18,7 @@ the operator's role of each region, each statement scoped to the resources the t
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -83,9 +84,20 @@ def _string_condition(operator: str, key: str, wanted: list[str], call: Call) ->
         found = any(glob_match(w, actual) for w in wanted)
     elif base == "Bool":
         found = actual.lower() in (w.lower() for w in wanted)
+    elif base in ("IpAddress", "NotIpAddress"):
+        found = _in_networks(actual, wanted)
+        return not found if base == "NotIpAddress" else found
     else:
         raise PolicyError(f"condition operator {operator} is not supported by this evaluator")
     return not found if negated else found
+
+
+def _in_networks(address: str, networks: list[str]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+        return any(ip in ipaddress.ip_network(n, strict=False) for n in networks)
+    except ValueError as exc:
+        raise PolicyError(f"not an address or network: {exc}") from None
 
 
 def _conditions_hold(condition: Mapping[str, Any] | None, call: Call) -> bool:
@@ -110,6 +122,13 @@ def _statement_matches(statement: Mapping[str, Any], call: Call) -> bool:
     elif not any(glob_match(r, call.resource) for r in _listed(statement.get("Resource"))):
         return False
     return _conditions_hold(statement.get("Condition"), call)
+
+
+def allowing_statements(policy: Mapping[str, Any], call: Call) -> list[str]:
+    """The Sids of the Allow statements of `policy` that match `call` (which statements a call
+    uses: the tests fail on a statement no call of the suite uses)."""
+    return [str(statement.get("Sid", "")) for statement in statements(policy)
+            if statement.get("Effect") == "Allow" and _statement_matches(statement, call)]
 
 
 def statements(policy: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -325,8 +344,10 @@ def daemon_policy(topology: Topology, region: str, accounts: Accounts) -> dict[s
 def peer_writer_policy(topology: Topology, region: str, accounts: Accounts) -> dict[str, Any]:
     """The IAM user in `region`'s account whose key pair the other partition's daemons use: it
     can put records on this region's streams and nothing else."""
+    source_ips = topology.regions[region].peer_writer_source_ips
+    condition = {"IpAddress": {"aws:SourceIp": tuple(source_ips)}} if source_ips else None
     return _document([Statement("PutReplicationRecords", ("kinesis:PutRecords", "kinesis:DescribeStreamSummary"),
-                                _streams(topology, region, accounts))])
+                                _streams(topology, region, accounts), condition)])
 
 
 def operator_policy(topology: Topology, region: str, accounts: Accounts) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, settings
 
 from replicatord.local import emulators
 from replicatord.local.aws_behaviour import TEST_BEHAVIOUR, Control
-from replicatord.local.iam_check import refused_calls
+from replicatord.local.iam_check import check_calls
 from replicatord.local.squid import Squid, running_squid, squid_binary
 from replicatord.local.world import (
     REGIONS,
@@ -119,10 +119,34 @@ def _local_regions(request: pytest.FixtureRequest, names: Sequence[str], tmp_pat
                     daemon.terminate(timeout_s=15)
         if local.config is not None and behaviour.get("iam_record") and not request.node.get_closest_marker(
                 "iam_unchecked"):
-            refused = refused_calls(local.config, local.endpoints)
-            if refused:
+            checked = check_calls(local.config, local.endpoints)
+            STATEMENTS_USED.update(checked.used)
+            STATEMENTS_GRANTED.update(checked.granted)
+            if checked.refused:
                 pytest.fail("calls the generated IAM policies would refuse on AWS ('replicatord iam'):\n"
-                            + "\n".join(refused), pytrace=False)
+                            + "\n".join(checked.refused), pytrace=False)
+
+
+# Which statements of the generated policies the suite's calls used, and which they grant: a
+# statement no call of the whole suite uses is a permission the service does not need.
+STATEMENTS_USED: set[tuple[str, str]] = set()
+STATEMENTS_GRANTED: set[tuple[str, str]] = set()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """After a whole run of the suite (no -k, -m, or file of its own), fail if a statement of the
+    generated IAM policies was used by no call (least privilege: take it out of iam.py)."""
+    config = session.config
+    whole = (config.args_source == pytest.Config.ArgsSource.TESTPATHS and not config.option.keyword
+             and not config.option.markexpr and session.testsfailed == 0 and not session.shouldstop)
+    unused = sorted(STATEMENTS_GRANTED - STATEMENTS_USED)
+    if whole and unused and STATEMENTS_GRANTED:
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        lines = [f"  {kind}: {sid}" for kind, sid in unused]
+        message = "statements of the generated IAM policies no call of the suite used:\n" + "\n".join(lines)
+        if reporter is not None:
+            reporter.write_line(message, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture

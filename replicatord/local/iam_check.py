@@ -12,24 +12,43 @@ clients, standing for the application) are not judged.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from replicatord.config import load_topology
-from replicatord.iam import Accounts, allows, identity_files, policies
+from replicatord.iam import Accounts, allowing_statements, allows, identity_files, policies, statements
 from replicatord.local.aws_behaviour import Control
 from replicatord.local.iam_recorder import account_id, call_of
 from replicatord.local.world import identities
 
 
+@dataclass
+class Checked:
+    """What the calls of one test showed: what the policies would refuse, which statements the
+    calls used, and which the policies grant ((identity kind, Sid) pairs)."""
+
+    refused: list[str] = field(default_factory=list)
+    used: set[tuple[str, str]] = field(default_factory=set)
+    granted: set[tuple[str, str]] = field(default_factory=set)
+
+
 def refused_calls(config: Path, endpoints: Mapping[str, str]) -> list[str]:
     """One line per kind of call the generated policies do not allow, naming the identity, the
     region called, the action, the resource and how many times; [] if every call is allowed."""
+    return check_calls(config, endpoints).refused
+
+
+def check_calls(config: Path, endpoints: Mapping[str, str]) -> Checked:
+    """Every recorded call of the local world's identities against the generated policies."""
     topology = load_topology(config)
     documents = policies(topology, Accounts({region: account_id() for region in topology.regions}))
     files = identity_files(topology)
     who = identities(list(topology.regions))
-    refused = []
+    checked = Checked()
+    for (kind, _), name in files.items():
+        checked.granted |= {(kind, str(s.get("Sid"))) for s in statements(documents[name])}
+    refused = checked.refused
     for called, endpoint in endpoints.items():
         for entry in Control(endpoint).iam_calls():
             identity = who.get(entry["access_key"])
@@ -43,4 +62,7 @@ def refused_calls(config: Path, endpoints: Mapping[str, str]) -> list[str]:
                 context = f" {dict(call.context)}" if call.context else ""
                 refused.append(f"{kind} of {home or called} calling {called}: {call.action} on {call.resource}"
                                f"{context} ({entry['count']} calls; policy {file or 'none'})")
-    return sorted(refused)
+            else:
+                checked.used |= {(kind, sid) for sid in allowing_statements(policy, call)}
+    refused.sort()
+    return checked

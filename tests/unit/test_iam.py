@@ -287,6 +287,22 @@ def test_the_peer_writer_user_can_only_put_on_its_region_streams() -> None:
         assert not allows(doc, call), call
 
 
+def with_source_ips() -> Topology:
+    document = yaml.safe_load(EXAMPLE.read_text())
+    document["regions"][SG]["peer_writer_source_ips"] = ["203.0.113.0/28", "198.51.100.7"]
+    return parse_topology(yaml.safe_dump(document))
+
+
+def test_the_peer_writer_key_works_only_from_the_source_addresses_the_topology_gives() -> None:
+    doc = peer_writer_policy(with_source_ips(), SG, Accounts())
+    stream = SG_KINESIS + "ddb_replication_stream_sg"
+    for address, allowed in (("203.0.113.9", True), ("198.51.100.7", True), ("203.0.113.16", False),
+                             ("192.0.2.1", False)):
+        assert allows(doc, Call("kinesis:PutRecords", stream, (("aws:SourceIp", address),))) is allowed, address
+    assert not allows(doc, Call("kinesis:PutRecords", stream))  # no address known: refused
+    assert "Condition" not in peer_writer_policy(example(), SG, Accounts())["Statement"][0]
+
+
 def test_given_account_ids_go_into_the_arns() -> None:
     accounts = Accounts.parse([f"{CN}=123456789012"], example())
     doc = daemon_policy(example(), CN, accounts)
@@ -464,7 +480,8 @@ def _findings(document: dict[str, Any]) -> list[tuple[str, Any]]:
             if not (f.issue == "PERMISSIONS_MANAGEMENT_ACTIONS" and f.location.get("actions") == ["sqs:createqueue"])]
 
 
-@pytest.mark.parametrize("topology", [example(), three_regions()], ids=["example", "three-regions"])
+@pytest.mark.parametrize("topology", [example(), three_regions(), with_source_ips()],
+                         ids=["example", "three-regions", "source-ips"])
 def test_parliament_finds_nothing_in_any_generated_policy(topology: Topology) -> None:
     for name, document in policies(topology, Accounts()).items():
         assert _findings(document) == [], name
