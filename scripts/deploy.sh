@@ -223,10 +223,11 @@ Next steps (README "Deploying on an EC2 host"):
   1. Edit $C for your regions, tables, streams and proxies (the same file on every host).$set_region
   2. Once per region, with an operator role (not the instance role), provision:
        $R provision --config $C --only-region $reg
-  3. Store the peer partition's key pair in this region's SSM (reads two lines from stdin):
-       $R provision --config $C --store-peer-credentials $reg <peer region>
-  4. Check the plan:
-       $R check-config --config $C --region $reg
+  3. Store the peer partition's key pair in this region's SSM (the secret at a prompt that
+     does not echo it, or --secret-file PATH):
+       $R provision --config $C --store-peer-credentials $reg <peer region> --access-key-id <id>
+  4. Check the plan, then every call the daemon will make, with this host's credentials:
+       $R check-config --config $C --region $reg --live
   5. Start it:
        systemctl enable --now replicatord && journalctl -u replicatord -f
 EOF
