@@ -263,7 +263,7 @@ class Applier:
     async def _put(self, record: ReplicationRecord, tombstones: Tombstones) -> bool:
         """Write the image iff no live tombstone is at or above it and the local item is absent or
         older (conditional put). A tombstone recorded between the check and the put can let an old
-        image in; the forwarder sees that write and repairs it (DESIGN.md §4, resurrection)."""
+        image in; the forwarder sees that write and repairs it (docs/design.md §4, resurrection)."""
         tombstone = tombstones.get(self.pair, record.keys)
         if tombstone is not None and record.version < tombstone:
             return False

@@ -1,4 +1,4 @@
-"""The topology file (DESIGN.md §2): one YAML file for every host, validated by pydantic.
+"""The topology file (docs/design.md §2): one YAML file for every host, validated by pydantic.
 
 Every problem is reported as one line naming the field path and the reason
 (`ConfigError`), before any task starts.
@@ -103,7 +103,7 @@ class Conflict(_Model):
     timestamp_attribute: str = "last_update_timestamp"
     region_attribute: str = "last_updater_region"
     # Set on an item by replicatord just before it deletes it, so that the forwarder knows the
-    # REMOVE is not an application delete (DESIGN.md §4).
+    # REMOVE is not an application delete (docs/design.md §4).
     marker_attribute: str = "replicatord:deleting"
     # What the forwarder does with a local change whose image lacks the version attributes:
     # dead_letter: send it to the dead-letter queue, not replicated; stamp: write the version

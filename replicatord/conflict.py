@@ -1,4 +1,4 @@
-"""Last writer wins (DESIGN.md §4): versions, the apply decision and its DynamoDB conditions.
+"""Last writer wins (docs/design.md §4): versions, the apply decision and its DynamoDB conditions.
 
 A version is (timestamp, operation, region), compared in that order: the application's
 timestamp as a number, then DELETE above PUT, then the region name. Equal versions are the
@@ -115,7 +115,7 @@ def without_marker(image: Item, conflict: Conflict) -> Item:
 
 
 def delete_version(removed: Item | None, approximate_time: Decimal, region: str, conflict: Conflict) -> Version:
-    """Version of an application delete: it beats the version it removed (DESIGN.md §4)."""
+    """Version of an application delete: it beats the version it removed (docs/design.md §4)."""
     removed_version = version_of(removed, conflict)
     timestamp = approximate_time
     if removed_version is not None and removed_version.timestamp > timestamp:

@@ -200,7 +200,7 @@ def classify(exc: BaseException) -> ReplicatorError:
             # A code this table does not know: a server error (5xx) is the service's passing
             # trouble; anything else is retried a bounded number of times per record, then the
             # record is dead-lettered (never retried forever). The emulator answers a bad iterator
-            # with HTTP 500 (DESIGN.md §7): Transient, and the shard worker takes a new iterator.
+            # with HTTP 500 (docs/design.md §7): Transient, and the shard worker takes a new iterator.
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             cls = Transient if isinstance(status, int) and status >= 500 else Unclassified
         typed: ReplicatorError = cls(f"{code}: {message}")

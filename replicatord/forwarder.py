@@ -127,7 +127,7 @@ def plan_repair(stream_record: dict[str, Any], pair: str, region: str, conflict:
     """An application write stamped older than the item it overwrote: the replaced image won.
 
     Returns the PUT that restores it (applied with the normal rule, so it lands only if it is
-    still the winner), or None. DESIGN.md §4, repair.
+    still the winner), or None. docs/design.md §4, repair.
     """
     if stream_record.get("eventName") != "MODIFY":
         return None

@@ -1,4 +1,4 @@
-"""Shard leases and checkpoints in the region's lease table (DESIGN.md §5), KCL-style.
+"""Shard leases and checkpoints in the region's lease table (docs/design.md §5), KCL-style.
 
 One item per stream shard: owner, counter, checkpoint, parent shard ids, state. Every change
 is a conditional write on the counter (fencing): an instance whose lease was taken cannot

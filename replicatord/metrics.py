@@ -1,4 +1,4 @@
-"""Prometheus metrics (DESIGN.md §6) behind one object with an injectable registry.
+"""Prometheus metrics (docs/design.md §6) behind one object with an injectable registry.
 
 Labels have bounded cardinality: pair, pipeline, peer, reason, kind, type, service,
 operation. Never shard ids or item keys.

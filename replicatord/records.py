@@ -1,4 +1,4 @@
-"""The replication record (DESIGN.md §3): the JSON payload on the peer's Kinesis stream.
+"""The replication record (docs/design.md §3): the JSON payload on the peer's Kinesis stream.
 
 Keys and images pass through in DynamoDB JSON exactly as the stream gave them: numbers stay
 strings; binary is base64 in the payload and bytes again once decoded, as botocore wants it.

@@ -1,4 +1,4 @@
-"""Tombstones (DESIGN.md §4): the highest delete version seen per deleted key, daemon-owned.
+"""Tombstones (docs/design.md §4): the highest delete version seen per deleted key, daemon-owned.
 
 They stop an older PUT from resurrecting a deleted item. One item per (pair, key) in the
 region's tombstone table; the version only ever grows. An expired tombstone (past

@@ -1,4 +1,4 @@
-"""Conflict cases of DESIGN.md §4, end to end: both daemons running against the two emulators.
+"""Conflict cases of docs/design.md §4, end to end: both daemons running against the two emulators.
 
 Every test ends the same way: after the pipelines drain, both tables are identical attribute for
 attribute AND every key holds its winner, the highest version (timestamp, PUT < DELETE, region)

@@ -1,4 +1,4 @@
-"""Randomized convergence against the real emulators (DESIGN.md §4), reproducible from its seed.
+"""Randomized convergence against the real emulators (docs/design.md §4), reproducible from its seed.
 
 Per seed: 20 keys written from every region at once (two regions, and a full mesh of three:
 Beijing, Singapore, Ningxia) with puts, updates and deletes, timestamps near the wall clock with
@@ -168,7 +168,7 @@ def plan_workloads(seed: int, keys: list[str], regions: tuple[str, ...]) -> list
                 continue
             # Whole seconds, so the two regions often stamp exactly the same time; sometimes
             # stale (an application stamping an old clock); never the same (key, time) twice in a
-            # region: that pair names one change (DESIGN.md §4).
+            # region: that pair names one change (docs/design.md §4).
             ts = now + i // 8 + skew + rnd.choice([0, 0, 0, 1, -1, -4])
             while (key, ts) in used:
                 ts += 1

@@ -58,7 +58,7 @@ def _shared_writes(regions: Any, keys: int, seed: int) -> dict[str, tuple[Decima
         pk = f"shared-{i:03d}"
         for region in REGIONS:
             # Few values, so many exact ties across regions. Within a region a (timestamp,
-            # region) pair names one change (DESIGN.md §4), so a region never reuses one.
+            # region) pair names one change (docs/design.md §4), so a region never reuses one.
             for offset in rnd.sample(range(4), 3):
                 ts = base + offset
                 plans[region].append((pk, ts))
@@ -123,14 +123,14 @@ def test_both_directions_through_squid_converge(regions: Any, squid: Any) -> Non
         assert loaded == EACH
         forwarded = metric_sum(metrics[src], "replicatord_records_forwarded_total", peer=dst)
         # No bounce: a region forwards its own application writes (EACH + 3 per shared key) and
-        # what its repairs restored (DESIGN.md §4: harmless), never what its applier wrote.
+        # what its repairs restored (docs/design.md §4: harmless), never what its applier wrote.
         own_writes = EACH + 3 * 40
         repairs = metric_sum(metrics[src], "replicatord_conflicts_total")
         assert own_writes <= forwarded <= own_writes + repairs
         applied = metric_sum(metrics[dst], "replicatord_records_applied_total")
         stale = metric_sum(metrics[dst], "replicatord_records_stale_total")
         # A PutRecords answered with a 5xx after it took effect is sent again: its entries arrive
-        # twice (at least once, as DESIGN.md §4 allows); without such a fault the counts match.
+        # twice (at least once, as docs/design.md §4 allows); without such a fault the counts match.
         if regions.control(dst).stats()["faults"].get("kinesis.error_after", 0):
             assert applied + stale >= forwarded
         else:

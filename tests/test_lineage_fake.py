@@ -1,6 +1,6 @@
 """Shard lineage, end of shard, iterator expiry, throttling and trimmed checkpoints.
 
-The emulator does none of these faithfully (DESIGN.md §7), so the Kinesis client is replaced at
+The emulator does none of these faithfully (docs/design.md §7), so the Kinesis client is replaced at
 the client seam by a small fake stream; the lease table is a real emulator process.
 """
 

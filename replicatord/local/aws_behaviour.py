@@ -1,4 +1,4 @@
-"""AWS behaviour for the local regions: what AWS does and moto 5.2 does not (DESIGN.md §7).
+"""AWS behaviour for the local regions: what AWS does and moto 5.2 does not (docs/design.md §7).
 
 Installed into an emulator process (`emulators.serve --behaviour JSON`), in-process: moto's
 backends are Python, so the DynamoDB stream model is replaced and the Kinesis backend wrapped;

@@ -1,4 +1,4 @@
-"""Local AWS: one moto server process per region, on loopback (DESIGN.md §7).
+"""Local AWS: one moto server process per region, on loopback (docs/design.md §7).
 
 One process per region because moto servers inside one Python process share state. Each
 server handles one request at a time (no threads): moto's Kinesis loses records under

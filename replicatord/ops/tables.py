@@ -1,7 +1,7 @@
 """What `verify`, `backfill` and `dlq redrive` share: one region's tables read in segments at a
 bounded rate, items compared, and changes written by version through the applier's own code.
 
-Every write goes through `Applier.apply` (DESIGN.md §4): a PUT lands only if it is newer than the
+Every write goes through `Applier.apply` (docs/design.md §4): a PUT lands only if it is newer than the
 item and the key's tombstone, a DELETE records its tombstone and removes the item only if it is
 not newer. So an operator command can never overwrite a newer write of an application or of the
 daemons, whatever runs at the same time.

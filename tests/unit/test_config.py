@@ -1,4 +1,4 @@
-"""The topology file and per-process settings (DESIGN.md §2): one line per problem, with its path."""
+"""The topology file and per-process settings (docs/design.md §2): one line per problem, with its path."""
 
 from __future__ import annotations
 

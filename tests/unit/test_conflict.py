@@ -1,4 +1,4 @@
-"""Last writer wins (DESIGN.md §4): version order, the apply decision and its DynamoDB conditions."""
+"""Last writer wins (docs/design.md §4): version order, the apply decision and its DynamoDB conditions."""
 
 from __future__ import annotations
 

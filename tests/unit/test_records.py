@@ -1,4 +1,4 @@
-"""The replication record (DESIGN.md §3): JSON payload, exact pass-through, strict decoding."""
+"""The replication record (docs/design.md §3): JSON payload, exact pass-through, strict decoding."""
 
 from __future__ import annotations
 
