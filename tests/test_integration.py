@@ -100,7 +100,7 @@ def test_dynamodb_conditions_agree_with_decide_apply(regions: Any) -> None:
 def _stream_record(pk: str, ts: str, region: str, pair: str = "user") -> bytes:
     keys = {"PK": {"S": pk}}
     image = {**keys, "last_update_timestamp": {"N": ts}, "last_updater_region": {"S": region}, "v": {"S": "x"}}
-    record = ReplicationRecord("PUT", pair, keys, image, Version(Decimal(ts), PUT, region), region, "1", 0.0)
+    record = ReplicationRecord("PUT", pair, keys, image, Version(Decimal(ts), PUT, region), region, "1", time.time())
     return encode_record(record)
 
 
