@@ -25,7 +25,7 @@ from replicatord.aws import LEASES, Aws, StartupError, make_non_dumpable
 from replicatord.budget import ByteBudget
 from replicatord.config import Settings
 from replicatord.dlq import MAX_BODY_BYTES, DeadLetterQueue
-from replicatord.errors import AccessDenied, NotFound, ReplicatorError
+from replicatord.errors import NotFound, ReplicatorError
 from replicatord.forwarder import Forwarder
 from replicatord.leases import LEASE_TABLE_KEY, LEGACY_LEASE_KEY, LeaseTable, followed_streams, note_followed
 from replicatord.metrics import Metrics
@@ -314,7 +314,7 @@ class Daemon:
             self.metrics.peer_reachable.labels(peer).set(0)
             self.metrics.errors.labels("forwarder", exc.kind).inc()
             log.warning("peer %s: Kinesis stream %s not reachable: %s", peer, stream, exc)
-            if isinstance(exc, AccessDenied):
+            if exc.peer_keys:
                 await self.aws.refresh_peer(peer)
         else:
             self.metrics.peer_reachable.labels(peer).set(1)

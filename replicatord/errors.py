@@ -1,9 +1,25 @@
-"""The one place that maps AWS errors to typed exceptions with a `retriable` flag."""
+"""The one place that maps AWS errors to typed exceptions, and says what each gets.
+
+Every caller branches on what its error class declares, never on an isinstance ladder of its
+own (aiokafka's errors.py):
+
+- `record`: what a record whose step failed with it gets (retry.verdict): retried until it
+  passes (the service's trouble, or this host's clock), retried up to
+  `tuning.max_record_attempts` (it may pass), or dead-lettered at once (refused for its content);
+- `read`: what a shard read that failed with it gets (shards.next_step): read again after a
+  backoff, a new iterator from the checkpoint, the oldest record (the position was trimmed), a
+  look at whether the shard left the stream, or the end of this shard's work (lease lost);
+- `peer_trouble`: a whole call to a peer that failed with it is the peer's trouble, not its
+  records': retried until it passes (forwarder);
+- `peer_keys`: the peer refused our key pair: read it from SSM again;
+- `passing`: an operator command may wait it out a few times (ops/tables.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import enum
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -12,33 +28,61 @@ import aiohttp
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError, HTTPClientError, ParamValidationError
 
 
+class RecordAction(enum.Enum):
+    RETRY = "retry until it passes"
+    RETRY_BOUNDED = "retry up to tuning.max_record_attempts, then dead-letter"
+    DEAD_LETTER = "dead-letter at once"
+
+
+class ReadAction(enum.Enum):
+    RETRY = "read again after a backoff"
+    RENEW_ITERATOR = "a new iterator from the checkpoint"
+    FROM_OLDEST = "read from the oldest record and report what was trimmed"
+    SHARD_GONE = "look whether the shard left the stream"
+    STOP = "stop reading this shard"
+
+
 class ReplicatorError(Exception):
     """Base of the typed errors; `kind` labels the errors metric."""
 
-    retriable = False
     kind = "error"
+    record = RecordAction.RETRY_BOUNDED
+    read = ReadAction.RETRY
+    peer_trouble = False
+    peer_keys = False
+
+    @property
+    def passing(self) -> bool:
+        return self.record is RecordAction.RETRY
 
 
 class Throttled(ReplicatorError):
-    retriable = True
     kind = "throttled"
+    record = RecordAction.RETRY
+    peer_trouble = True
 
 
 class ExpiredIterator(ReplicatorError):
     """The shard iterator expired (or the emulator rejected it): get a new one from the checkpoint."""
 
-    retriable = True
     kind = "expired_iterator"
+    record = RecordAction.RETRY
+    read = ReadAction.RENEW_ITERATOR
 
 
 class TrimmedData(ReplicatorError):
     """The checkpoint is older than the stream's retention: records were lost to trimming."""
 
     kind = "trimmed_data"
+    read = ReadAction.FROM_OLDEST
 
 
 class NotFound(ReplicatorError):
+    """A missing resource: a table, queue or stream not (yet) there, a shard gone from its stream."""
+
     kind = "not_found"
+    read = ReadAction.SHARD_GONE
+    peer_trouble = True  # a peer's stream is created there, not here
 
 
 class ConditionFailed(ReplicatorError):
@@ -46,31 +90,39 @@ class ConditionFailed(ReplicatorError):
 
 
 class AccessDenied(ReplicatorError):
+    """Refused: a policy, or a key pair revoked, rotated or unknown."""
+
     kind = "access_denied"
+    peer_trouble = True
+    peer_keys = True
 
 
 class Transient(ReplicatorError):
     """A server-side failure worth retrying (5xx, internal failure)."""
 
-    retriable = True
     kind = "transient"
+    record = RecordAction.RETRY
+    read = ReadAction.RENEW_ITERATOR  # the emulator answers a bad iterator with a 500 (docs/design.md §7)
+    peer_trouble = True
 
 
 class Unreachable(ReplicatorError):
-    """No answer from the endpoint or the proxy: network, DNS, timeout."""
+    """No answer from the endpoint or the proxy: network, DNS, a call past its deadline."""
 
-    retriable = True
     kind = "unreachable"
+    record = RecordAction.RETRY
+    peer_trouble = True
 
 
 class ClockSkew(ReplicatorError):
-    """The request's signing time is outside what AWS accepts (SigV4: 15 minutes): this host's
-    clock is off. No record's fault and no key's: retried with backoff until the clock is
-    fixed, never a reason to dead-letter a record or to read the peer's key pair again.
-    `skew_s`: the endpoint's clock minus ours, from its Date header, when known."""
+    """The request's signing time is outside what AWS accepts (5 to 15 minutes): this host's clock
+    is off. No record's fault and no key's: retried with backoff until the clock is fixed, never
+    a reason to dead-letter a record or to read the peer's key pair again. `skew_s`: the
+    endpoint's clock minus ours, from its Date header, when known."""
 
-    retriable = True
     kind = "clock_skew"
+    record = RecordAction.RETRY
+    peer_trouble = True
 
     def __init__(self, message: str, skew_s: float | None = None) -> None:
         super().__init__(message)
@@ -78,14 +130,17 @@ class ClockSkew(ReplicatorError):
 
 
 class InvalidRequest(ReplicatorError):
+    """The service refuses the request for its content (ValidationException and kin)."""
+
     kind = "invalid_request"
+    record = RecordAction.DEAD_LETTER
+    read = ReadAction.RENEW_ITERATOR  # an iterator refused as invalid: take a new one
 
 
 class Unclassified(ReplicatorError):
     """An error code this table does not know, answered as the caller's fault (4xx). It may pass,
-    so a record is retried, but only up to `tuning.max_record_attempts` (pipelines/retry.py)."""
+    so a record is retried, but only up to `tuning.max_record_attempts` (retry.py)."""
 
-    retriable = True
     kind = "unknown"
 
 
@@ -93,7 +148,6 @@ class Contended(ReplicatorError):
     """The application kept rewriting an item while replicatord tried to change it: retried a
     bounded number of times per record, like an unknown error."""
 
-    retriable = True
     kind = "contended"
 
 
@@ -101,6 +155,7 @@ class LeaseLost(ReplicatorError):
     """Another instance owns the lease now (fencing): stop working on that shard."""
 
     kind = "lease_lost"
+    read = ReadAction.STOP
 
 
 # What AWS answers a request signed too far from its clock: some services have a code of its own,

@@ -20,7 +20,7 @@ from replicatord.backoff import backoff_s, sleep_or_stop
 from replicatord.config import Conflict, Tuning
 from replicatord.conflict import DELETE, PUT, Item, Version, being_deleted, delete_version, version_of, without_marker
 from replicatord.dlq import DeadLetterQueue
-from replicatord.errors import AccessDenied, ClockSkew, NotFound, ReplicatorError, Throttled, Transient, Unreachable
+from replicatord.errors import ReplicatorError
 from replicatord.metrics import Metrics
 from replicatord.records import (
     Entry,
@@ -201,11 +201,6 @@ def plan_page(records: list[dict[str, Any]], pair: str, region: str, conflict: C
             plans.append(RecordPlan(stream_record, created, error=exc))
     return plans
 
-
-# Failures of a whole PutRecords call that concern the peer, not the records in it: retried
-# until they pass (an outage, a revoked key or a missing stream is fixed there, not here; a
-# skewed clock is fixed on this host). Only AccessDenied makes the forwarder read SSM again.
-PEER_TROUBLE = (Throttled, Transient, Unreachable, AccessDenied, NotFound, ClockSkew)
 
 
 class Forwarder:
@@ -395,7 +390,9 @@ class Forwarder:
                 )
             except ReplicatorError as exc:
                 attempt += 1
-                if not isinstance(exc, PEER_TROUBLE):
+                # A failure of the whole call that concerns the peer (errors.py: `peer_trouble`)
+                # is retried until it passes; one the peer refuses for its content goes entry by entry.
+                if not exc.peer_trouble:
                     reachable.set(1)  # it answered
                     if len(batch) > 1:
                         await run_together(self._send_one(peer, item) for item in batch)
@@ -407,7 +404,7 @@ class Forwarder:
                         return
                 else:
                     reachable.set(0)
-                    if isinstance(exc, AccessDenied) and await self.aws.refresh_peer(peer):
+                    if exc.peer_keys and await self.aws.refresh_peer(peer):
                         continue  # a rotated key pair: try it at once
                 reason, detail, failed = exc.kind, str(exc), len(batch)
             else:

@@ -31,15 +31,7 @@ from typing import Any, Literal, TypeVar
 from replicatord.backoff import backoff_s, sleep_or_stop
 from replicatord.config import Tuning
 from replicatord.dlq import DeadLetterQueue, Outgoing, stream_record_text
-from replicatord.errors import (
-    ClockSkew,
-    InvalidRequest,
-    LeaseLost,
-    ReplicatorError,
-    Throttled,
-    Transient,
-    Unreachable,
-)
+from replicatord.errors import InvalidRequest, LeaseLost, RecordAction, ReplicatorError
 from replicatord.metrics import Metrics
 from replicatord.records import RecordError
 
@@ -60,12 +52,13 @@ class Verdict(enum.Enum):
 
 def verdict(error: BaseException, attempts: int, age_s: float, tuning: Tuning) -> Verdict:
     """What to do with a record whose step raised `error` for the `attempts`-th time; `age_s` is
-    how long ago the record entered its stream."""
-    if isinstance(error, RecordError | InvalidRequest):
+    how long ago the record entered its stream. The error's class says (errors.RecordAction)."""
+    if isinstance(error, RecordError) or not isinstance(error, ReplicatorError):
+        # Refused by the decoder, or our own code fails on this record: it would the same again.
+        return Verdict.DEAD_LETTER
+    if error.record is RecordAction.DEAD_LETTER:
         return Verdict.DEAD_LETTER  # the record is refused: no retry can change that
-    if not isinstance(error, ReplicatorError):
-        return Verdict.DEAD_LETTER  # our code fails on this record: it would fail the same again
-    if isinstance(error, Throttled | Transient | Unreachable | ClockSkew):
+    if error.record is RecordAction.RETRY:
         # The service's trouble (or this host's clock), not the record's: wait until it passes.
         return Verdict.RETRY
     if attempts >= tuning.max_record_attempts:

@@ -20,14 +20,16 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from replicatord.aws import StartupError, make_non_dumpable, peer_credential_names
 from replicatord.config import ConfigError, Topology
+from replicatord.errors import ConditionFailed, NotFound, ReplicatorError, classify
 from replicatord.leases import LEASE_TABLE_KEY, LEGACY_LEASE_KEY, LEGACY_LEASE_TABLE, SHARD_KEY, STREAM_KEY
 from replicatord.tombstones import EXPIRES_AT, TOMB_KEY
 
 STATS_COUNTERS = {"stats_table": "replicated_count", "loader_stats_table": "loaded_count"}
 
 
-def _code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
+def _is(exc: ClientError, kind: type[ReplicatorError]) -> bool:
+    """Whether boto3's error is of that kind, by the one table of error codes (errors.classify)."""
+    return isinstance(classify(exc), kind)
 
 
 class RegionProvisioner:
@@ -53,7 +55,7 @@ class RegionProvisioner:
         try:
             desc = self.ddb.describe_table(TableName=name)["Table"]
         except ClientError as exc:
-            if _code(exc) != "ResourceNotFoundException":
+            if not _is(exc, NotFound):
                 raise
         else:
             spec = desc.get("StreamSpecification") or {}
@@ -89,7 +91,7 @@ class RegionProvisioner:
         try:
             legacy = self.ddb.describe_table(TableName=LEGACY_LEASE_TABLE)["Table"]
         except ClientError as exc:
-            if _code(exc) == "ResourceNotFoundException":
+            if _is(exc, NotFound):
                 return
             raise
         if [k["AttributeName"] for k in legacy["KeySchema"]] != [LEGACY_LEASE_KEY]:
@@ -121,7 +123,7 @@ class RegionProvisioner:
                 ConditionExpression="attribute_not_exists(PK)",
             )
         except ClientError as exc:
-            if _code(exc) != "ConditionalCheckFailedException":
+            if not _is(exc, ConditionFailed):
                 raise
             return
         self._did(f"set {table} {pk} = 0")
@@ -131,7 +133,7 @@ class RegionProvisioner:
             self.kinesis.describe_stream_summary(StreamName=name)
             return
         except ClientError as exc:
-            if _code(exc) != "ResourceNotFoundException":
+            if not _is(exc, NotFound):
                 raise
         self.kinesis.create_stream(StreamName=name, ShardCount=shards)
         self.kinesis.get_waiter("stream_exists").wait(StreamName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
@@ -142,7 +144,7 @@ class RegionProvisioner:
             self.sqs.get_queue_url(QueueName=name)
             return
         except ClientError as exc:
-            if _code(exc) not in ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"):
+            if not _is(exc, NotFound):
                 raise
         # 14 days: the longest SQS keeps a message, time for an operator to look.
         self.sqs.create_queue(

@@ -177,7 +177,7 @@ class RegionOps:
             try:
                 return await self.aws.call("dynamodb", operation, **kwargs)
             except ReplicatorError as exc:
-                if not exc.retriable or attempt == 7:
+                if not exc.passing or attempt == 7:
                     raise
                 await asyncio.sleep(backoff_s(attempt, self.topology.tuning))
         raise AssertionError("unreachable")

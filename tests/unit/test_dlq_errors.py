@@ -15,6 +15,8 @@ from replicatord.errors import (
     ExpiredIterator,
     InvalidRequest,
     NotFound,
+    ReadAction,
+    RecordAction,
     Throttled,
     Transient,
     TrimmedData,
@@ -60,30 +62,37 @@ def _client_error(code: str, status: int = 400, **extra: object) -> ClientError:
                         **extra}, "Op")  # type: ignore[arg-type]
 
 
+R, B, D = RecordAction.RETRY, RecordAction.RETRY_BOUNDED, RecordAction.DEAD_LETTER
+AGAIN, RENEW, OLDEST, GONE = ReadAction.RETRY, ReadAction.RENEW_ITERATOR, ReadAction.FROM_OLDEST, ReadAction.SHARD_GONE
+
+
 @pytest.mark.parametrize(
-    ("code", "expected", "retriable"),
+    ("code", "expected", "record", "read", "peer_trouble", "peer_keys"),
     [
-        ("ProvisionedThroughputExceededException", Throttled, True),
-        ("ThrottlingException", Throttled, True),
-        ("ExpiredIteratorException", ExpiredIterator, True),
-        ("TrimmedDataAccessException", TrimmedData, False),
-        ("ResourceNotFoundException", NotFound, False),
-        ("ConditionalCheckFailedException", ConditionFailed, False),
-        ("AccessDeniedException", AccessDenied, False),
-        ("ValidationException", InvalidRequest, False),
-        ("InternalServerError", Transient, True),
-        ("ItemCollectionSizeLimitExceededException", InvalidRequest, False),
-        ("UnrecognizedClientException", AccessDenied, False),
-        ("TransactionConflictException", Transient, True),
-        ("SomeFutureException", Unclassified, True),  # unknown: retried a bounded number of times
-        ("SomeFutureException/500", Transient, True),  # unknown, but the server says it failed
+        ("ProvisionedThroughputExceededException", Throttled, R, AGAIN, True, False),
+        ("ThrottlingException", Throttled, R, AGAIN, True, False),
+        ("ExpiredIteratorException", ExpiredIterator, R, RENEW, False, False),
+        ("TrimmedDataAccessException", TrimmedData, B, OLDEST, False, False),
+        ("ResourceNotFoundException", NotFound, B, GONE, True, False),
+        ("ConditionalCheckFailedException", ConditionFailed, B, AGAIN, False, False),
+        ("AccessDeniedException", AccessDenied, B, AGAIN, True, True),
+        ("ValidationException", InvalidRequest, D, RENEW, False, False),
+        ("InternalServerError", Transient, R, RENEW, True, False),
+        ("ItemCollectionSizeLimitExceededException", InvalidRequest, D, RENEW, False, False),
+        ("UnrecognizedClientException", AccessDenied, B, AGAIN, True, True),
+        ("TransactionConflictException", Transient, R, RENEW, True, False),
+        ("SomeFutureException", Unclassified, B, AGAIN, False, False),  # unknown: a bounded number of times
+        ("SomeFutureException/500", Transient, R, RENEW, True, False),  # unknown, but the server says it failed
     ],
 )
-def test_error_codes(code: str, expected: type, retriable: bool) -> None:
+def test_error_codes_and_what_each_gets(code: str, expected: type, record: RecordAction, read: ReadAction,
+                                        peer_trouble: bool, peer_keys: bool) -> None:
+    """The taxonomy every caller branches on: a record's fate, a shard read's, a peer call's."""
     code, _, status = code.partition("/")
     typed = classify(_client_error(code, int(status or 400)))
     assert type(typed) is expected
-    assert typed.retriable is retriable
+    assert (typed.record, typed.read, typed.peer_trouble, typed.peer_keys) == (record, read, peer_trouble, peer_keys)
+    assert typed.passing is (record is R)
     assert code in str(typed)
 
 
