@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from replicatord.aio import run_together
 from replicatord.aws import Aws
 from replicatord.backoff import sleep_or_stop
 from replicatord.config import Conflict, Tuning
@@ -44,7 +45,6 @@ from replicatord.records import (
     shown,
 )
 from replicatord.retry import GAVE_UP, Letter, RecordRetry
-from replicatord.shards import run_together
 from replicatord.tombstones import Tombstones, TombstoneTable
 
 log = logging.getLogger(__name__)

@@ -20,9 +20,11 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from replicatord.aio import poll, run_together
 from replicatord.applier import Applier
 from replicatord.aws import LEASES, Aws, StartupError, make_non_dumpable
 from replicatord.budget import ByteBudget
+from replicatord.checkpointer import RELEASE_TIMEOUT_S
 from replicatord.config import Settings
 from replicatord.dlq import MAX_BODY_BYTES, DeadLetterQueue
 from replicatord.errors import NotFound, ReplicatorError
@@ -31,7 +33,7 @@ from replicatord.leases import LEASE_TABLE_KEY, LEGACY_LEASE_KEY, LeaseTable, fo
 from replicatord.metrics import Metrics
 from replicatord.pipeline import Pipeline
 from replicatord.provenance import Provenance
-from replicatord.shards import RELEASE_TIMEOUT_S, DynamoStreamSource, KinesisSource, poll, run_together
+from replicatord.sources import DynamoStreamSource, KinesisSource
 from replicatord.streams import Forwarding
 from replicatord.tombstones import TombstoneTable
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol
 
+from replicatord.aio import run_together
 from replicatord.aws import Aws
 from replicatord.backoff import backoff_s, sleep_or_stop
 from replicatord.config import Conflict, Tuning
@@ -42,7 +43,6 @@ from replicatord.retry import (
     reason_of,
     verdict,
 )
-from replicatord.shards import run_together
 from replicatord.tombstones import Tombstones, TombstoneTable
 
 log = logging.getLogger(__name__)

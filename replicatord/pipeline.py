@@ -16,8 +16,10 @@ import asyncio
 import logging
 import time
 
+from replicatord.aio import poll
 from replicatord.budget import ByteBudget
 from replicatord.config import Tuning
+from replicatord.consumer import Processor, ShardConsumer
 from replicatord.errors import LeaseLost, ReplicatorError
 from replicatord.leases import (
     ACTIVE,
@@ -35,7 +37,7 @@ from replicatord.leases import (
     stream_of,
 )
 from replicatord.metrics import Metrics
-from replicatord.shards import Processor, ShardWorker, StreamSource, poll
+from replicatord.sources import StreamSource
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +275,7 @@ class Pipeline:
                  taken.checkpoint or "the oldest record")
         held = HeldLease(taken)
         held.renewed_at = sent_at
-        worker = ShardWorker(self.pair, self.source, self.processor, self.leases, held,
+        worker = ShardConsumer(self.pair, self.source, self.processor, self.leases, held,
                              self.tuning, self.metrics, self.stop, self.running, self.budget)
         assert self._group is not None
         task = self._group.create_task(worker.run(), name=lease.key)

@@ -14,14 +14,14 @@ import pytest
 import yaml
 from botocore.exceptions import ClientError
 
-from replicatord import shards
+from replicatord import consumer, reader
 from replicatord.aws import Aws
 from replicatord.config import parse_topology, resolve_settings
 from replicatord.leases import FINISHED, HeldLease, LeaseTable, item_key, lease_key
 from replicatord.local.world import REGIONS, topology_document
 from replicatord.metrics import Metrics
 from replicatord.pipeline import Pipeline
-from replicatord.shards import KinesisSource
+from replicatord.sources import KinesisSource
 
 pytestmark = pytest.mark.integration
 
@@ -429,7 +429,7 @@ async def test_next_page_is_read_while_a_page_is_delivered_and_checkpoints_are_s
 
 async def test_a_shard_that_stays_empty_is_read_less_often(lease_env: Any, monkeypatch: Any) -> None:
     """poll_interval_ms after an empty page; idle_poll_interval_ms once nothing came for IDLE_AFTER_S."""
-    monkeypatch.setattr(shards, "IDLE_AFTER_S", 0.5)
+    monkeypatch.setattr(reader, "IDLE_AFTER_S", 0.5)
     aws, settings, metrics = lease_env
     fake = FakeKinesis({"s": {"records": []}})
     stop = asyncio.Event()
@@ -526,7 +526,7 @@ async def test_pages_of_distinct_items_are_delivered_side_by_side_and_positions_
 
     assert sorted(seq for _, seq in recorder.seen) == list(range(1, 61))  # each once
     assert [seq for _, seq in recorder.seen if seq > 30] == list(range(31, 61))  # one item: in order
-    assert recorder.most_at_once == shards.PAGES_IN_FLIGHT
+    assert recorder.most_at_once == consumer.PAGES_IN_FLIGHT
     assert recorder.same_item_at_once == 0 and early == []
     state = await leases.query(pipeline.partition, consistent=True)
     assert [lease.checkpoint for lease in state] == ["60"]

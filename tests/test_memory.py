@@ -33,7 +33,8 @@ from replicatord.dlq import DeadLetterQueue
 from replicatord.leases import HeldLease, Lease
 from replicatord.metrics import Metrics
 from replicatord.records import ReplicationRecord, encode_record
-from replicatord.shards import KinesisSource, ShardWorker
+from replicatord.consumer import ShardConsumer
+from replicatord.sources import KinesisSource
 from replicatord.tombstones import TombstoneTable
 
 shards, pages, per_page, chunk, budget_mib = (int(a) for a in sys.argv[1:6])
@@ -73,7 +74,7 @@ async def main():
     applier = Applier(aws, "user", "user-sg", "stats", TombstoneTable(aws, "tombs", 3600), Conflict(), tuning,
                       DeadLetterQueue(aws, "q", metrics), metrics, stop)
     source = KinesisSource(aws, "s", "1")
-    workers = [ShardWorker("user", source, applier, Leases(), HeldLease(Lease(f"applier/s@1/shard-{n}", "me", 1, None,
+    workers = [ShardConsumer("user", source, applier, Leases(), HeldLease(Lease(f"applier/s@1/shard-{n}", "me", 1, None,
                (), "active")), tuning, metrics, stop, None, budget) for n in range(shards)]
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     finished = await asyncio.gather(*(w.run() for w in workers))

@@ -24,7 +24,7 @@ from replicatord.config import Pair, Topology
 from replicatord.errors import ReplicatorError
 from replicatord.leases import ACTIVE, STREAM_KEY, Lease, from_item, paused_directions, shard_of
 from replicatord.ops.tables import RegionOps, Regions, pick_pairs
-from replicatord.shards import DynamoStreamSource, KinesisSource, StreamSource, iterator_after
+from replicatord.sources import DynamoStreamSource, KinesisSource, StreamSource, iterator_after
 
 
 def format_leases(region: str, leases: list[Lease]) -> list[str]:
