@@ -13,7 +13,7 @@ import time
 
 from replicatord.config import Tuning
 from replicatord.errors import ReplicatorError
-from replicatord.leases import HeldLease, LeaseTable
+from replicatord.lease_table import HeldLease, LeaseTable
 
 log = logging.getLogger(__name__)
 

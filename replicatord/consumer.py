@@ -23,7 +23,8 @@ from replicatord.budget import ByteBudget, Hold
 from replicatord.checkpointer import Checkpointer
 from replicatord.config import Tuning
 from replicatord.errors import LeaseLost, ReadAction, ReplicatorError
-from replicatord.leases import HeldLease, LeaseTable, latest_since, shard_of
+from replicatord.lease_table import HeldLease, LeaseTable
+from replicatord.leases import latest_since, shard_of
 from replicatord.metrics import Metrics
 from replicatord.reader import ShardReader, _when, dropped
 from replicatord.retry import Abandoned

@@ -29,7 +29,7 @@ from replicatord.config import Settings
 from replicatord.dlq import MAX_BODY_BYTES, DeadLetterQueue
 from replicatord.errors import NotFound, ReplicatorError
 from replicatord.forwarder import Forwarder
-from replicatord.leases import LEASE_TABLE_KEY, LEGACY_LEASE_KEY, LeaseTable, followed_streams, note_followed
+from replicatord.lease_table import LEASE_TABLE_KEY, LEGACY_LEASE_KEY, LeaseTable
 from replicatord.metrics import Metrics
 from replicatord.pipeline import Pipeline
 from replicatord.provenance import Provenance
@@ -250,8 +250,8 @@ class Daemon:
         """Where the applier starts on shards without a lease: `initial_position` on a first start,
         the oldest record on a Kinesis stream created again since the last run."""
         created = kinesis.stream.rsplit("@", 1)[1]
-        followed = await followed_streams(self.aws, leases.table, pair, "applier", kinesis.name, leases.client)
-        await note_followed(self.aws, leases.table, pair, "applier", kinesis.name, created, leases.client)
+        followed = await leases.followed(pair, "applier", kinesis.name)
+        await leases.note_followed(pair, "applier", kinesis.name, created)
         if followed and created not in followed:
             log.warning("pair %s: Kinesis stream %s was created again since the last run: reading it from its "
                         "oldest record", pair, kinesis.name)

@@ -29,7 +29,7 @@ from typing import Any
 
 from replicatord.aws import peer_credential_names
 from replicatord.config import ConfigError, Topology, partition_of
-from replicatord.leases import LEGACY_LEASE_TABLE
+from replicatord.lease_table import LEGACY_LEASE_TABLE
 
 
 @dataclass(frozen=True)

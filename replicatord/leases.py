@@ -1,53 +1,27 @@
-"""Shard leases and checkpoints in the region's lease table (docs/design.md §5), KCL-style.
+"""Shard leases (docs/design.md §5), KCL-style: what a lease is, and the decisions over leases.
 
-One item per stream shard: owner, counter, checkpoint, parent shard ids, state. Every change
-is a conditional write on the counter (fencing): an instance whose lease was taken cannot
-renew or checkpoint over the new owner; it gets LeaseLost and stops that shard.
-
-A lease is expired when it has no owner, or when its counter has not moved for `failover_s`
-as seen from here (clocks of other hosts are never compared). The decisions (which leases to
-take, which one to steal) are pure functions over plain data: `LeaseClock`, `plan_leases`.
+One lease per stream shard: owner, counter, checkpoint, parent shard ids, state. A lease is
+expired when it has no owner, or when its counter has not moved for `failover_s` as seen from
+here (clocks of other hosts are never compared). The decisions (which leases to take, which one
+to steal) are pure functions over plain data: `LeaseClock`, `ready_leases`, `plan_leases`. The
+table that holds leases, and every other item of it, is lease_table.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 import math
-import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any
-
-from replicatord.aws import Aws
-from replicatord.errors import ConditionFailed, LeaseLost, ReplicatorError
-
-log = logging.getLogger(__name__)
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 ACTIVE = "active"
 FINISHED = "finished"
 
-# The table's key: one partition per stream (a pipeline's read of one stream incarnation), one
-# item per shard, so a pipeline reads its own leases with a Query, never a Scan of the table.
-STREAM_KEY = "stream_id"
-SHARD_KEY = "shard_id"
-LEASE_TABLE_KEY = {STREAM_KEY: "S", SHARD_KEY: "S"}
-# The layout before the stream partition (replicatord 0.1): one `lease_key` hash key. `provision`
-# copies its checkpoints into the current table.
-LEGACY_LEASE_KEY = "lease_key"
-LEGACY_LEASE_TABLE = "replicatord_leases"
 # A checkpoint that is not a sequence number: `LATEST@<epoch s>` (a pipeline that starts at
 # `latest`) reads the shard from its oldest record and skips what was written before that second,
 # until the first real checkpoint replaces it. A LATEST iterator would instead miss what is
 # written between the lease's creation and the shard's first read.
 LATEST = "LATEST@"
-# Renewals asked for this close together share one call; TransactWriteItems takes 100 items.
-RENEW_GATHER_S = 0.02
-TRANSACTION_ITEMS = 100
-
-
 def latest_since(checkpoint: str | None) -> float | None:
     """The second a `latest` start counts from, if the checkpoint is such a marker."""
     if checkpoint is None or not checkpoint.startswith(LATEST):
@@ -56,9 +30,6 @@ def latest_since(checkpoint: str | None) -> float | None:
         return float(checkpoint[len(LATEST):])
     except ValueError:
         return None
-_NAMES = {"#owner": "owner", "#counter": "counter", "#state": "state"}  # reserved words in DynamoDB
-
-
 @dataclass(frozen=True)
 class Lease:
     key: str
@@ -81,24 +52,6 @@ def shard_of(key: str) -> str:
 def stream_of(key: str) -> str:
     """The lease table partition of a lease key: pipeline and stream."""
     return key.rsplit("/", 1)[0]
-
-
-def item_key(key: str) -> dict[str, Any]:
-    stream, shard = key.rsplit("/", 1)
-    return {STREAM_KEY: {"S": stream}, SHARD_KEY: {"S": shard}}
-
-
-def from_item(item: dict[str, Any]) -> Lease:
-    at = item.get("checkpoint_at", {}).get("N")
-    return Lease(
-        key=f"{item[STREAM_KEY]['S']}/{item[SHARD_KEY]['S']}",
-        owner=item.get("owner", {}).get("S"),
-        counter=int(item.get("counter", {}).get("N", "0")),
-        checkpoint=item.get("checkpoint", {}).get("S"),
-        parents=tuple(sorted(item.get("parents", {}).get("SS", ()))),
-        state=item.get("state", {}).get("S", ACTIVE),
-        checkpoint_at=float(at) if at is not None else None,
-    )
 
 
 # --- decisions --------------------------------------------------------------------------------
@@ -169,298 +122,3 @@ def plan_leases(
         if most >= len(mine) + 2:
             steal = next(lease.key for lease in reversed(candidates) if lease.owner == victim)
     return Plan(tuple(take), steal)
-
-
-# --- the table --------------------------------------------------------------------------------
-
-
-class HeldLease:
-    """A lease this instance holds, shared by its shard worker (checkpoints) and the renewer."""
-
-    def __init__(self, lease: Lease) -> None:
-        self.lease = lease
-        self.lock = asyncio.Lock()
-        # When the last successful renewal (or the take) was *sent*: other instances may count
-        # the lease expired from any moment after that, so this instance judges by it.
-        self.renewed_at = time.monotonic()
-
-
-class LeaseTable:
-    """The lease table of one region. `client` is a DynamoDB client of its own, so that apply
-    traffic cannot take the connections that renewals need."""
-
-    def __init__(self, aws: Aws, table: str, client: Any = None) -> None:
-        self.aws = aws
-        self.table = table
-        self.client = client
-        # Renewals asked for within RENEW_GATHER_S of each other (every pipeline of the instance
-        # renews on the same ticks) go out together: one TransactWriteItems per 100 leases.
-        self._renewals: list[tuple[HeldLease, asyncio.Future[None]]] = []
-        self._renewing: asyncio.Task[None] | None = None
-
-    async def _call(self, operation: str, **kwargs: Any) -> Any:
-        return await self.aws.call("dynamodb", operation, client=self.client, TableName=self.table, **kwargs)
-
-    async def query(self, stream: str, consistent: bool = False) -> list[Lease]:
-        """The leases of one stream (`stream_of` a lease key). Eventually consistent by default:
-        every change is a conditional write, so a stale read only costs a refused take."""
-        leases: list[Lease] = []
-        kwargs: dict[str, Any] = {"KeyConditionExpression": "#s = :s", "ExpressionAttributeNames": {"#s": STREAM_KEY},
-                                  "ExpressionAttributeValues": {":s": {"S": stream}}, "ConsistentRead": consistent}
-        while True:
-            page = await self._call("query", **kwargs)
-            for item in page.get("Items", []):
-                try:
-                    leases.append(from_item(item))
-                except (KeyError, TypeError, ValueError, AttributeError):
-                    # Edited by hand or by another tool: one bad item must not stop every shard.
-                    log.warning("lease table %s: ignoring a malformed item: %.200r", self.table, item)
-            if "LastEvaluatedKey" not in page:
-                return leases
-            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
-
-    async def get(self, key: str) -> Lease | None:
-        item = (await self._call("get_item", Key=item_key(key), ConsistentRead=True)).get("Item")
-        return from_item(item) if item else None
-
-    async def create(
-        self, key: str, parents: tuple[str, ...], checkpoint: str | None = None, state: str = ACTIVE
-    ) -> bool:
-        """Create a lease with no owner; False if it already exists."""
-        item: dict[str, Any] = {
-            **item_key(key),
-            "counter": {"N": "0"},
-            "state": {"S": state},
-            "updated_at": {"N": str(time.time())},
-        }
-        if parents:
-            item["parents"] = {"SS": list(parents)}
-        if checkpoint is not None:
-            item["checkpoint"] = {"S": checkpoint}
-        try:
-            await self._call("put_item", Item=item, ConditionExpression=f"attribute_not_exists({SHARD_KEY})")
-        except ConditionFailed:
-            return False
-        return True
-
-    async def _update(
-        self, key: str, update: str, condition: str, values: dict[str, Any], landed: Callable[[Lease], bool]
-    ) -> None:
-        """A conditional update; LeaseLost if its condition failed. An update can take effect and
-        still be answered with an error (a 5xx, retried by botocore, whose retry then fails the
-        condition): `landed` tells from the item as it is now whether this update is what it shows."""
-        if update.startswith("SET"):
-            update += ", updated_at = :now"  # for people reading the table; decisions never use it
-            values = {**values, ":now": {"N": str(time.time())}}
-        names = {name: attr for name, attr in _NAMES.items() if name in update or name in condition}
-        try:
-            await self._call(
-                "update_item", Key=item_key(key), UpdateExpression=update, ConditionExpression=condition,
-                ExpressionAttributeNames=names, ExpressionAttributeValues=values,
-            )
-        except ConditionFailed:
-            now = await self.get(key)
-            if now is not None and landed(now):
-                return
-            raise LeaseLost(f"lease {key} changed hands") from None
-
-    async def take(self, lease: Lease, me: str) -> Lease:
-        """Take `lease` as it was observed (free, expired, or stolen); LeaseLost if it moved since."""
-        taken = replace(lease, owner=me, counter=lease.counter + 1)
-        await self._update(
-            lease.key,
-            "SET #owner = :me, #counter = :next",
-            "#counter = :counter AND #state = :active",
-            {
-                ":me": {"S": me},
-                ":counter": {"N": str(lease.counter)},
-                ":next": {"N": str(lease.counter + 1)},
-                ":active": {"S": ACTIVE},
-            },
-            lambda now: (now.owner, now.counter) == (me, taken.counter),
-        )
-        return taken
-
-    async def _advance(self, held: HeldLease, extra: str = "", values: dict[str, Any] | None = None,
-                       landed: Callable[[Lease], bool] = lambda _: True) -> None:
-        """Bump the counter (and set `extra`) if the lease is still ours as we last saw it."""
-        lease = held.lease
-        sent_at = time.monotonic()
-        await self._update(
-            lease.key,
-            "SET #counter = :next" + extra,
-            "#owner = :me AND #counter = :counter",
-            {
-                ":me": {"S": lease.owner or ""},
-                ":counter": {"N": str(lease.counter)},
-                ":next": {"N": str(lease.counter + 1)},
-                **(values or {}),
-            },
-            lambda now: (now.owner, now.counter) == (lease.owner, lease.counter + 1) and landed(now),
-        )
-        held.lease = replace(lease, counter=lease.counter + 1)
-        held.renewed_at = sent_at
-
-    async def renew(self, held: HeldLease) -> None:
-        """Move the lease's counter (LeaseLost if it is no longer ours). Renewals of several
-        leases asked for at about the same moment share one TransactWriteItems call."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._renewals.append((held, future))
-        if self._renewing is None or self._renewing.done():
-            self._renewing = asyncio.create_task(self._renew_gathered(), name=f"renew {self.table}")
-        await future
-
-    async def _renew_gathered(self) -> None:
-        await asyncio.sleep(RENEW_GATHER_S)
-        gathered, self._renewals = self._renewals, []
-        waiting = {id(held): (held, future) for held, future in gathered if not future.done()}
-        # A lease whose lock is taken is being checkpointed (which renews it too): it waits alone.
-        alone = [pair for pair in waiting.values() if pair[0].lock.locked()]
-        together = sorted((pair for pair in waiting.values() if not pair[0].lock.locked()),
-                          key=lambda pair: pair[0].lease.key)
-        await asyncio.gather(*(self._settle(future, self._renew_one(held)) for held, future in alone),
-                             *(self._renew_batch(together[i:i + TRANSACTION_ITEMS])
-                               for i in range(0, len(together), TRANSACTION_ITEMS)))
-
-    @staticmethod
-    async def _settle(future: asyncio.Future[None], work: Awaitable[None]) -> None:
-        try:
-            await work
-        except Exception as exc:  # noqa: BLE001 - handed to the waiting renewer
-            if not future.done():
-                future.set_exception(exc)
-        else:
-            if not future.done():
-                future.set_result(None)
-
-    async def _renew_one(self, held: HeldLease) -> None:
-        async with held.lock:
-            await self._advance(held)
-
-    async def _renew_batch(self, batch: list[tuple[HeldLease, asyncio.Future[None]]]) -> None:
-        """Renew leases in one transaction. If it is cancelled (a lease is no longer ours, or
-        another write held an item), each lease is renewed on its own, which says which."""
-        if len(batch) == 1:
-            held, future = batch[0]
-            await self._settle(future, self._renew_one(held))
-            return
-        async with contextlib.AsyncExitStack() as locks:
-            for held, _ in batch:
-                await locks.enter_async_context(held.lock)
-            sent_at = time.monotonic()
-            try:
-                await self.aws.call("dynamodb", "transact_write_items", client=self.client, TransactItems=[
-                    {"Update": {"TableName": self.table, **_advance_update(held.lease)}} for held, _ in batch])
-            except ReplicatorError:
-                pass  # below, one by one
-            else:
-                for held, future in batch:
-                    held.lease = replace(held.lease, counter=held.lease.counter + 1)
-                    held.renewed_at = sent_at
-                    if not future.done():
-                        future.set_result(None)
-                return
-        await asyncio.gather(*(self._settle(future, self._renew_one(held)) for held, future in batch))
-
-    async def checkpoint(
-        self, held: HeldLease, sequence_number: str | None, finished: bool = False, at: float | None = None
-    ) -> None:
-        """Record progress (`at`: when that record entered its stream); LeaseLost if another
-        instance took the lease meanwhile."""
-        extra, values = "", {}
-        if sequence_number is not None:
-            extra += ", checkpoint = :seq"
-            values[":seq"] = {"S": sequence_number}
-        if at is not None:
-            extra += ", checkpoint_at = :at"
-            values[":at"] = {"N": f"{at:.3f}"}
-        if finished:
-            extra += ", #state = :finished"
-            values[":finished"] = {"S": FINISHED}
-        async with held.lock:
-            await self._advance(
-                held, extra, values,
-                lambda now: (sequence_number is None or now.checkpoint == sequence_number)
-                and (not finished or now.state == FINISHED),
-            )
-            held.lease = replace(
-                held.lease,
-                checkpoint=sequence_number if sequence_number is not None else held.lease.checkpoint,
-                checkpoint_at=at if at is not None else held.lease.checkpoint_at,
-                state=FINISHED if finished else held.lease.state,
-            )
-
-    async def release(self, held: HeldLease) -> None:
-        """Give the lease up so another instance can take it at once; a lost lease is fine."""
-        lease = held.lease
-        # Owner only, not the counter: a checkpoint cut short by cancellation may or may not
-        # have moved it, and giving up a lease that is still ours is always safe.
-        with contextlib.suppress(LeaseLost):
-            await self._update(
-                lease.key, "REMOVE #owner ADD #counter :one", "#owner = :me",
-                {":me": {"S": lease.owner or ""}, ":one": {"N": "1"}}, lambda now: now.owner is None,
-            )
-
-    async def delete(self, lease: Lease) -> None:
-        """Remove a finished lease whose shard left the stream; skipped if it moved since."""
-        with contextlib.suppress(ConditionFailed):
-            await self._call(
-                "delete_item", Key=item_key(lease.key),
-                ConditionExpression="#counter = :counter AND #state = :finished",
-                ExpressionAttributeNames={"#counter": "counter", "#state": "state"},
-                ExpressionAttributeValues={":counter": {"N": str(lease.counter)}, ":finished": {"S": FINISHED}},
-            )
-
-
-def _advance_update(lease: Lease) -> dict[str, Any]:
-    """A renewal as a TransactWriteItems Update: the counter moves iff the lease is still ours as seen."""
-    return {
-        "Key": item_key(lease.key),
-        "UpdateExpression": "SET #counter = :next, updated_at = :now",
-        "ConditionExpression": "#owner = :me AND #counter = :counter",
-        "ExpressionAttributeNames": {"#owner": "owner", "#counter": "counter"},
-        "ExpressionAttributeValues": {
-            ":me": {"S": lease.owner or ""}, ":counter": {"N": str(lease.counter)},
-            ":next": {"N": str(lease.counter + 1)}, ":now": {"N": str(time.time())}},
-    }
-
-
-# --- streams followed (what a restart needs to know of the last run) ------------------------------
-
-def followed_key(pair: str, pipeline: str, name: str) -> dict[str, Any]:
-    """The row that lists which incarnations of a stream (DynamoDB stream labels, Kinesis creation
-    times) a pair's pipeline has followed here: a stream found at startup that is not in it is
-    new since the last run, and is read from its oldest record whatever `initial_position` says."""
-    return {STREAM_KEY: {"S": pause_partition(pair)}, SHARD_KEY: {"S": f"followed/{pipeline}/{name}"}}
-
-
-async def followed_streams(aws: Aws, table: str, pair: str, pipeline: str, name: str,
-                           client: Any = None) -> set[str]:
-    result = await aws.call("dynamodb", "get_item", client=client, TableName=table,
-                            Key=followed_key(pair, pipeline, name), ConsistentRead=True)
-    return set(result.get("Item", {}).get("incarnations", {}).get("SS", []))
-
-
-async def note_followed(aws: Aws, table: str, pair: str, pipeline: str, name: str, incarnation: str,
-                        client: Any = None) -> None:
-    await aws.call("dynamodb", "update_item", client=client, TableName=table, Key=followed_key(pair, pipeline, name),
-                   UpdateExpression="ADD incarnations :i", ExpressionAttributeValues={":i": {"SS": [incarnation]}})
-
-
-# --- pauses (replicatord pause / resume) -----------------------------------------------------------
-
-def pause_partition(pair: str) -> str:
-    return f"control/{pair}"
-
-
-async def paused_directions(aws: Aws, table: str, pair: str, client: Any = None) -> dict[str, float]:
-    """The paused directions of a pair ("A:B" -> when paused), from the region's lease table."""
-    result = await aws.call(
-        "dynamodb", "query", client=client, TableName=table, KeyConditionExpression="#s = :s",
-        ExpressionAttributeNames={"#s": STREAM_KEY}, ExpressionAttributeValues={":s": {"S": pause_partition(pair)}})
-    out = {}
-    for item in result.get("Items", []):
-        shard = item[SHARD_KEY]["S"]
-        if shard.startswith("pause/"):
-            out[shard.removeprefix("pause/")] = float(item.get("paused_at", {}).get("N", "0"))
-    return out

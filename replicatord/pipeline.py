@@ -21,16 +21,14 @@ from replicatord.budget import ByteBudget
 from replicatord.config import Tuning
 from replicatord.consumer import Processor, ShardConsumer
 from replicatord.errors import LeaseLost, ReplicatorError
+from replicatord.lease_table import HeldLease, LeaseTable
 from replicatord.leases import (
     ACTIVE,
     FINISHED,
     LATEST,
-    HeldLease,
     Lease,
     LeaseClock,
-    LeaseTable,
     lease_key,
-    paused_directions,
     plan_leases,
     ready_leases,
     shard_of,
@@ -164,7 +162,7 @@ class Pipeline:
         their position (and keep their leases) until `resume`."""
         if self.source.pipeline != "forwarder" or not self.region:
             return
-        paused = await paused_directions(self.leases.aws, self.leases.table, self.pair, self.leases.client)
+        paused = await self.leases.paused(self.pair)
         mine = sorted(d for d in paused if d.split(":", 1)[0] == self.region)
         for direction in paused:
             self.metrics.paused.labels(self.pair, direction).set(1 if direction in mine else 0)

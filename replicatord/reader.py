@@ -21,7 +21,8 @@ from replicatord.backoff import sleep_or_stop
 from replicatord.budget import ByteBudget, Hold
 from replicatord.config import Tuning
 from replicatord.errors import InvalidRequest
-from replicatord.leases import HeldLease, latest_since, shard_of
+from replicatord.lease_table import HeldLease
+from replicatord.leases import latest_since, shard_of
 from replicatord.metrics import Metrics
 from replicatord.sources import Page, StreamSource, iterator_after
 

@@ -12,7 +12,7 @@ old one stays readable for 24 hours. So at startup the forwarder lists every str
   problem of the pair: an error in the log, `replicatord_stream_problem` and `/readyz`, never a
   silent skip of every change.
 
-"The last run" is the `followed` row of the lease table (leases.followed_streams): the
+"The last run" is the `followed` row of the lease table (LeaseTable.followed): the
 incarnations of the table's stream this pair's forwarder has followed in this region.
 docs/streams.md has the cases.
 """
@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from replicatord.aws import Aws
-from replicatord.leases import FINISHED, LeaseTable, followed_streams, lease_key, note_followed, stream_of
+from replicatord.lease_table import LeaseTable
+from replicatord.leases import FINISHED, lease_key, stream_of
 from replicatord.metrics import Metrics
 from replicatord.pipeline import Pipeline
 
@@ -185,8 +186,7 @@ class Forwarding:
         current = str(desc["LatestStreamArn"]) if enabled and desc.get("LatestStreamArn") else None
         arns = await list_streams(self.aws, self.table)
         infos = await survey(self.aws, self.leases, self.table, [*arns, *([current] if current else [])])
-        followed = await followed_streams(self.aws, self.leases.table, self.pair, FORWARDER, self.table,
-                                          self.leases.client)
+        followed = await self.leases.followed(self.pair, FORWARDER, self.table)
         ran_before = bool(followed) or any(info.leases for info in infos)
         plan = plan_streams(self.table, infos, current, ran_before, initial_position)
         for note in plan.notes:
@@ -232,8 +232,7 @@ class Forwarding:
         return [self.current]
 
     async def _note(self, arn: str) -> None:
-        await note_followed(self.aws, self.leases.table, self.pair, FORWARDER, self.table, stream_label(arn),
-                            self.leases.client)
+        await self.leases.note_followed(self.pair, FORWARDER, self.table, stream_label(arn))
 
     def _set_problem(self, problem: str | None) -> None:
         if problem == self.problem:

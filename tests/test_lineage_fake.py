@@ -17,7 +17,8 @@ from botocore.exceptions import ClientError
 from replicatord import consumer, reader
 from replicatord.aws import Aws
 from replicatord.config import parse_topology, resolve_settings
-from replicatord.leases import FINISHED, HeldLease, LeaseTable, item_key, lease_key
+from replicatord.lease_table import HeldLease, LeaseTable, item_key
+from replicatord.leases import FINISHED, lease_key
 from replicatord.local.world import REGIONS, topology_document
 from replicatord.metrics import Metrics
 from replicatord.pipeline import Pipeline

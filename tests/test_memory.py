@@ -30,7 +30,8 @@ from replicatord.budget import ByteBudget
 from replicatord.config import Conflict, Tuning
 from replicatord.conflict import PUT, Version
 from replicatord.dlq import DeadLetterQueue
-from replicatord.leases import HeldLease, Lease
+from replicatord.leases import Lease
+from replicatord.lease_table import HeldLease
 from replicatord.metrics import Metrics
 from replicatord.records import ReplicationRecord, encode_record
 from replicatord.consumer import ShardConsumer

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from replicatord.leases import SHARD_KEY, STREAM_KEY
+from replicatord.lease_table import SHARD_KEY, STREAM_KEY
 from replicatord.local.compare import compare_tables
 from replicatord.local.world import REGIONS, local_env, wait_drained, wait_for
 from tests.test_integration import cli

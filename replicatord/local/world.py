@@ -23,7 +23,8 @@ import yaml
 from botocore.config import Config
 
 from replicatord.config import Region
-from replicatord.leases import Lease, from_item, latest_since
+from replicatord.lease_table import from_item
+from replicatord.leases import Lease, latest_since
 from replicatord.local.emulators import LOCAL_CREDENTIALS, free_port
 
 # The original deployment's two regions first; then a second region in each partition.

@@ -18,7 +18,6 @@ repeating at most the page that was in flight. `--restart` starts over.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,7 +27,8 @@ from replicatord.aws import StartupError
 from replicatord.config import Pair, Topology
 from replicatord.conflict import version_of, without_marker
 from replicatord.errors import ReplicatorError
-from replicatord.leases import ACTIVE, SHARD_KEY, STREAM_KEY, from_item, latest_since, shard_of
+from replicatord.lease_table import SegmentProgress
+from replicatord.leases import ACTIVE, latest_since, shard_of
 from replicatord.ops.tables import Progress, RateLimit, RegionOps, Regions, key_text, pick_pairs, put_record
 from replicatord.provenance import future_beyond_bound
 from replicatord.records import RecordError, creation_seconds, item_from_json, item_to_json
@@ -102,29 +102,19 @@ class Backfill:
         self.progress = Progress(f"backfill {pair.name} {source}->{','.join(self.peers)}") if show_progress else None
         self.limit = asyncio.Semaphore(WRITES_AT_ONCE)
 
-    async def _lease_table(self, operation: str, **kwargs: Any) -> Any:
-        src = self.ops[self.source]
-        return await src.aws.call("dynamodb", operation, TableName=src.config.lease_table, **kwargs)
-
     async def load(self, restart: bool) -> list[Segment]:
         """The segments' stored progress (a second run continues), or fresh ones."""
-        result = await self._lease_table(
-            "query", KeyConditionExpression="#s = :s", ExpressionAttributeNames={"#s": STREAM_KEY},
-            ExpressionAttributeValues={":s": {"S": self.partition}}, ConsistentRead=True)
-        stored = result.get("Items", [])
+        leases = self.ops[self.source].leases()
         if restart:
-            for item in stored:
-                await self._lease_table("delete_item", Key={STREAM_KEY: item[STREAM_KEY], SHARD_KEY: item[SHARD_KEY]})
-            stored = []
+            await leases.clear_progress(self.partition)
+        stored = await leases.load_progress(self.partition)
         if not stored:
             return [Segment(n, self.segments) for n in range(self.segments)]
         segments = []
-        for item in stored:
-            number, of = (int(part) for part in item[SHARD_KEY]["S"].split("-")[1::2])
-            resume = item.get("resume", {}).get("S")
-            segment = Segment(number, of, json.loads(resume) if resume else None,
-                              item.get("state", {}).get("S") == "finished")
-            segment.counts.update({name: int(item[name]["N"]) for name in COUNTS if name in item})
+        for row in stored:
+            number, of = (int(part) for part in row.segment.split("-")[1::2])
+            segment = Segment(number, of, row.resume, row.finished)
+            segment.counts.update({name: count for name, count in row.counts.items() if name in COUNTS})
             segments.append(segment)
         self.segments = segments[0].of
         known = {s.number for s in segments}
@@ -132,15 +122,8 @@ class Backfill:
         return sorted(segments, key=lambda s: s.number)
 
     async def save(self, segment: Segment) -> None:
-        item: dict[str, Any] = {
-            STREAM_KEY: {"S": self.partition}, SHARD_KEY: {"S": segment.shard},
-            "state": {"S": "finished" if segment.finished else "active"},
-            "updated_at": {"N": f"{time.time():.3f}"},
-            **{name: {"N": str(segment.counts[name])} for name in COUNTS},
-        }
-        if segment.resume is not None:
-            item["resume"] = {"S": json.dumps(segment.resume, sort_keys=True)}
-        await self._lease_table("put_item", Item=item)
+        await self.ops[self.source].leases().save_progress(self.partition, SegmentProgress(
+            segment.shard, segment.finished, segment.resume, {name: segment.counts[name] for name in COUNTS}))
 
     async def run_segment(self, segment: Segment, summary: Summary) -> None:
         if segment.finished:
@@ -209,9 +192,7 @@ async def wait_applied(src: RegionOps, pair: Pair, since: float, timeout_s: floa
     deadline = time.monotonic() + timeout_s
     while True:
         behind = []
-        scan = await src.aws.call("dynamodb", "scan", TableName=src.config.lease_table, ConsistentRead=True)
-        for item in scan.get("Items", []):
-            lease = from_item(item)
+        for lease in await src.leases().all_leases():
             if not lease.key.startswith(prefix) or lease.state != ACTIVE:
                 continue
             where: dict[str, Any] = {"ShardIteratorType": "TRIM_HORIZON"}

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import getpass
 import socket
-import time
 
 from replicatord.aws import StartupError
 from replicatord.config import Topology
-from replicatord.leases import SHARD_KEY, STREAM_KEY, pause_partition
 from replicatord.ops.tables import Regions, pick_pairs
 
 
@@ -33,14 +31,11 @@ async def set_paused(topology: Topology, pair_name: str, direction: str, paused:
     (pair,) = pick_pairs(topology, pair_name)
     source, target = parse_direction(topology, direction)
     async with Regions(topology, [source], profiles) as ops:
-        region = ops[source]
-        key = {STREAM_KEY: {"S": pause_partition(pair.name)}, SHARD_KEY: {"S": f"pause/{source}:{target}"}}
+        leases = ops[source].leases()
         if paused:
-            await region.aws.call("dynamodb", "put_item", TableName=region.config.lease_table, Item={
-                **key, "paused_at": {"N": f"{time.time():.3f}"},
-                "by": {"S": f"{getpass.getuser()}@{socket.gethostname()}"}})
+            await leases.pause(pair.name, f"{source}:{target}", f"{getpass.getuser()}@{socket.gethostname()}")
             return (f"pair {pair.name}: forwarding {source} -> {target} paused; every daemon in {source} holds it "
                     "within a lease cycle, positions kept (the stream keeps changes for 24 h: see "
                     "'replicatord status')")
-        await region.aws.call("dynamodb", "delete_item", TableName=region.config.lease_table, Key=key)
+        await leases.resume(pair.name, f"{source}:{target}")
         return f"pair {pair.name}: forwarding {source} -> {target} resumed"

@@ -21,7 +21,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from replicatord.aws import StartupError, make_non_dumpable, peer_credential_names
 from replicatord.config import ConfigError, Topology
 from replicatord.errors import ConditionFailed, NotFound, ReplicatorError, classify
-from replicatord.leases import LEASE_TABLE_KEY, LEGACY_LEASE_KEY, LEGACY_LEASE_TABLE, SHARD_KEY, STREAM_KEY
+from replicatord.lease_table import LEASE_TABLE_KEY, LEGACY_LEASE_KEY, LEGACY_LEASE_TABLE, from_legacy
 from replicatord.tombstones import EXPIRES_AT, TOMB_KEY
 
 STATS_COUNTERS = {"stats_table": "replicated_count", "loader_stats_table": "loaded_count"}
@@ -99,9 +99,7 @@ class RegionProvisioner:
         copied = 0
         for page in self.ddb.get_paginator("scan").paginate(TableName=LEGACY_LEASE_TABLE, ConsistentRead=True):
             for item in page["Items"]:
-                stream, _, shard = item.pop(LEGACY_LEASE_KEY)["S"].rpartition("/")
-                item.pop("owner", None)
-                self.ddb.put_item(TableName=table, Item={STREAM_KEY: {"S": stream}, SHARD_KEY: {"S": shard}, **item})
+                self.ddb.put_item(TableName=table, Item=from_legacy(item))
                 copied += 1
         self._did(f"copied {copied} leases (checkpoints) from {LEGACY_LEASE_TABLE} into {table}; "
                   f"delete {LEGACY_LEASE_TABLE} once the daemons run on the new version")

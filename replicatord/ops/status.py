@@ -22,7 +22,7 @@ from typing import Any
 from replicatord.aws import StartupError
 from replicatord.config import Pair, Topology
 from replicatord.errors import ReplicatorError
-from replicatord.leases import ACTIVE, STREAM_KEY, Lease, from_item, paused_directions, shard_of
+from replicatord.leases import ACTIVE, Lease, shard_of
 from replicatord.ops.tables import RegionOps, Regions, pick_pairs
 from replicatord.sources import DynamoStreamSource, KinesisSource, StreamSource, iterator_after
 
@@ -40,20 +40,6 @@ def format_leases(region: str, leases: list[Lease]) -> list[str]:
             checkpoint = lease.checkpoint or "-"
             lines.append(f"    {lease.key}  {lease.state}  counter {lease.counter}  checkpoint {checkpoint}")
     return lines
-
-
-async def _leases(ops: RegionOps) -> list[Lease]:
-    leases: list[Lease] = []
-    kwargs: dict[str, Any] = {"TableName": ops.config.lease_table, "ConsistentRead": True}
-    while True:
-        page = await ops.aws.call("dynamodb", "scan", **kwargs)
-        for item in page.get("Items", []):
-            stream = item.get(STREAM_KEY, {}).get("S", "")
-            if stream.startswith(("forwarder/", "applier/")):
-                leases.append(from_item(item))
-        if "LastEvaluatedKey" not in page:
-            return leases
-        kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
 
 async def _counter(ops: RegionOps, table: str, pk: str) -> int | None:
@@ -125,7 +111,7 @@ async def collect(topology: Topology, pair_name: str | None, regions: list[str] 
     pairs = pick_pairs(topology, pair_name)
     now = time.time()
     async with Regions(topology, list(topology.regions), profiles) as ops:
-        leases = {r: await _leases(ops[r]) for r in topology.regions}
+        leases = {r: await ops[r].leases().all_leases() for r in topology.regions}
         out: dict[str, Any] = {"time": now, "regions": {}, "pairs": {}}
         for region in regions or list(topology.regions):
             attributes = await ops[region].aws.call(
@@ -136,8 +122,7 @@ async def collect(topology: Topology, pair_name: str | None, regions: list[str] 
                 {"key": lease.key, "owner": lease.owner, "state": lease.state, "counter": lease.counter,
                  "checkpoint": lease.checkpoint} for lease in leases[region]]}
         for pair in pairs:
-            pauses = {r: await paused_directions(ops[r].aws, ops[r].config.lease_table, pair.name)
-                      for r in topology.regions}
+            pauses = {r: await ops[r].leases().paused(pair.name) for r in topology.regions}
             out["pairs"][pair.name] = [
                 await _direction(topology, ops, pair, source, target, leases, pauses, now)
                 for source in topology.regions for target in topology.regions

@@ -25,7 +25,7 @@ from replicatord.config import Pair, Settings, Topology
 from replicatord.conflict import Item, Version
 from replicatord.dlq import MAX_BODY_BYTES, DeadLetterQueue
 from replicatord.errors import NotFound, ReplicatorError
-from replicatord.leases import LeaseTable
+from replicatord.lease_table import LeaseTable
 from replicatord.metrics import Metrics
 from replicatord.provenance import Provenance
 from replicatord.records import ReplicationRecord, item_to_json, partition_key
