@@ -11,18 +11,17 @@ import functools
 import logging
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Protocol
 
 from replicatord.aio import run_together
 from replicatord.aws import Aws
-from replicatord.backoff import backoff_s, sleep_or_stop
 from replicatord.config import Conflict, Tuning
 from replicatord.conflict import DELETE, PUT, Item, Version, being_deleted, delete_version, version_of, without_marker
 from replicatord.dlq import DeadLetterQueue
-from replicatord.errors import ReplicatorError
 from replicatord.metrics import Metrics
+from replicatord.producer import KinesisProducer
 from replicatord.records import (
     Entry,
     RecordError,
@@ -31,17 +30,13 @@ from replicatord.records import (
     encode_record,
     oversized,
     partition_key,
-    plan_batches,
     shown,
 )
 from replicatord.retry import (
     GAVE_UP,
-    Abandoned,
     Letter,
     RecordRetry,
-    Verdict,
     reason_of,
-    verdict,
 )
 from replicatord.tombstones import Tombstones, TombstoneTable
 
@@ -203,6 +198,16 @@ def plan_page(records: list[dict[str, Any]], pair: str, region: str, conflict: C
 
 
 
+@dataclass
+class PageWork:
+    """What a page asks of the forwarder, sorted."""
+
+    outgoing: list[tuple[Entry, Letter]] = field(default_factory=list)  # to every peer
+    app_deletes: list[tuple[ReplicationRecord, Letter]] = field(default_factory=list)  # their tombstones
+    repairs: list[tuple[str, ReplicationRecord, Letter]] = field(default_factory=list)
+    written: list[tuple[dict[str, Any], Version, Letter]] = field(default_factory=list)  # checked against tombstones
+
+
 class Forwarder:
     def __init__(
         self,
@@ -228,7 +233,7 @@ class Forwarder:
         self.metrics = metrics
         self.stop = stop
         self.retry = RecordRetry(pair, "forwarder", dlq, tuning, metrics, stop)
-        self.limit = asyncio.Semaphore(tuning.apply_concurrency)
+        self.producer = KinesisProducer(aws, pair, peers, self.retry, tuning, metrics, stop)
 
     def page_keys(self, records: list[dict[str, Any]]) -> frozenset[str] | None:
         """The items a page changes (shards.py: a page that shares none with the page before
@@ -247,10 +252,11 @@ class Forwarder:
         conditional writes with the normal rules.
         """
         plans = await asyncio.to_thread(plan_page, records, self.pair, self.region, self.conflict)
-        outgoing: list[tuple[Entry, Letter]] = []
-        app_deletes: list[tuple[ReplicationRecord, Letter]] = []
-        repairs: list[tuple[str, ReplicationRecord, Letter]] = []
-        written: list[tuple[dict[str, Any], Version, Letter]] = []
+        await self._forward(await self._sort(plans))
+
+    async def _sort(self, plans: list[RecordPlan]) -> PageWork:
+        """What each planned record asks for; what cannot be forwarded goes to the queue now."""
+        work = PageWork()
         for plan in plans:
             letter = Letter(plan.stream_record, plan.created_s)
             if plan.error is not None:
@@ -261,48 +267,54 @@ class Forwarder:
                 await self.retry.dead_letter(reason_of(plan.error), str(plan.error), letter)
                 continue
             if plan.repair is not None:
-                repairs.append(("stale_write", plan.repair, letter))
+                work.repairs.append(("stale_write", plan.repair, letter))
             if plan.written is not None:
-                written.append((plan.stream_record, plan.written, letter))
+                work.written.append((plan.stream_record, plan.written, letter))
             planned = plan.forward
             if is_ttl_delete(plan.stream_record):
                 replicated = isinstance(planned, ReplicationRecord) and planned.op == "DELETE"
                 self.metrics.ttl_deletes.labels(self.pair, "replicated" if replicated else "skipped").inc()
             if isinstance(planned, Skip):
-                self.metrics.records_skipped.labels(self.pair, planned.reason).inc()
-                if planned.reason == "no_version":
-                    restore = await self._unversioned(plan.stream_record, letter)
-                    if restore is not None:
-                        repairs.append(("stale_write", restore, letter))
-                elif planned.reason == "unknown_event":
-                    await self.retry.dead_letter(planned.reason, "unknown stream event", letter)
-                continue
-            assert planned is not None
-            if plan.entry is None:
+                await self._skipped(plan, planned, letter, work)
+            elif plan.entry is None:
                 self.metrics.records_skipped.labels(self.pair, "oversized").inc()
                 await self.retry.dead_letter("oversized", "the record exceeds Kinesis' 1 MiB", letter)
-                continue
-            outgoing.append((plan.entry, letter))
-            if planned.op == "DELETE":
-                app_deletes.append((planned, letter))
-        # The page's writes are checked against their keys' tombstones while the page is
-        # forwarded: the read needs nothing from forwarding, and this page's own deletes are
-        # added to what it found below, so the check sees what it would after recording them.
+            elif planned is not None:
+                work.outgoing.append((plan.entry, letter))
+                if planned.op == "DELETE":
+                    work.app_deletes.append((planned, letter))
+        return work
+
+    async def _skipped(self, plan: RecordPlan, skip: Skip, letter: Letter, work: PageWork) -> None:
+        self.metrics.records_skipped.labels(self.pair, skip.reason).inc()
+        if skip.reason == "no_version":
+            restore = await self._unversioned(plan.stream_record, letter)
+            if restore is not None:
+                work.repairs.append(("stale_write", restore, letter))
+        elif skip.reason == "unknown_event":
+            await self.retry.dead_letter(skip.reason, "unknown stream event", letter)
+
+    async def _forward(self, work: PageWork) -> None:
+        """Forward to every peer while the page's writes are checked against their keys'
+        tombstones (the read needs nothing from forwarding, and this page's own deletes are added
+        to what it found, so the check sees what it would after recording them); then record the
+        deletes' tombstones (after forwarding: a crash in between forwards them again) and repair."""
         keyed = [(stream_record["dynamodb"], stream_keys(stream_record["dynamodb"]), version, letter)
-                 for stream_record, version, letter in written]
+                 for stream_record, version, letter in work.written]
         steps: list[Coroutine[Any, Any, Tombstones | None]] = []
-        if outgoing:
-            steps += (self._put(peer, outgoing) for peer in self.peers)
+        if work.outgoing:
+            steps += (self.producer.put(peer, work.outgoing) for peer in self.peers)
         if keyed:
             steps.append(self.retry.step(functools.partial(
                 self.tombstones.fetch, self.pair, [keys for _, keys, _, _ in keyed]), "tombstone read"))
         done = await run_together(steps)
         tombstones = done[-1] if keyed else None
-        for delete, letter in app_deletes:  # after forwarding: a crash in between forwards it again
+        for delete, letter in work.app_deletes:
             await self.retry.run(functools.partial(self.tombstones.record, self.pair, delete.keys, delete.version),
                                  letter, f"tombstone of {shown(delete.keys)}")
+        repairs = list(work.repairs)
         if tombstones is not None:
-            for delete, _ in app_deletes:
+            for delete, _ in work.app_deletes:
                 tombstones.raise_to(self.pair, delete.keys, delete.version)
             repairs += self._resurrections(keyed, tombstones)
         for kind, record, letter in repairs:
@@ -364,65 +376,3 @@ class Forwarder:
             self.metrics.conflicts.labels(kind).inc()
             log.info("forwarder %s: %s repair of %s: applied %s %s", self.pair, kind, shown(repair.keys),
                      repair.op, repair.version.encode())
-
-    async def _put(self, peer: str, outgoing: list[tuple[Entry, Letter]]) -> None:
-        """PutRecords to `peer` in batches within Kinesis' limits."""
-        pending = iter(outgoing)
-        for batch in plan_batches(entry for entry, _ in outgoing):
-            await self._send(peer, [next(pending) for _ in batch])
-
-    async def _send(self, peer: str, batch: list[tuple[Entry, Letter]]) -> None:
-        """Put `batch` on the peer's stream until every entry is accepted or dead-lettered.
-
-        Only the entries the peer did not accept are sent again. A call that fails for the peer
-        (outage, throttling, a refused key, a missing stream) is retried until it passes; one
-        the peer refuses for its content (invalid, or an unknown error) is split into single
-        entries, and an entry refused on its own goes the per-record way (retry.py).
-        """
-        stream = self.peers[peer]
-        reachable = self.metrics.peer_reachable.labels(peer)
-        attempt = 0
-        while batch:
-            try:
-                result = await self.aws.call(
-                    "kinesis", "put_records", client=self.aws.peers[peer], StreamName=stream,
-                    Records=[{"Data": e.data, "PartitionKey": e.partition_key} for e, _ in batch],
-                )
-            except ReplicatorError as exc:
-                attempt += 1
-                # A failure of the whole call that concerns the peer (errors.py: `peer_trouble`)
-                # is retried until it passes; one the peer refuses for its content goes entry by entry.
-                if not exc.peer_trouble:
-                    reachable.set(1)  # it answered
-                    if len(batch) > 1:
-                        await run_together(self._send_one(peer, item) for item in batch)
-                        return
-                    entry, letter = batch[0]
-                    if verdict(exc, attempt, time.time() - letter.created_s, self.tuning) is Verdict.DEAD_LETTER:
-                        self.metrics.errors.labels("forwarder", reason_of(exc)).inc()
-                        await self.retry.dead_letter(reason_of(exc), f"put to {peer}: {exc}", letter)
-                        return
-                else:
-                    reachable.set(0)
-                    if exc.peer_keys and await self.aws.refresh_peer(peer):
-                        continue  # a rotated key pair: try it at once
-                reason, detail, failed = exc.kind, str(exc), len(batch)
-            else:
-                reachable.set(1)
-                kept = [item for item, r in zip(batch, result["Records"], strict=True) if r.get("ErrorCode")]
-                codes = {r["ErrorCode"] for r in result["Records"] if r.get("ErrorCode")}
-                self.metrics.records_forwarded.labels(self.pair, peer).inc(len(batch) - len(kept))
-                if not kept:
-                    return
-                attempt += 1
-                reason = "throttled" if "ProvisionedThroughputExceededException" in codes else "put_failed"
-                detail, failed, batch = ", ".join(sorted(codes)), len(kept), kept
-            self.metrics.errors.labels("forwarder", reason).inc()
-            log.warning("forwarder %s -> %s: %d records not accepted (%s); retry %d",
-                        self.pair, peer, failed, detail, attempt)
-            if await sleep_or_stop(self.stop, backoff_s(attempt, self.tuning)):
-                raise Abandoned
-
-    async def _send_one(self, peer: str, item: tuple[Entry, Letter]) -> None:
-        async with self.limit:
-            await self._send(peer, [item])

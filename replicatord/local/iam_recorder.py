@@ -194,7 +194,7 @@ def _dynamodb(operation: str, body: Mapping[str, Any], scope: Scope) -> list[Cal
 def _dynamodb_streams(operation: str, body: Mapping[str, Any], scope: Scope) -> list[Call]:
     action = f"dynamodb:{operation}"  # DynamoDB Streams' actions are DynamoDB's
     if operation == "GetRecords":
-        # The layer's own iterator: "stream ARN|shard|position|issued" (aws_behaviour._iterator).
+        # The layer's own iterator: "stream ARN|shard|position|issued" (stream_model._iterator).
         arn = str(body.get("ShardIterator", "")).split("|", 1)[0]
         return [Call(action, arn if arn.startswith("arn:") else "*")]
     return [Call(action, str(body.get("StreamArn") or "*"))]
@@ -202,7 +202,7 @@ def _dynamodb_streams(operation: str, body: Mapping[str, Any], scope: Scope) -> 
 
 def _kinesis_iterator_stream(iterator: str) -> str | None:
     """The stream name in an iterator the layer handed out: moto's base64 of
-    "stream:shard:sequence", with "~issued" after it (aws_behaviour._wrap)."""
+    "stream:shard:sequence", with "~issued" after it (kinesis_model._wrap)."""
     inner = iterator.rpartition("~")[0] or iterator
     try:
         text = base64.b64decode(inner).decode()
