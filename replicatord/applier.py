@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from replicatord.aio import run_together
+from replicatord.aio import poll, run_together
 from replicatord.aws import Aws
-from replicatord.backoff import sleep_or_stop
 from replicatord.config import Conflict, Tuning
 from replicatord.conflict import (
     Item,
@@ -44,7 +43,7 @@ from replicatord.records import (
     same_key_runs,
     shown,
 )
-from replicatord.retry import GAVE_UP, Letter, RecordRetry
+from replicatord.retry import GAVE_UP, Arrival, RecordRetry
 from replicatord.tombstones import Tombstones, TombstoneTable
 
 log = logging.getLogger(__name__)
@@ -62,7 +61,7 @@ DELETE_ATTEMPTS = 3
 @dataclass(frozen=True)
 class Incoming:
     record: ReplicationRecord
-    letter: Letter
+    letter: Arrival
 
 
 @dataclass(frozen=True)
@@ -141,8 +140,6 @@ class Applier:
         self.retry = RecordRetry(pair, "applier", dlq, tuning, metrics, stop)
         self.stop = stop
         self.unreported = 0  # changes applied but not yet added to replicated_count
-        self._reported_at = -float("inf")
-        self._reporting: asyncio.Task[None] | None = None
 
     async def process(self, shard_id: str, records: list[dict[str, Any]]) -> None:
         """Apply a page: returns once every record is applied, stale or dead-lettered. It is
@@ -156,11 +153,11 @@ class Applier:
     async def _process_chunk(self, records: list[dict[str, Any]]) -> None:
         payloads: list[bytes] = [r["Data"] for r in records]
         decoded = await asyncio.to_thread(decode_page, payloads, self.pair, self.provenance, time.time())
-        junk: list[tuple[str, str, Letter]] = []
+        junk: list[tuple[str, str, Arrival]] = []
         incoming: list[tuple[str, Incoming]] = []
         for kinesis_record, outcome in zip(records, decoded, strict=True):
             arrived = kinesis_record.get("ApproximateArrivalTimestamp")
-            letter = Letter(kinesis_record["Data"], float(creation_seconds(arrived)) if arrived else time.time())
+            letter = Arrival(kinesis_record["Data"], float(creation_seconds(arrived)) if arrived else time.time())
             if isinstance(outcome, Refused):
                 self.metrics.records_refused.labels(self.pair, outcome.reason).inc()
                 self.metrics.errors.labels("applier", outcome.reason).inc()
@@ -194,7 +191,7 @@ class Applier:
                 counts[0] += 1
                 self.metrics.records_applied.labels(self.pair, record.op).inc()
                 self.metrics.latency.labels(self.pair).observe(
-                    max(0.0, time.time() - record.approximate_creation_time)
+                    max(0.0, time.time() - record.created_s)
                 )
             else:
                 self.metrics.records_stale.labels(self.pair).inc()
@@ -204,19 +201,14 @@ class Applier:
             return await self.apply(record, tombstones)
 
     async def _report(self, applied: int) -> None:
-        """Add to replicated_count (the sample's counter), at most every STATS_INTERVAL_S: the
-        count of the pages between two writes goes out in one ADD."""
+        """Count what was applied for replicated_count (the sample's counter); `report` writes it."""
         self.unreported += applied
-        if self.unreported and (self._reporting is None or self._reporting.done()):
-            self._reporting = asyncio.create_task(self._report_later(), name=f"stats {self.pair}")
 
-    async def _report_later(self) -> None:
-        """Write the count when it is due; again after a failure (no page may come to do it)."""
-        while self.unreported:
-            stopping = await sleep_or_stop(self.stop, self._reported_at + STATS_INTERVAL_S - time.monotonic())
+    async def report(self) -> None:
+        """Add what was applied to replicated_count every STATS_INTERVAL_S (the pages between two
+        writes go out in one ADD, and a failed write goes out again at the next), until stop."""
+        async for _ in poll(STATS_INTERVAL_S, self.stop):
             await self.flush_stats()
-            if stopping:
-                return
 
     async def flush_stats(self) -> None:
         """Write what was applied since the last report. Best effort: a failure keeps the count
@@ -224,7 +216,6 @@ class Applier:
         count, self.unreported = self.unreported, 0
         if not count:
             return
-        self._reported_at = time.monotonic()
         try:
             await self.aws.call(
                 "dynamodb", "update_item", TableName=self.stats_table,

@@ -152,7 +152,7 @@ class ShardConsumer:
         self.metrics = metrics
         self.stop = stop
         self.shard_id = shard_of(held.lease.key)
-        self.name = f"{source.pipeline} {pair}: shard {self.shard_id}"
+        self.name = f"{source.role} {pair}: shard {self.shard_id}"
         self.reader = ShardReader(pair, source, held, tuning, metrics, stop,
                                   budget or ByteBudget(tuning.read_ahead_budget_mib * 1024 * 1024))
         self.checkpointer = Checkpointer(leases, held, tuning, self.name)
@@ -167,7 +167,7 @@ class ShardConsumer:
         cancellation after the drain bound), the lease is released so another instance can
         take it at once.
         """
-        pipeline = self.source.pipeline
+        pipeline = self.source.role
         release = True
         try:
             finished = await self._consume()
@@ -239,7 +239,7 @@ class ShardConsumer:
             return event
 
     def _failed(self, exc: ReplicatorError, event: Event) -> None:
-        pipeline = self.source.pipeline
+        pipeline = self.source.role
         if event is not Event.FAILED_OLDEST:  # trimming is counted where it is reported
             self.metrics.errors.labels(pipeline, exc.kind).inc()
         if event is Event.FAILED_RENEW:
@@ -266,7 +266,7 @@ class ShardConsumer:
         if self.reader.trimmed_edge(page):
             return Event.TRIMMED_EDGE
         await self.checkpointer.flush()
-        pipeline = self.source.pipeline
+        pipeline = self.source.role
         self.metrics.set_iterator_age(self.pair, pipeline, self.shard_id, page.behind_s)
         # Caught up, or (Kinesis) behind by what MillisBehindLatest says.
         self.metrics.set_pending(self.pair, pipeline, self.shard_id,
@@ -313,7 +313,7 @@ class ShardConsumer:
             return False
         lease = self.held.lease
         since = _when(lease.checkpoint_at) if lease.checkpoint_at else "its start"
-        self.metrics.lost_to_retention(self.pair, self.source.pipeline)
+        self.metrics.lost_to_retention(self.pair, self.source.role)
         log.error("%s left the stream before it was read to its end: its records after checkpoint %s (written "
                   "%s) were lost to the stream's retention; verify the pair and backfill from then ('replicatord "
                   "verify --repair', 'replicatord backfill'). Its children start now.", self.name,
@@ -361,7 +361,7 @@ class ShardConsumer:
             if previous is not None:
                 await previous  # positions advance in page order
             newest = self.source.created_s(records[-1])
-            pipeline = self.source.pipeline
+            pipeline = self.source.role
             self.metrics.set_iterator_age(self.pair, pipeline, self.shard_id, time.time() - newest)
             # The next record, if any, is no older than this one: an upper bound of its age.
             self.metrics.set_pending(self.pair, pipeline, self.shard_id, newest)
@@ -374,7 +374,7 @@ class ShardConsumer:
     async def _process(self, records: list[dict[str, Any]]) -> None:
         """The processor on the page until it succeeds: it handles every record's failure itself,
         so what reaches here failed outside any record (a bug): the page runs again."""
-        pipeline = self.source.pipeline
+        pipeline = self.source.role
         self.metrics.records_read.labels(self.pair, pipeline).inc(len(records))
         oldest = self.source.created_s(records[0])
         self.metrics.set_pending(self.pair, pipeline, self.shard_id, oldest)

@@ -14,11 +14,7 @@ import logging
 import os
 import signal
 import socket
-import time
 from typing import Any
-
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from replicatord.aio import poll, run_together
 from replicatord.applier import Applier
@@ -26,14 +22,17 @@ from replicatord.aws import LEASES, Aws, StartupError, make_non_dumpable
 from replicatord.budget import ByteBudget
 from replicatord.checkpointer import RELEASE_TIMEOUT_S
 from replicatord.config import Settings
+from replicatord.consumer import Processor
 from replicatord.dlq import MAX_BODY_BYTES, DeadLetterQueue
 from replicatord.errors import NotFound, ReplicatorError
 from replicatord.forwarder import Forwarder
+from replicatord.health import HttpServer, readiness
 from replicatord.lease_table import LEASE_TABLE_KEY, LEGACY_LEASE_KEY, LeaseTable
 from replicatord.metrics import Metrics
-from replicatord.pipeline import Pipeline
+from replicatord.pipeline import Pipeline, Shared
 from replicatord.provenance import Provenance
-from replicatord.sources import DynamoStreamSource, KinesisSource
+from replicatord.renewal import RenewalBatcher
+from replicatord.sources import APPLIER, FORWARDER, DynamoStreamSource, KinesisSource, StreamSource
 from replicatord.streams import Forwarding
 from replicatord.tombstones import TombstoneTable
 
@@ -87,7 +86,9 @@ class Daemon:
         self._group: asyncio.TaskGroup | None = None
         self.queue_url = ""
         self.started = False
-        self._runner: web.AppRunner | None = None
+        self.reachable: dict[str, bool] = {}  # peer -> its Kinesis answered the last probe
+        self.shared: Shared | None = None  # what every pipeline shares, once the lease table is found
+        self.http = HttpServer(self.metrics.registry, settings.metrics_host, settings.metrics_port, self.ready)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -109,9 +110,8 @@ class Daemon:
         s = self.settings
         me = s.me
         topology = s.topology
-        queue_url, max_body_bytes = await self._queue(me.dead_letter_queue)
-        self.queue_url = queue_url
-        dlq = DeadLetterQueue(self.aws, queue_url, self.metrics, max_body_bytes)
+        self.queue_url, max_body_bytes = await self._queue(me.dead_letter_queue)
+        dlq = DeadLetterQueue(self.aws, self.queue_url, self.metrics, max_body_bytes)
         lease_table = await self._require_table(me.lease_table, "lease table")
         if sorted(k["AttributeName"] for k in lease_table.get("KeySchema", [])) != sorted(LEASE_TABLE_KEY):
             raise StartupError(
@@ -122,16 +122,19 @@ class Daemon:
         await self._require_table(me.stats_table, "stats table")
         await self._require_table(me.tombstone_table, "tombstone table")
         leases = LeaseTable(self.aws, me.lease_table, self.aws.local[LEASES])
+        self.shared = Shared(leases, RenewalBatcher(leases), s.instance_id, s.region, topology.tuning,
+                             self.metrics, self.stop, self.budget)
         tombstones = TombstoneTable(self.aws, me.tombstone_table, topology.conflict.tombstone_ttl_s, topology.tuning)
         for peer in s.peers:
             await self.aws.open_peer(peer)
         for pair in topology.pairs:
             await self._start_pair(pair.name, pair.tables[s.region], pair.streams[s.region],
-                                   {peer: pair.streams[peer] for peer in s.peers}, leases, tombstones, dlq)
+                                   {peer: pair.streams[peer] for peer in s.peers}, tombstones, dlq)
         for peer in s.peers:
             # Not fatal: the peer may come back; readiness and the metric say it is not there.
             self.metrics.peer_reachable.labels(peer).set(0)
-        await self._serve_http()
+            self.reachable[peer] = False
+        await self.http.start()
         self.metrics.up.set(1)
         self.started = True
         sd_notify("READY=1")
@@ -140,20 +143,23 @@ class Daemon:
 
     async def main_loop(self) -> None:
         drain_s = self.settings.topology.tuning.drain_timeout_s
+        assert self.shared is not None
         async with asyncio.TaskGroup() as group:
             self._group = group
             tasks = self._tasks
             for pipeline in self.pipelines:
                 self._start_pipeline(pipeline)
+            tasks.append(group.create_task(self.shared.renewals.run(self.stop), name="renewals"))
+            tasks += [group.create_task(applier.report(), name=f"stats {applier.pair}") for applier in self.appliers]
             tasks.append(group.create_task(self._watchdog(), name="watchdog"))
             tasks.append(group.create_task(self._probe_peers(), name="probe-peers"))
             tasks.append(group.create_task(self._follow_streams(), name="follow-streams"))
             await self.stop.wait()
             sd_notify("STOPPING=1")
             log.info("stopping: draining in-flight pages (at most %.0fs)", drain_s)
-            # Each task sees the stop event and ends by itself: shard workers finish or abandon
+            # Each task sees the stop event and ends by itself: shard consumers finish or abandon
             # their page, checkpoint and release their lease. Past the bound, cancel the rest
-            # (a cancelled worker still releases its lease, within RELEASE_TIMEOUT_S).
+            # (a cancelled consumer still releases its lease, within RELEASE_TIMEOUT_S).
             _, pending = await asyncio.wait(tasks, timeout=drain_s)
             if pending:
                 log.warning("drain took longer than %.0fs: cancelling %s", drain_s,
@@ -166,43 +172,53 @@ class Daemon:
         for applier in self.appliers:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(applier.flush_stats(), RELEASE_TIMEOUT_S)
-        if self._runner is not None:
-            await self._runner.cleanup()
+        await self.http.stop()
         log.info("stopped")
 
     # -- startup checks ----------------------------------------------------------------------
 
+    async def _must(self, what: str, service: str, operation: str, **kwargs: Any) -> Any:
+        """A call that startup cannot go on without: StartupError with one line if it fails."""
+        try:
+            return await self.aws.call(service, operation, **kwargs)
+        except NotFound:
+            raise StartupError(f"{what} not found in {self.settings.region} (run 'replicatord provision')") from None
+        except ReplicatorError as exc:
+            raise StartupError(f"{what} in {self.settings.region}: {exc}") from None
+
     async def _queue(self, name: str) -> tuple[str, int]:
         """The dead-letter queue's URL and its message size limit (messages are cut to fit it)."""
-        try:
-            url = str((await self.aws.call("sqs", "get_queue_url", QueueName=name))["QueueUrl"])
-            attributes = await self.aws.call("sqs", "get_queue_attributes", QueueUrl=url,
-                                             AttributeNames=["MaximumMessageSize"])
-        except NotFound:
-            raise StartupError(
-                f"dead-letter queue {name!r} not found in {self.settings.region} (run 'replicatord provision')"
-            ) from None
-        except ReplicatorError as exc:
-            raise StartupError(f"dead-letter queue {name!r} in {self.settings.region}: {exc}") from None
+        what = f"dead-letter queue {name!r}"
+        url = str((await self._must(what, "sqs", "get_queue_url", QueueName=name))["QueueUrl"])
+        attributes = await self._must(what, "sqs", "get_queue_attributes", QueueUrl=url,
+                                      AttributeNames=["MaximumMessageSize"])
         size = attributes.get("Attributes", {}).get("MaximumMessageSize", "")
         return url, int(size) if size.isdigit() else MAX_BODY_BYTES
 
     async def _require_table(self, table: str, what: str) -> dict[str, Any]:
-        try:
-            result = await self.aws.call("dynamodb", "describe_table", TableName=table)
-        except NotFound:
-            raise StartupError(
-                f"{what} {table!r} not found in {self.settings.region} (run 'replicatord provision')"
-            ) from None
-        except ReplicatorError as exc:
-            raise StartupError(f"{what} {table!r} in {self.settings.region}: {exc}") from None
-        return dict(result["Table"])
+        return dict((await self._must(f"{what} {table!r}", "dynamodb", "describe_table", TableName=table))["Table"])
+
+    async def _kinesis_source(self, pair: str, stream: str) -> KinesisSource:
+        summary = (await self._must(f"pair {pair}: Kinesis stream {stream!r}", "kinesis", "describe_stream_summary",
+                                    StreamName=stream))["StreamDescriptionSummary"]
+        hours = summary.get("RetentionPeriodHours") or 24
+        return KinesisSource(self.aws, stream, f"{summary['StreamCreationTimestamp'].timestamp():.0f}",
+                             float(hours) * 3600)
+
+    def _pipeline(self, pair: str, source: StreamSource, processor: Processor, start: str,
+                  retiring: bool = False) -> Pipeline:
+        """Every pipeline is built here: at startup, and when a table's stream is replaced."""
+        assert self.shared is not None
+        return Pipeline(pair, source, processor, self.shared, initial_position=start, retiring=retiring,
+                        pausable=source.role == FORWARDER)
 
     async def _start_pair(self, pair: str, table: str, kinesis_stream: str, peers: dict[str, str],
-                          leases: LeaseTable, tombstones: TombstoneTable, dlq: DeadLetterQueue) -> None:
+                          tombstones: TombstoneTable, dlq: DeadLetterQueue) -> None:
         """The pair's applier and forwarder pipelines (docs/streams.md: which streams, from where)."""
         s = self.settings
         topology = s.topology
+        assert self.shared is not None
+        leases = self.shared.leases
         described = await self._require_table(table, f"pair {pair}: table")
         kinesis = await self._kinesis_source(pair, kinesis_stream)
         rules = Provenance.from_table(s.region, s.peers, described, topology.conflict)
@@ -210,48 +226,23 @@ class Daemon:
                           dlq, self.metrics, self.stop, rules)
         forwarder = Forwarder(self.aws, pair, peers, tombstones, topology.conflict, topology.tuning, dlq, applier,
                               self.metrics, self.stop)
-
-        def build(arn: str, start: str, retiring: bool) -> Pipeline:
-            pipeline = Pipeline(pair, DynamoStreamSource(self.aws, table, arn), forwarder, leases, s.instance_id,
-                                topology.tuning, self.metrics, self.stop, initial_position=start)
-            pipeline.region = s.region
-            pipeline.retiring = retiring
-            pipeline.budget = self.budget
-            return pipeline
-
-        forwarding = Forwarding(self.aws, leases, pair, table, build, self.metrics)
+        forwarding = Forwarding(self.aws, leases, pair, table, lambda arn, start, retiring: self._pipeline(
+            pair, DynamoStreamSource(self.aws, table, arn), forwarder, start, retiring), self.metrics)
         try:
             self.pipelines += await forwarding.startup(topology.tuning.initial_position)
             applier_start = await self._applier_start(pair, kinesis, leases)
         except ReplicatorError as exc:
             raise StartupError(f"pair {pair}: the streams of table {table!r}: {exc}") from None
         self.forwarding[pair] = forwarding
-        applying = Pipeline(pair, kinesis, applier, leases, s.instance_id, topology.tuning, self.metrics, self.stop,
-                            initial_position=applier_start)
-        applying.budget = self.budget
-        self.pipelines.append(applying)
+        self.pipelines.append(self._pipeline(pair, kinesis, applier, applier_start))
         self.appliers.append(applier)
-
-    async def _kinesis_source(self, pair: str, stream: str) -> KinesisSource:
-        try:
-            summary = await self.aws.call("kinesis", "describe_stream_summary", StreamName=stream)
-        except NotFound:
-            raise StartupError(
-                f"pair {pair}: Kinesis stream {stream!r} not found in {self.settings.region} "
-                "(run 'replicatord provision')"
-            ) from None
-        except ReplicatorError as exc:
-            raise StartupError(f"pair {pair}: Kinesis stream {stream!r}: {exc}") from None
-        created = summary["StreamDescriptionSummary"]["StreamCreationTimestamp"]
-        hours = summary["StreamDescriptionSummary"].get("RetentionPeriodHours") or 24
-        return KinesisSource(self.aws, stream, f"{created.timestamp():.0f}", float(hours) * 3600)
 
     async def _applier_start(self, pair: str, kinesis: KinesisSource, leases: LeaseTable) -> str:
         """Where the applier starts on shards without a lease: `initial_position` on a first start,
         the oldest record on a Kinesis stream created again since the last run."""
-        created = kinesis.stream.rsplit("@", 1)[1]
-        followed = await leases.followed(pair, "applier", kinesis.name)
-        await leases.note_followed(pair, "applier", kinesis.name, created)
+        created = kinesis.incarnation.rsplit("@", 1)[1]
+        followed = await leases.followed(pair, APPLIER, kinesis.name)
+        await leases.note_followed(pair, APPLIER, kinesis.name, created)
         if followed and created not in followed:
             log.warning("pair %s: Kinesis stream %s was created again since the last run: reading it from its "
                         "oldest record", pair, kinesis.name)
@@ -262,7 +253,7 @@ class Daemon:
 
     def _start_pipeline(self, pipeline: Pipeline) -> None:
         assert self._group is not None
-        task = self._group.create_task(pipeline.run(), name=f"{pipeline.source.pipeline}/{pipeline.pair}")
+        task = self._group.create_task(pipeline.run(), name=f"{pipeline.source.role}/{pipeline.pair}")
         self._tasks.append(task)
         self._running[pipeline] = task
 
@@ -313,62 +304,21 @@ class Daemon:
         try:
             await self.aws.call("kinesis", "describe_stream_summary", client=self.aws.peers[peer], StreamName=stream)
         except ReplicatorError as exc:
-            self.metrics.peer_reachable.labels(peer).set(0)
-            self.metrics.errors.labels("forwarder", exc.kind).inc()
+            self._reached(peer, False)
+            self.metrics.errors.labels(FORWARDER, exc.kind).inc()
             log.warning("peer %s: Kinesis stream %s not reachable: %s", peer, stream, exc)
             if exc.peer_keys:
                 await self.aws.refresh_peer(peer)
         else:
-            self.metrics.peer_reachable.labels(peer).set(1)
+            self._reached(peer, True)
 
-    # -- HTTP: /metrics, /healthz, /readyz ---------------------------------------------------
+    def _reached(self, peer: str, reachable: bool) -> None:
+        self.reachable[peer] = reachable
+        self.metrics.peer_reachable.labels(peer).set(1 if reachable else 0)
 
     def ready(self) -> tuple[bool, str]:
-        if not self.started or self.stop.is_set():
-            return False, "not running"
-        now = time.monotonic()
-        stale = [p.name for p in self.pipelines if not p.healthy(now)]
-        if stale:
-            return False, "leases not renewed: " + ", ".join(stale)
-        problems = [f"pair {pair}: {f.problem}" for pair, f in self.forwarding.items() if f.problem]
-        if problems:
-            return False, "; ".join(problems)
-        held = sum(p.held for p in self.pipelines)
-        if not held:
-            return False, "standby: no shard leases"
-        # A peer out of reach is not this instance's fault, and every instance of the region sees
-        # the same: it shows in replicatord_peer_reachable and status, never here, so that a load
-        # balancer or an auto-scaling check does not cycle healthy instances in a border outage.
-        down = [peer for peer in self.settings.peers
-                if self.metrics.peer_reachable.labels(peer)._value.get() != 1]  # noqa: SLF001
-        return True, f"ready: {held} shard leases" + (f" (peer unreachable: {', '.join(down)})" if down else "")
-
-    async def _serve_http(self) -> None:
-        async def metrics(_: web.Request) -> web.Response:
-            body = generate_latest(self.metrics.registry)
-            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-        async def healthz(_: web.Request) -> web.Response:
-            return web.Response(text="ok\n")
-
-        async def readyz(_: web.Request) -> web.Response:
-            ok, why = self.ready()
-            return web.Response(text=why + "\n", status=200 if ok else 503)
-
-        app = web.Application()
-        app.router.add_get("/metrics", metrics)
-        app.router.add_get("/healthz", healthz)
-        app.router.add_get("/readyz", readyz)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.settings.metrics_host, self.settings.metrics_port)
-        try:
-            await site.start()
-        except OSError as exc:
-            raise StartupError(
-                f"metrics: cannot listen on {self.settings.metrics_host}:{self.settings.metrics_port}: "
-                f"{exc.strerror}"
-            ) from None
-        server: Any = site._server  # aiohttp keeps the bound socket here; port 0 needs it
-        port = server.sockets[0].getsockname()[1] if server is not None and server.sockets else 0
-        log.info("metrics listening on %s:%d (/metrics, /healthz, /readyz)", self.settings.metrics_host, port)
+        """/readyz (health.readiness)."""
+        return readiness(
+            self.started and not self.stop.is_set(), self.pipelines,
+            [f"pair {pair}: {f.problem}" for pair, f in self.forwarding.items() if f.problem],
+            [peer for peer in self.settings.peers if not self.reachable.get(peer)])

@@ -38,7 +38,7 @@ class Outgoing:
     """One record for the queue, as `DeadLetterQueue.send` takes it."""
 
     pair: str
-    pipeline: str
+    role: str  # forwarder or applier; "pipeline" in the letter, as it always was
     reason: str
     detail: str
     payload: bytes | str
@@ -53,22 +53,22 @@ class DeadLetterQueue:
         self.max_body_bytes = max_body_bytes
 
     async def send(
-        self, pair: str, pipeline: str, reason: str, detail: str, payload: bytes | str,
+        self, pair: str, role: str, reason: str, detail: str, payload: bytes | str,
         content: str = "replication_record",
     ) -> None:
         """Send one record with its reason (in parts if it must be); raises ReplicatorError if the
         queue did not take it all, and the caller sends it again (parts are idempotent by id)."""
-        envelope = self._envelope(Outgoing(pair, pipeline, reason, detail, payload, content))
+        envelope = self._envelope(Outgoing(pair, role, reason, detail, payload, content))
         for body in bodies(envelope, payload, self.max_body_bytes):
             await self.aws.call("sqs", "send_message", QueueUrl=self.queue_url, MessageBody=body)
         self.metrics.dlq_sent.labels(pair, reason).inc()
-        log.warning("%s %s: record sent to the dead-letter queue: %s: %s", pipeline, pair, reason,
+        log.warning("%s %s: record sent to the dead-letter queue: %s: %s", role, pair, reason,
                     envelope["detail"])
 
 
     def _envelope(self, letter: Outgoing) -> dict[str, Any]:
         return {"reason": letter.reason, "detail": printable(letter.detail)[:MAX_DETAIL_CHARS], "pair": letter.pair,
-                "pipeline": letter.pipeline, "region": self.aws.settings.region, "time": time.time(),
+                "pipeline": letter.role, "region": self.aws.settings.region, "time": time.time(),
                 "content": letter.content}
 
     async def send_many(self, letters: Sequence[Outgoing]) -> list[int]:
@@ -84,11 +84,11 @@ class DeadLetterQueue:
             if len(batch) == BATCH_MESSAGES or sum(len(b) for _, b in batch) + len(body) > self.max_body_bytes:
                 batches.append(batch := [])
             batch.append((index, body))
-        limit = asyncio.Semaphore(BATCH_CONCURRENCY)
+        batches_at_once = asyncio.Semaphore(BATCH_CONCURRENCY)
         failed: set[int] = set()
 
         async def send(batch: list[tuple[int, str]]) -> None:
-            async with limit:
+            async with batches_at_once:
                 failed.update(await self._send_batch(batch))
 
         await asyncio.gather(*(send(batch) for batch in batches if batch))

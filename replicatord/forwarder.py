@@ -34,7 +34,7 @@ from replicatord.records import (
 )
 from replicatord.retry import (
     GAVE_UP,
-    Letter,
+    Arrival,
     RecordRetry,
     reason_of,
 )
@@ -202,10 +202,10 @@ def plan_page(records: list[dict[str, Any]], pair: str, region: str, conflict: C
 class PageWork:
     """What a page asks of the forwarder, sorted."""
 
-    outgoing: list[tuple[Entry, Letter]] = field(default_factory=list)  # to every peer
-    app_deletes: list[tuple[ReplicationRecord, Letter]] = field(default_factory=list)  # their tombstones
-    repairs: list[tuple[str, ReplicationRecord, Letter]] = field(default_factory=list)
-    written: list[tuple[dict[str, Any], Version, Letter]] = field(default_factory=list)  # checked against tombstones
+    outgoing: list[tuple[Entry, Arrival]] = field(default_factory=list)  # to every peer
+    app_deletes: list[tuple[ReplicationRecord, Arrival]] = field(default_factory=list)  # their tombstones
+    repairs: list[tuple[str, ReplicationRecord, Arrival]] = field(default_factory=list)
+    written: list[tuple[dict[str, Any], Version, Arrival]] = field(default_factory=list)  # checked against tombstones
 
 
 class Forwarder:
@@ -258,7 +258,7 @@ class Forwarder:
         """What each planned record asks for; what cannot be forwarded goes to the queue now."""
         work = PageWork()
         for plan in plans:
-            letter = Letter(plan.stream_record, plan.created_s)
+            letter = Arrival(plan.stream_record, plan.created_s)
             if plan.error is not None:
                 self.metrics.records_skipped.labels(self.pair, "invalid").inc()
                 self.metrics.errors.labels("forwarder", reason_of(plan.error)).inc()
@@ -285,7 +285,7 @@ class Forwarder:
                     work.app_deletes.append((planned, letter))
         return work
 
-    async def _skipped(self, plan: RecordPlan, skip: Skip, letter: Letter, work: PageWork) -> None:
+    async def _skipped(self, plan: RecordPlan, skip: Skip, letter: Arrival, work: PageWork) -> None:
         self.metrics.records_skipped.labels(self.pair, skip.reason).inc()
         if skip.reason == "no_version":
             restore = await self._unversioned(plan.stream_record, letter)
@@ -321,8 +321,8 @@ class Forwarder:
             await self._repair(kind, record, letter)
 
     def _resurrections(
-        self, keyed: list[tuple[dict[str, Any], Item, Version, Letter]], tombstones: Tombstones
-    ) -> list[tuple[str, ReplicationRecord, Letter]]:
+        self, keyed: list[tuple[dict[str, Any], Item, Version, Arrival]], tombstones: Tombstones
+    ) -> list[tuple[str, ReplicationRecord, Arrival]]:
         """Writes older than their key's tombstone: an old PUT that slipped in before the
         tombstone existed, or an application write older than a known delete. The repair applies
         the tombstone with the normal DELETE rule."""
@@ -337,7 +337,7 @@ class Forwarder:
                 ), letter))
         return repairs
 
-    async def _unversioned(self, stream_record: dict[str, Any], letter: Letter) -> ReplicationRecord | None:
+    async def _unversioned(self, stream_record: dict[str, Any], letter: Arrival) -> ReplicationRecord | None:
         """A local change without the version attributes: the `conflict.missing_version` policy.
 
         With `stamp`, returns the repair that restores the image the change replaced when that
@@ -365,7 +365,7 @@ class Forwarder:
         self.metrics.unversioned.labels(self.pair, "stamped" if stamped else "already_versioned").inc()
         return plan_restore(ddb, Version(created, PUT, self.region), self.pair, self.conflict)
 
-    async def _repair(self, kind: str, repair: ReplicationRecord, letter: Letter) -> None:
+    async def _repair(self, kind: str, repair: ReplicationRecord, letter: Arrival) -> None:
         """Apply a repair with the normal rules; count and log it if it landed. One that DynamoDB
         refuses or that keeps failing goes to the dead-letter queue with the stream record."""
         landed = await self.retry.run(functools.partial(self.repairer.apply, repair), letter,

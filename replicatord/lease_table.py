@@ -2,8 +2,8 @@
 
 Every item of the table is read and written here, whoever needs it:
 
-- leases and their checkpoints (one item per stream shard, partition `<pipeline>/<stream
-  incarnation>`): taken, renewed (gathered into one TransactWriteItems), checkpointed,
+- leases and their checkpoints (one item per stream shard, partition `<role>/<stream
+  incarnation>`): taken, renewed (many in one TransactWriteItems), checkpointed,
   released, deleted; every change a conditional write on the counter (fencing), so an instance
   whose lease was taken gets LeaseLost and stops that shard;
 - a pair's control rows (partition `control/<pair>`): pause flags (`replicatord pause`) and the
@@ -19,7 +19,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -38,8 +38,7 @@ LEASE_TABLE_KEY = {STREAM_KEY: "S", SHARD_KEY: "S"}
 # copies its checkpoints into the current table.
 LEGACY_LEASE_KEY = "lease_key"
 LEGACY_LEASE_TABLE = "replicatord_leases"
-# Renewals asked for this close together share one call; TransactWriteItems takes 100 items.
-RENEW_GATHER_S = 0.02
+# TransactWriteItems takes 100 items.
 TRANSACTION_ITEMS = 100
 
 
@@ -112,15 +111,15 @@ class ControlRows:
     # is new since the last run, and is read from its oldest record whatever `initial_position`
     # says (streams.py).
 
-    def _followed_key(self, pair: str, pipeline: str, name: str) -> dict[str, Any]:
-        return {STREAM_KEY: {"S": control_partition(pair)}, SHARD_KEY: {"S": f"followed/{pipeline}/{name}"}}
+    def _followed_key(self, pair: str, role: str, name: str) -> dict[str, Any]:
+        return {STREAM_KEY: {"S": control_partition(pair)}, SHARD_KEY: {"S": f"followed/{role}/{name}"}}
 
-    async def followed(self, pair: str, pipeline: str, name: str) -> set[str]:
-        result = await self._call("get_item", Key=self._followed_key(pair, pipeline, name), ConsistentRead=True)
+    async def followed(self, pair: str, role: str, name: str) -> set[str]:
+        result = await self._call("get_item", Key=self._followed_key(pair, role, name), ConsistentRead=True)
         return set(result.get("Item", {}).get("incarnations", {}).get("SS", []))
 
-    async def note_followed(self, pair: str, pipeline: str, name: str, incarnation: str) -> None:
-        await self._call("update_item", Key=self._followed_key(pair, pipeline, name),
+    async def note_followed(self, pair: str, role: str, name: str, incarnation: str) -> None:
+        await self._call("update_item", Key=self._followed_key(pair, role, name),
                          UpdateExpression="ADD incarnations :i",
                          ExpressionAttributeValues={":i": {"SS": [incarnation]}})
 
@@ -208,16 +207,12 @@ class LeaseTable(ControlRows):
         self.aws = aws
         self.table = table
         self.client = client
-        # Renewals asked for within RENEW_GATHER_S of each other (every pipeline of the instance
-        # renews on the same ticks) go out together: one TransactWriteItems per 100 leases.
-        self._renewals: list[tuple[HeldLease, asyncio.Future[None]]] = []
-        self._renewing: asyncio.Task[None] | None = None
 
     async def _call(self, operation: str, **kwargs: Any) -> Any:
         return await self.aws.call("dynamodb", operation, client=self.client, TableName=self.table, **kwargs)
 
     async def query(self, stream: str, consistent: bool = False) -> list[Lease]:
-        """The leases of one stream (`stream_of` a lease key). Eventually consistent by default:
+        """The leases of one stream (`partition_of` a lease key). Eventually consistent by default:
         every change is a conditional write, so a stale read only costs a refused take."""
         leases: list[Lease] = []
         kwargs: dict[str, Any] = {"KeyConditionExpression": "#s = :s", "ExpressionAttributeNames": {"#s": STREAM_KEY},
@@ -317,65 +312,27 @@ class LeaseTable(ControlRows):
         held.renewed_at = sent_at
 
     async def renew(self, held: HeldLease) -> None:
-        """Move the lease's counter (LeaseLost if it is no longer ours). Renewals of several
-        leases asked for at about the same moment share one TransactWriteItems call."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._renewals.append((held, future))
-        if self._renewing is None or self._renewing.done():
-            self._renewing = asyncio.create_task(self._renew_gathered(), name=f"renew {self.table}")
-        await future
-
-    async def _renew_gathered(self) -> None:
-        await asyncio.sleep(RENEW_GATHER_S)
-        gathered, self._renewals = self._renewals, []
-        waiting = {id(held): (held, future) for held, future in gathered if not future.done()}
-        # A lease whose lock is taken is being checkpointed (which renews it too): it waits alone.
-        alone = [pair for pair in waiting.values() if pair[0].lock.locked()]
-        together = sorted((pair for pair in waiting.values() if not pair[0].lock.locked()),
-                          key=lambda pair: pair[0].lease.key)
-        await asyncio.gather(*(self._settle(future, self._renew_one(held)) for held, future in alone),
-                             *(self._renew_batch(together[i:i + TRANSACTION_ITEMS])
-                               for i in range(0, len(together), TRANSACTION_ITEMS)))
-
-    @staticmethod
-    async def _settle(future: asyncio.Future[None], work: Awaitable[None]) -> None:
-        try:
-            await work
-        except Exception as exc:  # noqa: BLE001 - handed to the waiting renewer
-            if not future.done():
-                future.set_exception(exc)
-        else:
-            if not future.done():
-                future.set_result(None)
-
-    async def _renew_one(self, held: HeldLease) -> None:
+        """Move the lease's counter (LeaseLost if it is no longer ours)."""
         async with held.lock:
             await self._advance(held)
 
-    async def _renew_batch(self, batch: list[tuple[HeldLease, asyncio.Future[None]]]) -> None:
-        """Renew leases in one transaction. If it is cancelled (a lease is no longer ours, or
-        another write held an item), each lease is renewed on its own, which says which."""
-        if len(batch) == 1:
-            held, future = batch[0]
-            await self._settle(future, self._renew_one(held))
-            return
+    async def renew_together(self, helds: list[HeldLease]) -> bool:
+        """Renew leases in one TransactWriteItems (at most TRANSACTION_ITEMS). False if it was
+        refused (a lease is no longer ours, or another write held an item): nothing was renewed,
+        and `renew` each says which."""
         async with contextlib.AsyncExitStack() as locks:
-            for held, _ in batch:
+            for held in helds:
                 await locks.enter_async_context(held.lock)
             sent_at = time.monotonic()
             try:
                 await self.aws.call("dynamodb", "transact_write_items", client=self.client, TransactItems=[
-                    {"Update": {"TableName": self.table, **_advance_update(held.lease)}} for held, _ in batch])
+                    {"Update": {"TableName": self.table, **_advance_update(held.lease)}} for held in helds])
             except ReplicatorError:
-                pass  # below, one by one
-            else:
-                for held, future in batch:
-                    held.lease = replace(held.lease, counter=held.lease.counter + 1)
-                    held.renewed_at = sent_at
-                    if not future.done():
-                        future.set_result(None)
-                return
-        await asyncio.gather(*(self._settle(future, self._renew_one(held)) for held, future in batch))
+                return False
+            for held in helds:
+                held.lease = replace(held.lease, counter=held.lease.counter + 1)
+                held.renewed_at = sent_at
+            return True
 
     async def checkpoint(
         self, held: HeldLease, sequence_number: str | None, finished: bool = False, at: float | None = None

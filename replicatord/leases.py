@@ -41,16 +41,18 @@ class Lease:
     checkpoint_at: float | None = None  # when the checkpoint's record entered its stream
 
 
-def lease_key(pipeline: str, stream: str, shard_id: str) -> str:
-    return f"{pipeline}/{stream}/{shard_id}"
+def lease_key(role: str, incarnation: str, shard_id: str) -> str:
+    """`role/incarnation/shard`: the role (forwarder or applier), the incarnation of the stream it
+    reads (`name@created`) and the shard. The first two are the lease partition."""
+    return f"{role}/{incarnation}/{shard_id}"
 
 
 def shard_of(key: str) -> str:
     return key.rsplit("/", 1)[1]
 
 
-def stream_of(key: str) -> str:
-    """The lease table partition of a lease key: pipeline and stream."""
+def partition_of(key: str) -> str:
+    """The lease table partition of a lease key: role and stream incarnation."""
     return key.rsplit("/", 1)[0]
 
 

@@ -21,7 +21,7 @@ from replicatord.config import Tuning
 from replicatord.errors import ReplicatorError
 from replicatord.metrics import Metrics
 from replicatord.records import Entry, plan_batches
-from replicatord.retry import Abandoned, Letter, RecordRetry, Verdict, reason_of, verdict
+from replicatord.retry import Abandoned, Arrival, RecordRetry, Verdict, reason_of, verdict
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +39,13 @@ class KinesisProducer:
         self.stop = stop
         self.entries_at_once = asyncio.Semaphore(tuning.apply_concurrency)  # single entries of a split batch
 
-    async def put(self, peer: str, outgoing: list[tuple[Entry, Letter]]) -> None:
+    async def put(self, peer: str, outgoing: list[tuple[Entry, Arrival]]) -> None:
         """PutRecords to `peer` in batches within Kinesis' limits."""
         pending = iter(outgoing)
         for batch in plan_batches(entry for entry, _ in outgoing):
             await self._send(peer, [next(pending) for _ in batch])
 
-    async def _send(self, peer: str, batch: list[tuple[Entry, Letter]]) -> None:
+    async def _send(self, peer: str, batch: list[tuple[Entry, Arrival]]) -> None:
         """Put `batch` on the peer's stream until every entry is accepted or dead-lettered."""
         attempt = 0
         while batch:
@@ -77,7 +77,7 @@ class KinesisProducer:
             if await sleep_or_stop(self.stop, backoff_s(attempt, self.tuning)):
                 raise Abandoned
 
-    async def _refused(self, peer: str, batch: list[tuple[Entry, Letter]], exc: ReplicatorError,
+    async def _refused(self, peer: str, batch: list[tuple[Entry, Arrival]], exc: ReplicatorError,
                        attempt: int) -> str:
         """What a failed call means: "done" (split, or its one entry dead-lettered), "again" (a
         new key pair: at once), or "wait" (the peer's trouble: after a backoff)."""
@@ -95,6 +95,6 @@ class KinesisProducer:
             return "done"
         return "wait"
 
-    async def _send_one(self, peer: str, item: tuple[Entry, Letter]) -> None:
+    async def _send_one(self, peer: str, item: tuple[Entry, Arrival]) -> None:
         async with self.entries_at_once:
             await self._send(peer, [item])

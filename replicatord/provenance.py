@@ -99,7 +99,7 @@ def _times(record: ReplicationRecord, rules: Provenance, now: float) -> tuple[st
     if record.version.timestamp > bound:
         return "future_version", (f"version timestamp {record.version.timestamp} is more than "
                                   f"conflict.max_future_s ({rules.conflict.max_future_s:g}s) ahead of now")
-    created = record.approximate_creation_time
+    created = record.created_s
     if not now - MAX_RECORD_AGE_S <= created <= now + rules.conflict.max_future_s:
         return "bad_created", f"created {created:.0f} is not a time such a record was made"
     return None

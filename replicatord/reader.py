@@ -81,7 +81,7 @@ class ShardReader:
 
     @property
     def name(self) -> str:
-        return f"{self.source.pipeline} {self.pair}: shard {self.shard_id}"
+        return f"{self.source.role} {self.pair}: shard {self.shard_id}"
 
     # -- where reading starts ------------------------------------------------------------------
 
@@ -133,7 +133,7 @@ class ShardReader:
         lease = self.held.lease
         since = _when(lease.checkpoint_at) if lease.checkpoint_at else "the shard's start"
         until = _when(oldest_left_s) if oldest_left_s is not None else "now"
-        self.metrics.lost_to_retention(self.pair, self.source.pipeline)
+        self.metrics.lost_to_retention(self.pair, self.source.role)
         log.error("%s: the records after checkpoint %s (written %s) up to %s were trimmed by the stream's "
                   "retention before they were read; verify the pair and backfill that range ('replicatord "
                   "verify --repair', 'replicatord backfill'). Reading on from the oldest record left.",
@@ -188,7 +188,7 @@ class ShardReader:
         loss stays true."""
         iterator = await iterator_after(self.source, self.shard_id, self.held.lease.checkpoint)
         page = await self.source.get_records(iterator, 1)
-        self.metrics.set_pending(self.pair, self.source.pipeline, self.shard_id,
+        self.metrics.set_pending(self.pair, self.source.role, self.shard_id,
                                  self.source.created_s(page.records[0]) if page.records else None)
 
     def _gap_s(self) -> float:

@@ -51,7 +51,7 @@ class ReplicationRecord:
     version: Version
     origin: str  # region where the application made the change
     sequence_number: str  # of the source DynamoDB stream record
-    approximate_creation_time: float  # of the source stream record, epoch seconds
+    created_s: float  # of the source stream record, epoch seconds
 
 
 PROBE = "PROBE"
@@ -64,7 +64,7 @@ class Probe:
 
     pair: str
     origin: str
-    created: float
+    created_s: float
 
 
 # --- DynamoDB JSON <-> plain JSON ---------------------------------------------------------
@@ -289,7 +289,7 @@ def encode_record(record: ReplicationRecord) -> bytes:
         },
         "origin": record.origin,
         "seq": record.sequence_number,
-        "created": record.approximate_creation_time,
+        "created": record.created_s,
     }
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -331,7 +331,7 @@ def _json_constant(text: str) -> Any:
 
 
 def encode_probe(probe: Probe) -> bytes:
-    doc = {"v": SCHEMA_VERSION, "op": PROBE, "pair": probe.pair, "origin": probe.origin, "created": probe.created}
+    doc = {"v": SCHEMA_VERSION, "op": PROBE, "pair": probe.pair, "origin": probe.origin, "created": probe.created_s}
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
@@ -392,7 +392,7 @@ def decode_payload(data: bytes) -> ReplicationRecord | Probe:
         version=Version(ts, OPS[vop], _text_field(version, "region")),
         origin=_text_field(doc, "origin"),
         sequence_number=_text_field(doc, "seq"),
-        approximate_creation_time=created,
+        created_s=created,
     )
 
 

@@ -87,9 +87,9 @@ GAVE_UP: Literal[GaveUp.GAVE_UP] = GaveUp.GAVE_UP
 
 
 @dataclass(frozen=True)
-class Letter:
-    """What goes to the dead-letter queue if a record is given up: the record as it arrived, and
-    when it entered its stream. `source` is a Kinesis payload (bytes) or a DynamoDB stream
+class Arrival:
+    """A record as it arrived, and when it entered its stream: what goes to the dead-letter queue
+    if the record is given up. `source` is a Kinesis payload (bytes) or a DynamoDB stream
     record; the latter is rendered as JSON text only if it is ever sent."""
 
     source: bytes | dict[str, Any]
@@ -107,16 +107,16 @@ class RecordRetry:
     """Per-record retries and dead letters for one pipeline of one pair."""
 
     def __init__(
-        self, pair: str, pipeline: str, dlq: DeadLetterQueue, tuning: Tuning, metrics: Metrics, stop: asyncio.Event
+        self, pair: str, role: str, dlq: DeadLetterQueue, tuning: Tuning, metrics: Metrics, stop: asyncio.Event
     ) -> None:
         self.pair = pair
-        self.pipeline = pipeline
+        self.role = role
         self.dlq = dlq
         self.tuning = tuning
         self.metrics = metrics
         self.stop = stop
 
-    async def run(self, step: Callable[[], Awaitable[T]], letter: Letter, what: str) -> T | Literal[GaveUp.GAVE_UP]:
+    async def run(self, step: Callable[[], Awaitable[T]], letter: Arrival, what: str) -> T | Literal[GaveUp.GAVE_UP]:
         """Run `step` until it succeeds, or dead-letter `letter` and return GAVE_UP. Raises
         Abandoned if stopping while waiting to retry, LeaseLost if the shard was taken."""
         attempts = 0
@@ -129,38 +129,38 @@ class RecordRetry:
                 error = exc
             attempts += 1
             reason = reason_of(error)
-            self.metrics.errors.labels(self.pipeline, reason).inc()
+            self.metrics.errors.labels(self.role, reason).inc()
             if verdict(error, attempts, time.time() - letter.created_s, self.tuning) is Verdict.DEAD_LETTER:
                 if not isinstance(error, ReplicatorError | RecordError):
                     log.error("%s %s: %s failed with an unexpected error; the record goes to the dead-letter "
-                              "queue", self.pipeline, self.pair, what, exc_info=error)
+                              "queue", self.role, self.pair, what, exc_info=error)
                 await self.dead_letter(reason, f"{what}: {error}" if attempts == 1 else
                                        f"{what}: {error} (after {attempts} attempts)", letter)
                 return GAVE_UP
-            log.warning("%s %s: %s failed: %s (attempt %d)", self.pipeline, self.pair, what, error, attempts)
+            log.warning("%s %s: %s failed: %s (attempt %d)", self.role, self.pair, what, error, attempts)
             if await sleep_or_stop(self.stop, backoff_s(attempts, self.tuning)):
                 raise Abandoned
 
-    async def dead_letter(self, reason: str, detail: str, letter: Letter) -> None:
+    async def dead_letter(self, reason: str, detail: str, letter: Arrival) -> None:
         """Send `letter` with its reason until the queue accepts it (there is nowhere else to put it)."""
         attempts = 0
         while True:
             try:
-                await self.dlq.send(self.pair, self.pipeline, reason, detail, letter.payload(), letter.content)
+                await self.dlq.send(self.pair, self.role, reason, detail, letter.payload(), letter.content)
                 return
             except ReplicatorError as exc:
                 attempts += 1
-                self.metrics.errors.labels(self.pipeline, f"dlq_{exc.kind}").inc()
+                self.metrics.errors.labels(self.role, f"dlq_{exc.kind}").inc()
                 log.warning("%s %s: cannot send to the dead-letter queue: %s (attempt %d); the record is held",
-                            self.pipeline, self.pair, exc, attempts)
+                            self.role, self.pair, exc, attempts)
             if await sleep_or_stop(self.stop, backoff_s(attempts, self.tuning)):
                 raise Abandoned
 
-    async def dead_letter_many(self, letters: Sequence[tuple[str, str, Letter]]) -> None:
+    async def dead_letter_many(self, letters: Sequence[tuple[str, str, Arrival]]) -> None:
         """Send many records at once, each (reason, detail, letter), in batches, until the queue has
         taken every one (a page's junk: a flood of it costs a tenth of the calls, side by side with
         the page's good records). Raises Abandoned if stopping while the queue refuses them."""
-        pending = [Outgoing(self.pair, self.pipeline, reason, detail, letter.payload(), letter.content)
+        pending = [Outgoing(self.pair, self.role, reason, detail, letter.payload(), letter.content)
                    for reason, detail, letter in letters]
         attempts = 0
         while pending:
@@ -170,7 +170,7 @@ class RecordRetry:
                 return
             attempts += 1
             log.warning("%s %s: %d dead letters not taken by the queue (attempt %d); their records are held",
-                        self.pipeline, self.pair, len(pending), attempts)
+                        self.role, self.pair, len(pending), attempts)
             if await sleep_or_stop(self.stop, backoff_s(attempts, self.tuning)):
                 raise Abandoned
 
@@ -185,7 +185,7 @@ class RecordRetry:
                 if isinstance(exc, LeaseLost):
                     raise
                 attempts += 1
-                self.metrics.errors.labels(self.pipeline, exc.kind).inc()
-                log.warning("%s %s: %s failed: %s (attempt %d)", self.pipeline, self.pair, what, exc, attempts)
+                self.metrics.errors.labels(self.role, exc.kind).inc()
+                log.warning("%s %s: %s failed: %s (attempt %d)", self.role, self.pair, what, exc, attempts)
             if await sleep_or_stop(self.stop, backoff_s(attempts, self.tuning)):
                 raise Abandoned

@@ -23,6 +23,12 @@ class Shard:
     closed: bool = False  # it has an ending sequence number: no record will be added
 
 
+# The two roles a pipeline has: it reads a table's stream and forwards, or reads the Kinesis
+# stream peers write to and applies.
+FORWARDER = "forwarder"
+APPLIER = "applier"
+
+
 @dataclass(frozen=True)
 class Page:
     records: list[dict[str, Any]]
@@ -32,10 +38,10 @@ class Page:
 
 
 class StreamSource(Protocol):
-    pipeline: str
+    role: str
     # Names this incarnation of the stream in lease keys: a stream that is deleted and created
     # again (or a DynamoDB stream disabled and enabled again) starts with fresh leases.
-    stream: str
+    incarnation: str
     # Whether an iterator from a trimmed position silently starts at the oldest record left
     # (Kinesis) instead of being refused with TrimmedDataAccessException (DynamoDB Streams).
     silent_trim: bool
@@ -63,7 +69,7 @@ class StreamSource(Protocol):
 
 
 class DynamoStreamSource:
-    pipeline = "forwarder"
+    role = FORWARDER
     silent_trim = False
     retention_s = 24 * 3600.0  # fixed for DynamoDB Streams
     max_page_bytes = 1024 * 1024  # GetRecords answers 1 MB at most
@@ -74,7 +80,7 @@ class DynamoStreamSource:
 
     def __init__(self, aws: Aws, table: str, stream_arn: str) -> None:
         self.aws = aws
-        self.stream = f"{table}@{stream_arn.rsplit('/', 1)[-1]}"
+        self.incarnation = f"{table}@{stream_arn.rsplit('/', 1)[-1]}"
         self.arn = stream_arn
 
     def min_read_interval_ms(self, tuning: Tuning) -> int:
@@ -123,7 +129,7 @@ class DynamoStreamSource:
 
 
 class KinesisSource:
-    pipeline = "applier"
+    role = APPLIER
     silent_trim = True
     max_page_bytes = 10 * 1024 * 1024  # GetRecords answers 10 MiB at most
 
@@ -133,7 +139,7 @@ class KinesisSource:
     def __init__(self, aws: Aws, stream: str, created: str, retention_s: float = 24 * 3600.0) -> None:
         self.aws = aws
         self.name = stream
-        self.stream = f"{stream}@{created}"
+        self.incarnation = f"{stream}@{created}"
         self.retention_s = retention_s  # the stream's RetentionPeriodHours
 
     def min_read_interval_ms(self, tuning: Tuning) -> int:

@@ -26,14 +26,14 @@ from typing import Any
 
 from replicatord.aws import Aws
 from replicatord.lease_table import LeaseTable
-from replicatord.leases import FINISHED, lease_key, stream_of
+from replicatord.leases import FINISHED, lease_key, partition_of
 from replicatord.metrics import Metrics
 from replicatord.pipeline import Pipeline
+from replicatord.sources import FORWARDER
 
 log = logging.getLogger(__name__)
 
 NEEDED_VIEW_TYPE = "NEW_AND_OLD_IMAGES"
-FORWARDER = "forwarder"
 
 
 def stream_label(arn: str) -> str:
@@ -41,12 +41,12 @@ def stream_label(arn: str) -> str:
 
 
 def incarnation(table: str, arn: str) -> str:
-    """The name of one stream of a table in lease keys (`DynamoStreamSource.stream`)."""
+    """The name of one stream of a table in lease keys (`DynamoStreamSource.incarnation`)."""
     return f"{table}@{stream_label(arn)}"
 
 
 def lease_partition(table: str, arn: str) -> str:
-    return stream_of(lease_key(FORWARDER, incarnation(table, arn), "-"))
+    return partition_of(lease_key(FORWARDER, incarnation(table, arn), "-"))
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,10 @@ Every factory closes what it opened.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from replicatord.local.world import (
     provision_local,
     regions_for,
     topology_document,
+    wait_for,
     write_topology,
 )
 
@@ -33,6 +36,28 @@ settings.register_profile("default", max_examples=200)
 settings.register_profile("fuzz", max_examples=int(os.environ.get("FUZZ_EXAMPLES", "20000")),
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+# -- waiting on a condition, with a deadline (never a bare sleep) -------------------------------
+
+wait_until = wait_for  # in a plain test: wait_until(condition, deadline_s, what)
+
+
+async def until(condition: Callable[[], object | Awaitable[object]], deadline_s: float, what: str,
+                interval_s: float = 0.05) -> None:
+    """In an async test: poll `condition` (a function, or a coroutine function) until it is true;
+    fail naming `what` after `deadline_s`. Other tasks run while it waits."""
+    try:
+        async with asyncio.timeout(deadline_s):
+            while True:
+                result = condition()
+                if inspect.isawaitable(result):
+                    result = await result
+                if result:
+                    return
+                await asyncio.sleep(interval_s)
+    except TimeoutError:
+        raise TimeoutError(f"timed out after {deadline_s:.0f}s waiting for {what}") from None
 
 
 @pytest.fixture(autouse=True)

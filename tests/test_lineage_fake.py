@@ -7,8 +7,10 @@ the client seam by a small fake stream; the lease table is a real emulator proce
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar, cast
 
 import pytest
 import yaml
@@ -21,8 +23,10 @@ from replicatord.lease_table import HeldLease, LeaseTable, item_key
 from replicatord.leases import FINISHED, lease_key
 from replicatord.local.world import REGIONS, topology_document
 from replicatord.metrics import Metrics
-from replicatord.pipeline import Pipeline
+from replicatord.pipeline import Pipeline, Shared
+from replicatord.renewal import RenewalBatcher
 from replicatord.sources import KinesisSource
+from tests.conftest import until
 
 pytestmark = pytest.mark.integration
 
@@ -120,15 +124,24 @@ class Recorder:
         self.seen.extend((shard_id, int(r["SequenceNumber"])) for r in records)
 
 
-async def _run_until(pipeline: Pipeline, stop: asyncio.Event, condition: Any, deadline_s: float = 30) -> None:
-    task = asyncio.create_task(pipeline.run())
+R = TypeVar("R", bound=Recorder)
+
+
+@contextlib.asynccontextmanager
+async def _running(pipeline: Pipeline) -> AsyncIterator[None]:
+    """The pipeline and the renewal batcher it shares, as the daemon runs them; stopped after."""
+    stop = pipeline.shared.stop
+    tasks = [asyncio.create_task(pipeline.run()), asyncio.create_task(pipeline.shared.renewals.run(stop))]
     try:
-        async with asyncio.timeout(deadline_s):
-            while not condition():  # noqa: ASYNC110 - a poll-until-deadline over another task's progress
-                await asyncio.sleep(0.05)
+        yield
     finally:
         stop.set()
-        await asyncio.wait_for(task, 10)
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+
+
+async def _run_until(pipeline: Pipeline, condition: Callable[[], Any], deadline_s: float = 30) -> None:
+    async with _running(pipeline):
+        await until(condition, deadline_s, "the pipeline's progress")
 
 
 @pytest.fixture
@@ -141,15 +154,17 @@ async def lease_env(regions: Any) -> Any:
         yield aws, settings, metrics
 
 
-def _pipeline(aws: Aws, settings: Any, metrics: Metrics, fake: FakeKinesis, stop: asyncio.Event) -> tuple[
-    Pipeline, Recorder, LeaseTable
-]:
+def _pipeline(aws: Aws, settings: Any, metrics: Metrics, fake: FakeKinesis, stop: asyncio.Event,
+              processor: R | None = None, initial_position: str | None = None,
+              **tuning: Any) -> tuple[Pipeline, R, LeaseTable]:
+    """An applier pipeline over the fake stream; `tuning` overrides the module's TUNING."""
     aws.local["kinesis"] = fake  # the client seam
     leases = LeaseTable(aws, settings.me.lease_table)
-    recorder = Recorder()
+    recorder = processor if processor is not None else cast(R, Recorder())
+    shared = Shared(leases, RenewalBatcher(leases), settings.instance_id, settings.region,
+                    settings.topology.tuning.model_copy(update=tuning), metrics, stop)
     source = KinesisSource(aws, "ddb_replication_stream_sg", "1")
-    return Pipeline("user", source, recorder, leases, settings.instance_id, settings.topology.tuning,
-                    metrics, stop), recorder, leases
+    return Pipeline("user", source, recorder, shared, initial_position=initial_position), recorder, leases
 
 
 async def test_children_start_after_their_parents_end_through_split_and_merge(lease_env: Any) -> None:
@@ -165,7 +180,7 @@ async def test_children_start_after_their_parents_end_through_split_and_merge(le
     stop = asyncio.Event()
     pipeline, recorder, leases = _pipeline(aws, settings, metrics, fake, stop)
     expected = {("p", s) for s in range(1, 8)} | {("c1", s) for s in range(10, 14)} | {("c2", 20), ("c2", 21)}
-    await _run_until(pipeline, stop, lambda: expected <= set(recorder.seen))
+    await _run_until(pipeline, lambda: expected <= set(recorder.seen))
 
     order = recorder.seen
     last_parent = max(i for i, (shard, _) in enumerate(order) if shard == "p")
@@ -178,10 +193,11 @@ async def test_children_start_after_their_parents_end_through_split_and_merge(le
     # After the expiry: a look at the oldest record (is the checkpoint trimmed?), then on from it.
     assert fake.iterators_from.count(("c1", "TRIM_HORIZON")) == 2
     assert ("c1", "after 12") in fake.iterators_from, fake.iterators_from  # pages of 3: 10, 11, 12
-    state = {lease.key.rsplit("/", 1)[1]: lease for lease in await leases.query(pipeline.partition, consistent=True)}
+    partition = pipeline.shards.partition
+    state = {lease.key.rsplit("/", 1)[1]: lease for lease in await leases.query(partition, consistent=True)}
     assert state["p"].state == FINISHED and state["p"].checkpoint == "7"
     assert state["c1"].state == FINISHED and state["c1"].checkpoint == "13"
-    assert state["m"].parents == tuple(lease_key("applier", pipeline.source.stream, s) for s in ("c1", "c2"))
+    assert state["m"].parents == tuple(lease_key("applier", pipeline.source.incarnation, s) for s in ("c1", "c2"))
     assert state["m"].checkpoint is None and state["m"].owner is None
     assert metrics.registry.get_sample_value(
         "replicatord_errors_total", {"pipeline": "applier", "type": "throttled"}) == 1
@@ -194,22 +210,18 @@ async def test_a_finished_shard_that_left_the_stream_loses_its_lease(lease_env: 
     fake = FakeKinesis({"old": {"records": [1], "closed": True}, "new": {"parents": ["old"], "records": [5]}})
     stop = asyncio.Event()
     pipeline, recorder, leases = _pipeline(aws, settings, metrics, fake, stop)
-    await _run_until(pipeline, stop, lambda: ("new", 5) in recorder.seen)
+    await _run_until(pipeline, lambda: ("new", 5) in recorder.seen)
     del fake.shards["old"]  # trimmed after the stream's retention
     stop2 = asyncio.Event()
     pipeline2, _, _ = _pipeline(aws, settings, metrics, fake, stop2)
 
-    async def gone() -> bool:
-        return all(not lease.key.endswith("/old") for lease in await leases.query(pipeline.partition, consistent=True))
+    partition = pipeline.shards.partition
 
-    task = asyncio.create_task(pipeline2.run())
-    try:
-        async with asyncio.timeout(20):
-            while not await gone():  # noqa: ASYNC110 - polls the lease table
-                await asyncio.sleep(0.1)
-    finally:
-        stop2.set()
-        await asyncio.wait_for(task, 10)
+    async def gone() -> bool:
+        return all(not lease.key.endswith("/old") for lease in await leases.query(partition, consistent=True))
+
+    async with _running(pipeline2):
+        await until(gone, 20, "the departed shard's lease to be deleted")
 
 
 async def test_a_trimmed_checkpoint_is_reported_and_reading_restarts_at_the_oldest(lease_env: Any) -> None:
@@ -217,13 +229,13 @@ async def test_a_trimmed_checkpoint_is_reported_and_reading_restarts_at_the_olde
     fake = FakeKinesis({"s": {"records": [1, 2, 3]}})
     stop = asyncio.Event()
     pipeline, recorder, leases = _pipeline(aws, settings, metrics, fake, stop)
-    await _run_until(pipeline, stop, lambda: ("s", 3) in recorder.seen)
+    await _run_until(pipeline, lambda: ("s", 3) in recorder.seen)
     # Retention passes while the daemon is down: records 1-50 are gone, 51-52 remain.
     fake.shards["s"]["records"] = [51, 52]
 
     stop2 = asyncio.Event()
     pipeline2, recorder2, _ = _pipeline(aws, settings, metrics, fake, stop2)
-    await _run_until(pipeline2, stop2, lambda: ("s", 52) in recorder2.seen)
+    await _run_until(pipeline2, lambda: ("s", 52) in recorder2.seen)
     assert recorder2.seen == [("s", 51), ("s", 52)]
     assert metrics.registry.get_sample_value(
         "replicatord_checkpoint_trimmed_total", {"pair": "user", "pipeline": "applier"}) == 1
@@ -240,12 +252,12 @@ async def test_a_trimmed_checkpoint_that_kinesis_does_not_read_on_from_is_read_a
     fake = FakeKinesis({"s": {"records": [1, 2, 3]}})
     stop = asyncio.Event()
     pipeline, recorder, _ = _pipeline(aws, settings, metrics, fake, stop)
-    await _run_until(pipeline, stop, lambda: ("s", 3) in recorder.seen)
+    await _run_until(pipeline, lambda: ("s", 3) in recorder.seen)
     fake.shards["s"].update(records=[51, 52], trimmed_through=50, empty_probes=1, trimmed_answer=answer)
 
     stop2 = asyncio.Event()
     pipeline2, recorder2, _ = _pipeline(aws, settings, metrics, fake, stop2)
-    await _run_until(pipeline2, stop2, lambda: ("s", 52) in recorder2.seen)
+    await _run_until(pipeline2, lambda: ("s", 52) in recorder2.seen)
     assert recorder2.seen == [("s", 51), ("s", 52)]
     assert fake.stuck_reads == (2 if answer == "empty_pages" else 0), fake.stuck_reads
     assert metrics.registry.get_sample_value(
@@ -259,12 +271,11 @@ async def test_a_first_start_at_latest_positions_kinesis_shards_by_time(lease_en
     aws, settings, metrics = lease_env
     fake = FakeKinesis({"s": {"records": [1, 2, 3]}})
     stop = asyncio.Event()
-    pipeline, recorder, _ = _pipeline(aws, settings, metrics, fake, stop)
-    pipeline.initial_position = "latest"
+    pipeline, recorder, _ = _pipeline(aws, settings, metrics, fake, stop, initial_position="latest")
     started = time.time()
     fake.shards["s"]["records"].append(4)
     fake.arrived[4] = started + 60  # written after the start
-    await _run_until(pipeline, stop, lambda: ("s", 4) in recorder.seen)
+    await _run_until(pipeline, lambda: ("s", 4) in recorder.seen)
     assert recorder.seen == [("s", 4)]
     assert ("s", "AT_TIMESTAMP") in fake.iterators_from and ("s", "TRIM_HORIZON") not in fake.iterators_from
     assert len(fake.timestamps) == 1 and started - 1 <= fake.timestamps[0] <= started + 1
@@ -288,13 +299,11 @@ async def test_a_malformed_lease_item_and_a_processor_bug_do_not_stop_the_pipeli
     aws, settings, metrics = lease_env
     fake = FakeKinesis({"s": {"records": [1, 2, 3]}})
     stop = asyncio.Event()
-    pipeline, _, leases = _pipeline(aws, settings, metrics, fake, stop)
-    flaky = Flaky()
-    pipeline.processor = flaky
+    pipeline, flaky, leases = _pipeline(aws, settings, metrics, fake, stop, Flaky())
     await aws.call("dynamodb", "put_item", TableName=settings.me.lease_table, Item={
-        **item_key(lease_key("applier", pipeline.source.stream, "hand-edited")),
+        **item_key(lease_key("applier", pipeline.source.incarnation, "hand-edited")),
         "counter": {"S": "not a number"}})
-    await _run_until(pipeline, stop, lambda: ("s", 3) in flaky.seen)
+    await _run_until(pipeline, lambda: ("s", 3) in flaky.seen)
     assert flaky.seen == [("s", 1), ("s", 2), ("s", 3)]  # the page ran again after the bug, once
     assert metrics.registry.get_sample_value(
         "replicatord_errors_total", {"pipeline": "applier", "type": "internal_error"}) == 1
@@ -307,7 +316,8 @@ async def test_a_renewal_that_hangs_stops_its_shard_before_others_may_take_it(le
     fake = FakeKinesis({"fast": {"records": [1]}, "slow": {"records": [1]}})
     stop = asyncio.Event()
     pipeline, recorder, leases = _pipeline(aws, settings, metrics, fake, stop)
-    renew = leases.renew
+    batcher = pipeline.shared.renewals
+    renew = batcher.renew
     renewed: dict[str, list[float]] = {"fast": [], "slow": []}
     hang = asyncio.Event()
 
@@ -318,29 +328,21 @@ async def test_a_renewal_that_hangs_stops_its_shard_before_others_may_take_it(le
         await renew(held)
         renewed[shard].append(held.renewed_at)
 
-    leases.renew = renew_or_hang  # type: ignore[method-assign]
-    task = asyncio.create_task(pipeline.run())
-    try:
-        async with asyncio.timeout(30):
-            while not (renewed["fast"] and renewed["slow"]):  # noqa: ASYNC110 - polls another task's progress
-                await asyncio.sleep(0.05)
-            hang.set()
-            last_slow = renewed["slow"][-1]
+    batcher.renew = renew_or_hang  # type: ignore[method-assign]
 
-            def lost() -> float:
-                return metrics.registry.get_sample_value("replicatord_leases_lost_total", {"pipeline": "applier"}) or 0
+    def lost() -> float:
+        return metrics.registry.get_sample_value("replicatord_leases_lost_total", {"pipeline": "applier"}) or 0
 
-            while not lost():  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-            stopped_after = time.monotonic() - last_slow
-            fast_before = len(renewed["fast"])
-            await asyncio.sleep(2.5)  # two more renewal intervals, to see the fast lease renewed on
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
+    async with _running(pipeline):
+        await until(lambda: renewed["fast"] and renewed["slow"], 30, "both leases to be renewed")
+        hang.set()
+        last_slow = renewed["slow"][-1]
+        await until(lost, 30, "the lease whose renewal hangs to be stopped", interval_s=0.01)
+        stopped_after = time.monotonic() - last_slow
+        fast_before = len(renewed["fast"])
+        await until(lambda: len(renewed["fast"]) >= fast_before + 2, 10, "the other lease to be renewed on")
     tuning = settings.topology.tuning
     assert stopped_after < tuning.failover_s, stopped_after  # before another instance may take it
-    assert len(renewed["fast"]) > fast_before
     assert recorder.seen  # both shards were read before
 
 
@@ -364,7 +366,10 @@ async def test_renewals_at_one_moment_share_one_transaction(lease_env: Any) -> N
         return await real_call(service, operation, **kwargs)
 
     aws.call = counting  # type: ignore[method-assign]
-    await asyncio.gather(*(leases.renew(h) for h in held))
+    stop = asyncio.Event()
+    batcher = RenewalBatcher(leases)
+    sending = asyncio.create_task(batcher.run(stop))
+    await asyncio.gather(*(batcher.renew(h) for h in held))
     assert calls == ["transact_write_items"]
     assert [(await leases.get(k)).counter for k in keys] == [2, 2, 2]  # type: ignore[union-attr]
 
@@ -372,7 +377,9 @@ async def test_renewals_at_one_moment_share_one_transaction(lease_env: Any) -> N
     assert taken is not None
     await leases.take(taken, "another-instance")
     calls.clear()
-    results = await asyncio.gather(*(leases.renew(h) for h in held), return_exceptions=True)
+    results = await asyncio.gather(*(batcher.renew(h) for h in held), return_exceptions=True)
+    stop.set()
+    await asyncio.wait_for(sending, 5)
     assert [type(r).__name__ for r in results] == ["NoneType", "LeaseLost", "NoneType"]
     assert calls[0] == "transact_write_items" and calls.count("transact_write_items") == 1
     now = {k: await leases.get(k) for k in keys}
@@ -405,10 +412,8 @@ async def test_next_page_is_read_while_a_page_is_delivered_and_checkpoints_are_s
     aws, settings, metrics = lease_env
     fake = FakeKinesis({"s": {"records": list(range(1, 61))}})  # 20 pages of 3, then nothing new
     stop = asyncio.Event()
-    pipeline, _, leases = _pipeline(aws, settings, metrics, fake, stop)
-    pipeline.tuning = settings.topology.tuning.model_copy(update={"min_read_interval_ms": 0,
-                                                                  "checkpoint_interval_ms": 60_000})
-    recorder = pipeline.processor = Overlapped(fake)
+    pipeline, recorder, leases = _pipeline(aws, settings, metrics, fake, stop, Overlapped(fake),
+                                           min_read_interval_ms=0, checkpoint_interval_ms=60_000)
     checkpoints: list[str] = []
     real_call = aws.call
 
@@ -418,13 +423,13 @@ async def test_next_page_is_read_while_a_page_is_delivered_and_checkpoints_are_s
         return await real_call(service, operation, **kwargs)
 
     aws.call = counting  # type: ignore[method-assign]
-    await _run_until(pipeline, stop, lambda: len(recorder.seen) == 60 and checkpoints[-1:] == ["60"])
+    await _run_until(pipeline, lambda: len(recorder.seen) == 60 and checkpoints[-1:] == ["60"])
 
     assert [seq for _, seq in recorder.seen] == list(range(1, 61))  # in order, each once
     assert all(recorder.overlapped), recorder.overlapped  # every page: the next read was under way
     # One checkpoint when the shard was caught up, not one per page.
     assert checkpoints == ["60"]
-    state = await leases.query(pipeline.partition, consistent=True)
+    state = await leases.query(pipeline.shards.partition, consistent=True)
     assert [lease.checkpoint for lease in state] == ["60"]
 
 
@@ -434,10 +439,9 @@ async def test_a_shard_that_stays_empty_is_read_less_often(lease_env: Any, monke
     aws, settings, metrics = lease_env
     fake = FakeKinesis({"s": {"records": []}})
     stop = asyncio.Event()
-    pipeline, _, _ = _pipeline(aws, settings, metrics, fake, stop)
-    pipeline.tuning = settings.topology.tuning.model_copy(update={
-        "min_read_interval_ms": 0, "poll_interval_ms": 20, "idle_poll_interval_ms": 400})
-    await _run_until(pipeline, stop, lambda: any(at - fake.read_at[0] > 2.5 for at in fake.read_at[1:]))
+    pipeline, _, _ = _pipeline(aws, settings, metrics, fake, stop, min_read_interval_ms=0, poll_interval_ms=20,
+                               idle_poll_interval_ms=400)
+    await _run_until(pipeline, lambda: any(at - fake.read_at[0] > 2.5 for at in fake.read_at[1:]))
 
     first = fake.read_at[0]
     gaps = [(at - first, at - before) for before, at in zip(fake.read_at, fake.read_at[1:], strict=False)]
@@ -451,8 +455,7 @@ async def test_an_instance_that_holds_every_lease_reads_the_table_only_at_shard_
     aws, settings, metrics = lease_env
     fake = FakeKinesis({"a": {"records": [1]}, "b": {"records": [2]}})
     stop = asyncio.Event()
-    pipeline, recorder, _ = _pipeline(aws, settings, metrics, fake, stop)
-    pipeline.tuning = settings.topology.tuning.model_copy(update={"lease_take_interval_s": 0.1, "shard_refresh_s": 2})
+    pipeline, recorder, _ = _pipeline(aws, settings, metrics, fake, stop, lease_take_interval_s=0.1, shard_refresh_s=2)
     queries: list[float] = []
     real_call = aws.call
 
@@ -463,10 +466,10 @@ async def test_an_instance_that_holds_every_lease_reads_the_table_only_at_shard_
 
     aws.call = counting  # type: ignore[method-assign]
     started = time.monotonic()
-    await _run_until(pipeline, stop, lambda: time.monotonic() - started > 5)
+    await _run_until(pipeline, lambda: time.monotonic() - started > 5)
 
     assert {shard for shard, _ in recorder.seen} == {"a", "b"}
-    assert pipeline.held == 2
+    assert pipeline.held_count == 2
     # Cycles every 0.1 s would have read it about 50 times; shard syncs every 2 s: 3, plus the
     # cycles that took the two leases.
     assert len(queries) <= 6, [round(at - started, 2) for at in queries]
@@ -506,10 +509,8 @@ async def test_pages_of_distinct_items_are_delivered_side_by_side_and_positions_
     aws, settings, metrics = lease_env
     fake = FakeKinesis({"s": {"records": list(range(1, 61))}})
     stop = asyncio.Event()
-    pipeline, _, leases = _pipeline(aws, settings, metrics, fake, stop)
-    pipeline.tuning = settings.topology.tuning.model_copy(update={"min_read_interval_ms": 0,
-                                                                  "checkpoint_interval_ms": 0})
-    recorder = pipeline.processor = Keyed()
+    pipeline, recorder, leases = _pipeline(aws, settings, metrics, fake, stop, Keyed(), min_read_interval_ms=0,
+                                           checkpoint_interval_ms=0)
     checkpoints: list[str] = []
     early: list[int] = []  # checkpoints that passed a page not yet done
     real_call = aws.call
@@ -523,11 +524,11 @@ async def test_pages_of_distinct_items_are_delivered_side_by_side_and_positions_
         return await real_call(service, operation, **kwargs)
 
     aws.call = checking  # type: ignore[method-assign]
-    await _run_until(pipeline, stop, lambda: len(recorder.seen) == 60 and checkpoints[-1:] == ["60"])
+    await _run_until(pipeline, lambda: len(recorder.seen) == 60 and checkpoints[-1:] == ["60"])
 
     assert sorted(seq for _, seq in recorder.seen) == list(range(1, 61))  # each once
     assert [seq for _, seq in recorder.seen if seq > 30] == list(range(31, 61))  # one item: in order
     assert recorder.most_at_once == consumer.PAGES_IN_FLIGHT
     assert recorder.same_item_at_once == 0 and early == []
-    state = await leases.query(pipeline.partition, consistent=True)
+    state = await leases.query(pipeline.shards.partition, consistent=True)
     assert [lease.checkpoint for lease in state] == ["60"]

@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from replicatord.local import emulators
 from replicatord.local.aws_behaviour import TEST_BEHAVIOUR
@@ -82,34 +83,21 @@ def _load_and_verify(args: argparse.Namespace, endpoints: dict[str, str], daemon
     _line(f"loading {args.items} items into each of {len(regions)} regions at once ({args.processes} processes each)")
     for thread in threads:
         thread.start()
-    deadline = None
     drained = Drained(lambda service, region: client(service, region, endpoints[region]),
                       {r: [(tables[r], stream_of(r))] for r in regions})
+    deadline = None
     while True:
-        loaded = {r: read_counter(ddb[r], "loader_stats", "loaded_count") for r in regions}
-        replicated = {r: read_counter(ddb[r], "replicator_stats", "replicated_count") for r in regions}
-        # What a region should have applied: everything loaded into the others.
-        expected = {r: sum(loaded[p] for p in regions if p != r) for r in regions}
-        latency = {}
-        for r, daemon in daemons.items():
-            m = daemon.metrics()
-            count = metric_sum(m, "replicatord_replication_latency_seconds_count")
-            total = metric_sum(m, "replicatord_replication_latency_seconds_sum")
-            latency[r] = f"{total / count * 1000:.0f} ms" if count else "-"
         loading = any(t.is_alive() for t in threads)
-        _line(f"[{time.monotonic() - started:5.1f}s] " + " | ".join(
-            f"{r}: loaded {loaded[r]:>6}, applied {replicated[r]:>6} of {expected[r]:>6} "
-            f"(mean latency {latency[r]})" for r in regions) + ("" if loading else "  [load stopped]"))
+        caught_up = _show_progress(ddb, daemons, time.monotonic() - started, loading)
         if not loading:
             if errors:
                 for error in errors:
                     _line("error: " + error)
                 return 1
-            if deadline is None:
-                deadline = time.monotonic() + args.timeout
+            deadline = deadline or time.monotonic() + args.timeout
             # Caught up by the sample's counters, or, where a retried write counts as stale (an
             # error after the write took effect, --aws-behaviour), by stream positions.
-            if all(replicated[r] >= expected[r] for r in regions) or drained():
+            if caught_up or drained():
                 break
             if time.monotonic() > deadline:
                 _line(f"not drained within {args.timeout:.0f}s after the load stopped")
@@ -120,11 +108,33 @@ def _load_and_verify(args: argparse.Namespace, endpoints: dict[str, str], daemon
                     _line(d.log_tail())
                 return 1
         time.sleep(1)
+    return _verdict(ddb, tables, time.monotonic() - started)
+
+
+def _show_progress(ddb: dict[str, Any], daemons: dict[str, DaemonProcess], elapsed: float, loading: bool) -> bool:
+    """Print one line of progress; True when every region applied everything loaded elsewhere."""
+    regions = list(ddb)
+    loaded = {r: read_counter(ddb[r], "loader_stats", "loaded_count") for r in regions}
+    replicated = {r: read_counter(ddb[r], "replicator_stats", "replicated_count") for r in regions}
+    # What a region should have applied: everything loaded into the others.
+    expected = {r: sum(loaded[p] for p in regions if p != r) for r in regions}
+    latency = {}
+    for r, daemon in daemons.items():
+        m = daemon.metrics()
+        count = metric_sum(m, "replicatord_replication_latency_seconds_count")
+        total = metric_sum(m, "replicatord_replication_latency_seconds_sum")
+        latency[r] = f"{total / count * 1000:.0f} ms" if count else "-"
+    _line(f"[{elapsed:5.1f}s] " + " | ".join(
+        f"{r}: loaded {loaded[r]:>6}, applied {replicated[r]:>6} of {expected[r]:>6} "
+        f"(mean latency {latency[r]})" for r in regions) + ("" if loading else "  [load stopped]"))
+    return all(replicated[r] >= expected[r] for r in regions)
+
+
+def _verdict(ddb: dict[str, Any], tables: dict[str, str], elapsed: float) -> int:
     diff = compare_tables(ddb, tables)
-    elapsed = time.monotonic() - started
     if diff.identical:
         n = next(iter(diff.counts.values()))
-        _line(f"converged: all {len(regions)} regions hold the same {n} items, attribute for attribute "
+        _line(f"converged: all {len(ddb)} regions hold the same {n} items, attribute for attribute "
               f"({elapsed:.1f}s)")
         return 0
     _line("NOT converged:")

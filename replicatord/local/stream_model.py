@@ -284,10 +284,15 @@ def _items(table: Any) -> Iterator[Any]:
 
 
 def _install_streams() -> None:
+    _install_table_streams()
+    _install_stream_handlers()
+
+
+def _install_table_streams() -> None:
+    """A table's stream as AWS has it: replaced or disabled streams stay readable, and a new one
+    may be enabled once the old is disabled."""
     import moto.dynamodb.models.table as table_module
-    from moto.core.responses import ActionResult
     from moto.dynamodb.models import DynamoDBBackend
-    from moto.dynamodbstreams.responses import DynamoDBStreamsHandler
 
     table_module.StreamShard = StreamModel  # type: ignore[misc,assignment]
     set_stream_specification = table_module.Table.set_stream_specification
@@ -310,6 +315,12 @@ def _install_streams() -> None:
         table.set_stream_specification(stream_specification)
 
     DynamoDBBackend.update_table_streams = update_table_streams  # type: ignore[method-assign]
+
+
+def _install_stream_handlers() -> None:
+    """The DynamoDB Streams API answered from `StreamModel`."""
+    from moto.core.responses import ActionResult
+    from moto.dynamodbstreams.responses import DynamoDBStreamsHandler
 
     def describe_stream(handler: Any) -> Any:
         limit = handler._get_param("Limit") or 100

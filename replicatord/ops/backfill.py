@@ -100,7 +100,7 @@ class Backfill:
         self.segments = segments
         self.partition = f"backfill/{pair.name}/{source}" + (f"/to/{','.join(self.peers)}" if targets else "")
         self.progress = Progress(f"backfill {pair.name} {source}->{','.join(self.peers)}") if show_progress else None
-        self.limit = asyncio.Semaphore(WRITES_AT_ONCE)
+        self.writes_at_once = asyncio.Semaphore(WRITES_AT_ONCE)
 
     async def load(self, restart: bool) -> list[Segment]:
         """The segments' stored progress (a second run continues), or fresh ones."""
@@ -172,7 +172,7 @@ class Backfill:
 
     async def write(self, applier: Any, tombstones: Any, peer: str, record: Any, counts: Counter[str],
                     summary: Summary) -> None:
-        async with self.limit:
+        async with self.writes_at_once:
             try:
                 landed = await applier.apply(record, tombstones)
             except ReplicatorError as exc:

@@ -303,15 +303,20 @@ async def dlq(topology: Topology, region: str, action: str, pair: str | None, re
             await queue.close()
             if progress is not None:
                 progress.close()
-        result: dict[str, Any] = {"letters": chosen, "total": counts["total"], "examined": queue.examined}
-        if action == "purge":
-            result.update({"refused": True} if not yes else {"purged": counts["purged"]})
-        if action == "redrive":
-            result.update(redriven=counts["redriven"], dead_lettered_again=_sent(ops) - before,
-                          incomplete=counts["incomplete"], skipped=counts["skipped"])
-        if limit is not None and len(chosen) >= limit:
-            result["limited"] = limit
-        return result
+        counts["examined"], counts["dead_lettered_again"] = queue.examined, _sent(ops) - before
+        return _summary(action, yes, chosen, counts, limit)
+
+
+def _summary(action: str, yes: bool, chosen: list[Letter], counts: dict[str, int], limit: int | None) -> dict[str, Any]:
+    result: dict[str, Any] = {"letters": chosen, "total": counts["total"], "examined": counts["examined"]}
+    if action == "purge":
+        result.update({"refused": True} if not yes else {"purged": counts["purged"]})
+    if action == "redrive":
+        result.update(redriven=counts["redriven"], dead_lettered_again=counts["dead_lettered_again"],
+                      incomplete=counts["incomplete"], skipped=counts["skipped"])
+    if limit is not None and len(chosen) >= limit:
+        result["limited"] = limit
+    return result
 
 
 def _sent(ops: RegionOps) -> int:

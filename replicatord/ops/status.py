@@ -79,8 +79,8 @@ async def _direction(topology: Topology, ops: dict[str, RegionOps], pair: Pair, 
     created = summary["StreamDescriptionSummary"]["StreamCreationTimestamp"]
     applying = KinesisSource(b.aws, pair.streams[target], f"{created.timestamp():.0f}",
                              float(summary["StreamDescriptionSummary"].get("RetentionPeriodHours") or 24) * 3600)
-    fwd_leases = [lease for lease in leases[source] if lease.key.startswith(f"forwarder/{forwarding.stream}/")]
-    app_leases = [lease for lease in leases[target] if lease.key.startswith(f"applier/{applying.stream}/")]
+    fwd_leases = [lease for lease in leases[source] if lease.key.startswith(f"forwarder/{forwarding.incarnation}/")]
+    app_leases = [lease for lease in leases[target] if lease.key.startswith(f"applier/{applying.incarnation}/")]
     fwd_age = await oldest_unprocessed(forwarding, fwd_leases, now)
     app_age = await oldest_unprocessed(applying, app_leases, now)
     losses = [retention - age for retention, age in ((forwarding.retention_s, fwd_age), (applying.retention_s, app_age))

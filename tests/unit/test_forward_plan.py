@@ -92,7 +92,7 @@ def test_local_change_is_forwarded_unchanged(event: str) -> None:
         origin=CN,
         sequence_number="100",
         # The stream's second, refined by the item's timestamp within it (change_time).
-        approximate_creation_time=1714564800.5,
+        created_s=1714564800.5,
     )
     assert isinstance(planned, ReplicationRecord)
     assert planned.image is new  # passed through, not rebuilt or converted
@@ -187,7 +187,7 @@ def test_application_delete_is_forwarded(old: dict[str, Any] | None, expected_ts
         version=delete_version(old, creation_seconds(CREATED), CN, CONFLICT),
         origin=CN,
         sequence_number="100",
-        approximate_creation_time=CREATED.timestamp(),
+        created_s=CREATED.timestamp(),
     )
     assert isinstance(planned, ReplicationRecord)
     assert planned.version == Version(expected_ts, DELETE, CN)

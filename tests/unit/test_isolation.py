@@ -47,6 +47,7 @@ from replicatord.provenance import Provenance
 from replicatord.records import Probe, RecordError, ReplicationRecord, encode_probe, encode_record
 from replicatord.retry import Abandoned, Verdict, verdict
 from replicatord.tombstones import TombstoneTable
+from tests.conftest import until
 
 TUNING = Tuning(backoff_base_ms=1, backoff_max_ms=2, max_record_attempts=3)
 CONFLICT = Conflict()
@@ -457,11 +458,12 @@ async def test_the_replicated_count_is_written_again_after_a_failure_without_ano
     monkeypatch.setattr(applier_module, "STATS_INTERVAL_S", 0.01)
     aws = FakeAws(faults=[fail("update_item", None, classify(client_error("InternalServerError", 500)), times=1)])
     target = applier(aws)
+    reporting = asyncio.create_task(target.report())
     await target.process("shard", kinesis_page([encode_record(put(name)) for name in ("a", "b", "c")]))
-    async with asyncio.timeout(5):
-        while target.unreported or aws.count("update_item") < 2:  # noqa: ASYNC110 - the reporter's own task
-            await asyncio.sleep(0.01)
+    await until(lambda: not target.unreported and aws.count("update_item") >= 2, 5, "the count to be written")
     assert aws.calls[-1][1]["ExpressionAttributeValues"] == {":n": {"N": "3"}}
+    target.stop.set()
+    await asyncio.wait_for(reporting, 5)
 
 
 async def test_the_tombstone_read_overlaps_forwarding_and_counts_the_pages_own_deletes() -> None:

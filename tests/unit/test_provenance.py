@@ -96,7 +96,7 @@ def legitimate(record: ReplicationRecord) -> bool:
         return False
     if version.timestamp > Decimal(NOW + CONFLICT.max_future_s):
         return False
-    if not NOW - MAX_RECORD_AGE_S <= record.approximate_creation_time <= NOW + CONFLICT.max_future_s:
+    if not NOW - MAX_RECORD_AGE_S <= record.created_s <= NOW + CONFLICT.max_future_s:
         return False
     if sorted((n, next(iter(v))) for n, v in record.keys.items()) != [("PK", "S"), ("SK", "N")]:
         return False

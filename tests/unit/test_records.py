@@ -37,7 +37,7 @@ def put_record(extra: dict[str, Any] | None = None, keys: dict[str, Any] | None 
         version=Version(Decimal("1700000000.25"), PUT, "cn-north-1"),
         origin="cn-north-1",
         sequence_number="4900000000000000000000123",
-        approximate_creation_time=1700000000.0,
+        created_s=1700000000.0,
     )
 
 
@@ -50,7 +50,7 @@ def delete_record() -> ReplicationRecord:
         version=Version(Decimal("1700000001"), DELETE, "ap-southeast-1"),
         origin="ap-southeast-1",
         sequence_number="100",
-        approximate_creation_time=1700000001.5,
+        created_s=1700000001.5,
     )
 
 
@@ -302,8 +302,8 @@ def test_integer_created_is_a_float() -> None:
     doc = valid_doc()
     doc["created"] = 1700000000
     decoded = decode_record(json.dumps(doc).encode())
-    assert decoded.approximate_creation_time == 1700000000.0
-    assert isinstance(decoded.approximate_creation_time, float)
+    assert decoded.created_s == 1700000000.0
+    assert isinstance(decoded.created_s, float)
 
 
 @pytest.mark.parametrize("v", [True, 1.0], ids=["true", "float"])
