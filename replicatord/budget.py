@@ -1,8 +1,8 @@
 """How many bytes of stream pages the daemon holds: read, and not yet handled.
 
-Every page a shard worker must read is taken (so every shard always moves on); a page read ahead
+Every page a shard consumer must read is taken (so every shard always moves on); a page read ahead
 only while the daemon-wide budget (`tuning.read_ahead_budget_mib`) has room for the largest page
-the stream can answer. So the pages held are at most one per shard worker plus the budget, and
+the stream can answer. So the pages held are at most one per shard consumer plus the budget, and
 the applier decodes them `tuning.apply_chunk_bytes` at a time: the memory a worst-case input
 can take is bounded by configuration (README, "Memory").
 """

@@ -2,7 +2,7 @@
 
 startup() checks everything it needs (tables, streams, queue, SSM parameters) and fails with
 one line before any task starts. Signal handlers only set the stop event. On stop, every
-shard worker finishes or abandons its page, checkpoints and releases its lease, bounded by
+shard consumer finishes or abandons its page, checkpoints and releases its lease, bounded by
 `tuning.drain_timeout_s`; what is still running then is cancelled.
 """
 

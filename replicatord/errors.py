@@ -6,7 +6,7 @@ own (aiokafka's errors.py):
 - `record`: what a record whose step failed with it gets (retry.verdict): retried until it
   passes (the service's trouble, or this host's clock), retried up to
   `tuning.max_record_attempts` (it may pass), or dead-lettered at once (refused for its content);
-- `read`: what a shard read that failed with it gets (shards.next_step): read again after a
+- `read`: what a shard read that failed with it gets (consumer.next_step): read again after a
   backoff, a new iterator from the checkpoint, the oldest record (the position was trimmed), a
   look at whether the shard left the stream, or the end of this shard's work (lease lost);
 - `peer_trouble`: a whole call to a peer that failed with it is the peer's trouble, not its
@@ -255,7 +255,7 @@ def classify(exc: BaseException) -> ReplicatorError:
             # A code this table does not know: a server error (5xx) is the service's passing
             # trouble; anything else is retried a bounded number of times per record, then the
             # record is dead-lettered (never retried forever). The emulator answers a bad iterator
-            # with HTTP 500 (docs/design.md §7): Transient, and the shard worker takes a new iterator.
+            # with HTTP 500 (docs/design.md §7): Transient, and the shard consumer takes a new iterator.
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             cls = Transient if isinstance(status, int) and status >= 500 else Unclassified
         typed: ReplicatorError = cls(f"{code}: {message}")

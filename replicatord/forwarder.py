@@ -236,7 +236,7 @@ class Forwarder:
         self.producer = KinesisProducer(aws, pair, peers, self.retry, tuning, metrics, stop)
 
     def page_keys(self, records: list[dict[str, Any]]) -> frozenset[str] | None:
-        """The items a page changes (shards.py: a page that shares none with the page before
+        """The items a page changes (consumer.py: a page that shares none with the page before
         is forwarded while that one is still on its way); None if a record does not say."""
         try:
             return frozenset(partition_key(stream_keys(record["dynamodb"])) for record in records)

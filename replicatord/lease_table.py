@@ -189,7 +189,7 @@ class ControlRows:
 
 
 class HeldLease:
-    """A lease this instance holds, shared by its shard worker (checkpoints) and the renewer."""
+    """A lease this instance holds, shared by its shard consumer (checkpoints) and the renewer."""
 
     def __init__(self, lease: Lease) -> None:
         self.lease = lease

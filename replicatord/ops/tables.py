@@ -139,6 +139,11 @@ class RegionOps:
                 self.topology.conflict, self.topology.tuning, await self.dlq(), self.metrics, self.stop, rules)
         return self._appliers[pair.name]
 
+    async def close(self) -> None:
+        """Add what a redrive applied to replicated_count, as the daemon would have."""
+        for applier in self._appliers.values():
+            await applier.flush_stats()
+
     async def scan_pages(
         self, table: str, segment: int, segments: int, rate: RateLimit, start: Item | None = None, limit: int = 500
     ) -> AsyncIterator[tuple[list[Item], Item | None]]:
@@ -199,6 +204,8 @@ class Regions:
         return self.ops
 
     async def __aexit__(self, *exc: object) -> None:
+        for ops in self.ops.values():
+            await ops.close()
         await self._stack.aclose()
 
 
