@@ -27,7 +27,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
 from replicatord.backoff import backoff_s
-from replicatord.config import ConfigError, Settings, Tuning, proxy_with_password, redact_url
+from replicatord.config import CALLER_TAG, ConfigError, Settings, Tuning, proxy_with_password, redact_url
 from replicatord.errors import (
     AWS_ERRORS,
     ClockSkew,
@@ -111,6 +111,9 @@ class Aws:
             # Never None: botocore then reads HTTP(S)_PROXY from the environment.
             proxies={"http": proxy, "https": proxy} if proxy else {},
             max_pool_connections=pool,
+            # Which region's daemon or operator command made a call, as CloudTrail's userAgent shows
+            # it (a peer's stream is written with this region's identity; the local IAM check reads it).
+            user_agent_extra=f"{CALLER_TAG}{self.settings.region}",
         )
 
     async def __aenter__(self) -> Aws:

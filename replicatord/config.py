@@ -44,6 +44,13 @@ class Credentials(_Model):
     ssm_prefix: Annotated[str, Field(min_length=1, pattern=r"^/")]
 
 
+# In the User-Agent of every client replicatord makes, followed by the region whose daemon or
+# operator command made it: CloudTrail's userAgent then tells which region's identity wrote a
+# peer's stream, and the local IAM check picks that region's policy (local/iam_check.py).
+# (Not "region/...": moto takes the region of a request from such a User-Agent token.)
+CALLER_TAG = "replicatord-from/"
+
+
 def partition_of(region: str) -> str:
     """The AWS partition a region belongs to: credentials of one are not valid in another."""
     if region.startswith("cn-"):

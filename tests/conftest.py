@@ -8,28 +8,37 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
 
+from replicatord.conflict import PUT, Version
 from replicatord.local import emulators
 from replicatord.local.aws_behaviour import TEST_BEHAVIOUR, Control
+from replicatord.local.compare import TableDiff, compare_tables
 from replicatord.local.iam_check import check_calls
 from replicatord.local.squid import Squid, running_squid, squid_binary
 from replicatord.local.world import (
     REGIONS,
     DaemonProcess,
     client,
+    local_env,
     provision_local,
     regions_for,
     topology_document,
     wait_for,
     write_topology,
 )
+from replicatord.records import ReplicationRecord
 
 # Property-based tests: CI's share by default; scripts/fuzz.sh runs the long profile.
 settings.register_profile("default", max_examples=200)
@@ -58,6 +67,61 @@ async def until(condition: Callable[[], object | Awaitable[object]], deadline_s:
                 await asyncio.sleep(interval_s)
     except TimeoutError:
         raise TimeoutError(f"timed out after {deadline_s:.0f}s waiting for {what}") from None
+
+
+# -- builders shared by the test modules ------------------------------------------------------
+
+
+def quick_tuning(**overrides: Any) -> dict[str, Any]:
+    """`tuning:` of a test topology: leases on a test's time scale (failover in 4 s, a shard sync
+    every second), and what the module itself tests."""
+    return {"failover_s": 4, "renew_interval_s": 1, "lease_take_interval_s": 0.5, "shard_refresh_s": 1, **overrides}
+
+
+def cli(*args: str, stdin: str = "", env: dict[str, str] | None = None,
+        timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    """`replicatord ARGS` as an operator runs it, with the local world's operator keys."""
+    return subprocess.run(
+        [sys.executable, "-m", "replicatord.cli", *args],
+        input=stdin, capture_output=True, text=True, timeout=timeout_s, env=env or local_env(),
+    )
+
+
+def assert_identical(regions: LocalRegions, tables: dict[str, str], counts: int | None = None) -> TableDiff:
+    """The pair's tables hold the same items, attribute for attribute (and `counts` items each)."""
+    diff = compare_tables({r: regions.client("dynamodb", r) for r in tables}, tables)
+    assert diff.identical, "\n".join(line[:2000] for line in diff.describe())  # items of 400 KB: cut
+    if counts is not None:
+        assert diff.counts == dict.fromkeys(tables, counts)
+    return diff
+
+
+def stream_record(event: str | None, new: dict[str, Any] | None = None, old: dict[str, Any] | None = None,
+                  created: Any = None, keys: dict[str, Any] | None = None, seq: int = 100) -> dict[str, Any]:
+    """A DynamoDB stream record as botocore returns it (created: a datetime, default now)."""
+    if keys is None:
+        keys = {k: v for k, v in (new or old or {}).items() if k == "PK"}
+    ddb: dict[str, Any] = {"Keys": dict(keys), "SequenceNumber": str(seq), "SizeBytes": 123,
+                           "StreamViewType": "NEW_AND_OLD_IMAGES",
+                           "ApproximateCreationDateTime": created if created is not None else datetime.now(UTC)}
+    if new is not None:
+        ddb["NewImage"] = new
+    if old is not None:
+        ddb["OldImage"] = old
+    record: dict[str, Any] = {"eventID": "e1", "eventVersion": "1.1", "eventSource": "aws:dynamodb",
+                              "awsRegion": "us-east-1", "dynamodb": ddb}
+    if event is not None:
+        record["eventName"] = event
+    return record
+
+
+def replication_put(pk: str, ts: str, region: str, pair: str = "user", created_s: float | None = None,
+                    **extra: Any) -> ReplicationRecord:
+    """The PUT a legitimate peer in `region` sends for item `pk` written at `ts`."""
+    keys = {"PK": {"S": pk}}
+    image = {**keys, "last_update_timestamp": {"N": ts}, "last_updater_region": {"S": region}, **extra}
+    return ReplicationRecord("PUT", pair, keys, image, Version(Decimal(ts), PUT, region), region, "1",
+                             created_s if created_s is not None else time.time())
 
 
 @pytest.fixture(autouse=True)

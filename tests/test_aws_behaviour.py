@@ -23,11 +23,12 @@ from aiobotocore.session import get_session
 from botocore.config import Config
 from botocore.exceptions import ClientError, SSLError
 
+from replicatord.config import CALLER_TAG
 from replicatord.errors import AccessDenied, ClockSkew, classify
 from replicatord.iam import Call
 from replicatord.local import emulators
 from replicatord.local.aws_behaviour import Control
-from replicatord.local.iam_recorder import call_of
+from replicatord.local.iam_recorder import call_of, caller_region
 from replicatord.local.squid import Squid
 from replicatord.local.world import wait_for
 
@@ -50,22 +51,25 @@ def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield started[REGION].endpoint_url
 
 
+class Clients:
+    """boto3 clients of the emulated region with any access key, and its control API."""
+
+    def __init__(self, emulator: str, control: Control) -> None:
+        self.emulator = emulator
+        self.control = control
+
+    def client(self, service: str, key: str = "testing") -> Any:
+        return boto3.client(service, region_name=REGION, endpoint_url=self.emulator, aws_access_key_id=key,
+                            aws_secret_access_key="testing", config=Config(retries={"max_attempts": 1}))
+
+
 @pytest.fixture
-def aws(emulator: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+def aws(emulator: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Clients]:
     control = Control(emulator)
     control.behaviour(**QUIET)
     control.reset_stats()
     control.reset_iam_calls()
-
-    class Clients:
-        def __init__(self) -> None:
-            self.control = control
-
-        def client(self, service: str, key: str = "testing") -> Any:
-            return boto3.client(service, region_name=REGION, endpoint_url=emulator, aws_access_key_id=key,
-                                aws_secret_access_key="testing", config=Config(retries={"max_attempts": 1}))
-
-    yield Clients()
+    yield Clients(emulator, control)
     control.behaviour(**QUIET)
 
 
@@ -76,7 +80,7 @@ def code_of(raised: pytest.ExceptionInfo[ClientError]) -> str:
 _tables = iter(range(10_000))
 
 
-def table_with_stream(aws: Any, ttl: str | None = None) -> tuple[Any, Any, str, str]:
+def table_with_stream(aws: Clients, ttl: str | None = None) -> tuple[Any, Any, str, str]:
     ddb, streams = aws.client("dynamodb"), aws.client("dynamodbstreams")
     name = f"t{next(_tables)}"
     ddb.create_table(TableName=name, KeySchema=[{"AttributeName": "PK", "KeyType": "HASH"}],
@@ -120,7 +124,7 @@ def read_shard(streams: Any, arn: str, shard_id: str) -> tuple[list[dict[str, An
 # --- DynamoDB Streams ------------------------------------------------------------------------
 
 
-def test_stream_timestamps_are_whole_seconds(aws: Any) -> None:
+def test_stream_timestamps_are_whole_seconds(aws: Clients) -> None:
     ddb, streams, table, arn = table_with_stream(aws)
     for i in range(5):
         put(ddb, table, f"k{i}")
@@ -130,7 +134,7 @@ def test_stream_timestamps_are_whole_seconds(aws: Any) -> None:
     assert {r["awsRegion"] for r in records} == {REGION}
 
 
-def test_stream_shards_roll_over_and_closed_shards_end(aws: Any) -> None:
+def test_stream_shards_roll_over_and_closed_shards_end(aws: Clients) -> None:
     ddb, streams, table, arn = table_with_stream(aws)
     put(ddb, table, "before")
     assert aws.control.rollover(table) == 1
@@ -158,7 +162,7 @@ def test_stream_shards_roll_over_and_closed_shards_end(aws: Any) -> None:
     assert len(shards(streams, arn)) == 5
 
 
-def test_stream_retention_trims_records_and_closed_shards(aws: Any) -> None:
+def test_stream_retention_trims_records_and_closed_shards(aws: Clients) -> None:
     ddb, streams, table, arn = table_with_stream(aws)
     put(ddb, table, "old")
     first = shards(streams, arn)[0]
@@ -187,7 +191,7 @@ def test_stream_retention_trims_records_and_closed_shards(aws: Any) -> None:
     assert code_of(raised) == "ResourceNotFoundException"
 
 
-def test_stream_iterators_expire_and_reads_are_limited(aws: Any) -> None:
+def test_stream_iterators_expire_and_reads_are_limited(aws: Clients) -> None:
     ddb, streams, table, arn = table_with_stream(aws)
     put(ddb, table, "x")
     shard = shards(streams, arn)[0]["ShardId"]
@@ -211,7 +215,7 @@ def test_stream_iterators_expire_and_reads_are_limited(aws: Any) -> None:
     assert refused.response["Error"]["Code"] == "LimitExceededException"
 
 
-def test_ttl_sweep_deletes_expired_items_as_the_service(aws: Any) -> None:
+def test_ttl_sweep_deletes_expired_items_as_the_service(aws: Clients) -> None:
     ddb, streams, table, arn = table_with_stream(aws, ttl="expires_at")
     put(ddb, table, "expired", expires_at={"N": str(int(time.time()) - 60)})
     put(ddb, table, "alive", expires_at={"N": str(int(time.time()) + 3600)})
@@ -225,7 +229,7 @@ def test_ttl_sweep_deletes_expired_items_as_the_service(aws: Any) -> None:
     assert "userIdentity" not in by_key["no ttl"]
 
 
-def test_a_stream_disabled_and_enabled_again_is_a_new_stream(aws: Any) -> None:
+def test_a_stream_disabled_and_enabled_again_is_a_new_stream(aws: Clients) -> None:
     ddb, streams, table, arn = table_with_stream(aws)
     put(ddb, table, "first")
     ddb.update_table(TableName=table, StreamSpecification={"StreamEnabled": False})
@@ -262,7 +266,7 @@ def test_a_stream_disabled_and_enabled_again_is_a_new_stream(aws: Any) -> None:
 _streams = iter(range(10_000))
 
 
-def kinesis_stream(aws: Any) -> tuple[Any, str, str]:
+def kinesis_stream(aws: Clients) -> tuple[Any, str, str]:
     kinesis = aws.client("kinesis")
     name = f"s{next(_streams)}"
     kinesis.create_stream(StreamName=name, ShardCount=1)
@@ -270,7 +274,7 @@ def kinesis_stream(aws: Any) -> tuple[Any, str, str]:
     return kinesis, name, shard
 
 
-def test_kinesis_reads_are_limited_per_shard_and_the_iterator_stays_valid(aws: Any) -> None:
+def test_kinesis_reads_are_limited_per_shard_and_the_iterator_stays_valid(aws: Clients) -> None:
     kinesis, name, shard = kinesis_stream(aws)
     kinesis.put_record(StreamName=name, Data=b"x", PartitionKey="k")
     aws.control.behaviour(kinesis_reads_per_shard_s=2)
@@ -297,7 +301,7 @@ def _reads(kinesis: Any, iterator: str) -> bool:
         return False
 
 
-def test_kinesis_iterators_expire(aws: Any) -> None:
+def test_kinesis_iterators_expire(aws: Clients) -> None:
     kinesis, name, shard = kinesis_stream(aws)
     aws.control.behaviour(kinesis_iterator_expiry_s=0.5)
     it = kinesis.get_shard_iterator(StreamName=name, ShardId=shard, ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
@@ -308,7 +312,7 @@ def test_kinesis_iterators_expire(aws: Any) -> None:
     assert code_of(raised) == "ExpiredIteratorException"
 
 
-def test_kinesis_put_records_entries_are_throttled_one_by_one(aws: Any) -> None:
+def test_kinesis_put_records_entries_are_throttled_one_by_one(aws: Clients) -> None:
     kinesis, name, _ = kinesis_stream(aws)
     aws.control.behaviour(kinesis_put_throttle_rate=0.5, seed=3)
     result = kinesis.put_records(StreamName=name, Records=[{"Data": b"x", "PartitionKey": str(i)} for i in range(40)])
@@ -318,7 +322,7 @@ def test_kinesis_put_records_entries_are_throttled_one_by_one(aws: Any) -> None:
     assert all("SequenceNumber" in r for r in result["Records"] if "ErrorCode" not in r)
 
 
-def test_kinesis_retention_trims_and_an_old_checkpoint_reads_on_from_the_oldest(aws: Any) -> None:
+def test_kinesis_retention_trims_and_an_old_checkpoint_reads_on_from_the_oldest(aws: Clients) -> None:
     """What AWS answers for a sequence number past the retention: an iterator that reads on from
     the oldest record left, no error (harlow/kinesis-consumer#125; not TrimmedDataAccessException)."""
     kinesis, name, shard = kinesis_stream(aws)
@@ -338,7 +342,7 @@ def test_kinesis_retention_trims_and_an_old_checkpoint_reads_on_from_the_oldest(
 
 @pytest.mark.parametrize(("setting", "code"), [("throttle_rate", "ProvisionedThroughputExceededException"),
                                                 ("error_rate", "InternalServerError")])
-def test_throttling_and_5xx_on_any_call(aws: Any, setting: str, code: str) -> None:
+def test_throttling_and_5xx_on_any_call(aws: Clients, setting: str, code: str) -> None:
     ddb, _, table, _ = table_with_stream(aws)
     aws.control.behaviour(**{setting: 1.0, "faults_user_agent": ""})
     with pytest.raises(ClientError) as raised:
@@ -348,7 +352,7 @@ def test_throttling_and_5xx_on_any_call(aws: Any, setting: str, code: str) -> No
     assert "Item" not in ddb.get_item(TableName=table, Key={"PK": {"S": "x"}})
 
 
-def test_5xx_after_the_call_took_effect(aws: Any) -> None:
+def test_5xx_after_the_call_took_effect(aws: Clients) -> None:
     ddb, _, table, _ = table_with_stream(aws)
     aws.control.behaviour(error_after_rate=1.0, faults_user_agent="")
     with pytest.raises(ClientError) as raised:
@@ -358,14 +362,14 @@ def test_5xx_after_the_call_took_effect(aws: Any) -> None:
     assert "Item" in ddb.get_item(TableName=table, Key={"PK": {"S": "written anyway"}})
 
 
-def test_faults_spare_clients_that_are_not_the_daemons(aws: Any) -> None:
+def test_faults_spare_clients_that_are_not_the_daemons(aws: Clients) -> None:
     ddb, _, table, _ = table_with_stream(aws)
     aws.control.behaviour(throttle_rate=1.0)  # for aiobotocore's user agent only
     put(ddb, table, "boto3 is spared")
     assert aws.control.stats()["faults"].get("dynamodb.throttled", 0) == 0
 
 
-def test_a_revoked_key_is_refused(aws: Any) -> None:
+def test_a_revoked_key_is_refused(aws: Clients) -> None:
     kinesis, name, _ = kinesis_stream(aws)
     revoked = aws.client("kinesis", key="AKIDREVOKED")
     revoked.describe_stream_summary(StreamName=name)
@@ -388,11 +392,11 @@ def arn(service: str, resource: str) -> str:
     return f"arn:aws-cn:{service}:{REGION}:{ACCOUNT}:{resource}"
 
 
-def recorded(aws: Any, key: str) -> dict[Call, int]:
+def recorded(aws: Clients, key: str) -> dict[Call, int]:
     return {call_of(entry): entry["count"] for entry in aws.control.iam_calls() if entry["access_key"] == key}
 
 
-def plain_table(aws: Any, index: str | None = None) -> str:
+def plain_table(aws: Clients, index: str | None = None) -> str:
     name = f"t{next(_tables)}"
     attributes = [{"AttributeName": "PK", "AttributeType": "S"}]
     extra: dict[str, Any] = {}
@@ -409,7 +413,7 @@ def key(pk: str) -> dict[str, Any]:
     return {"PK": {"S": pk}}
 
 
-def test_iam_calls_of_dynamodb_are_recorded_per_key_table_index_and_item(aws: Any) -> None:
+def test_iam_calls_of_dynamodb_are_recorded_per_key_table_index_and_item(aws: Clients) -> None:
     a, b = plain_table(aws, index="byG"), plain_table(aws)
     aws.control.behaviour(iam_record=True)
     ddb = aws.client("dynamodb", key="AKIDRECORDER")
@@ -443,7 +447,7 @@ def test_iam_calls_of_dynamodb_are_recorded_per_key_table_index_and_item(aws: An
     assert recorded(aws, "testing") == {Call("dynamodb:DescribeTable", table_a): 1}  # each key on its own
 
 
-def test_iam_calls_of_stream_and_kinesis_reads_name_the_stream_of_their_iterator(aws: Any) -> None:
+def test_iam_calls_of_stream_and_kinesis_reads_name_the_stream_of_their_iterator(aws: Clients) -> None:
     ddb, _, table, stream_arn = table_with_stream(aws)
     put(ddb, table, "x")
     _, name, shard = kinesis_stream(aws)
@@ -473,7 +477,7 @@ def test_iam_calls_of_stream_and_kinesis_reads_name_the_stream_of_their_iterator
     }
 
 
-def test_iam_calls_of_sqs_batches_and_ssm_secure_strings_with_the_kms_calls_they_imply(aws: Any) -> None:
+def test_iam_calls_of_sqs_batches_and_ssm_secure_strings_with_the_kms_calls_they_imply(aws: Clients) -> None:
     aws.control.behaviour(iam_record=True)
     sqs, ssm = aws.client("sqs", key="AKIDQUEUES"), aws.client("ssm", key="AKIDQUEUES")
     queue = f"q{next(_tables)}"
@@ -525,7 +529,7 @@ def test_iam_calls_of_sqs_batches_and_ssm_secure_strings_with_the_kms_calls_they
     }
 
 
-def test_iam_calls_are_recorded_only_when_asked_and_not_for_a_revoked_key(aws: Any) -> None:
+def test_iam_calls_are_recorded_only_when_asked_and_not_for_a_revoked_key(aws: Clients) -> None:
     ddb = aws.client("dynamodb", key="AKIDQUIET")
     ddb.list_tables()
     assert recorded(aws, "AKIDQUIET") == {}
@@ -543,6 +547,22 @@ def test_iam_calls_are_recorded_only_when_asked_and_not_for_a_revoked_key(aws: A
     assert aws.control.iam_calls() == []
 
 
+def test_iam_calls_name_the_region_whose_client_made_them(aws: Clients) -> None:
+    """The operator's one local key stands for a role per region: the User-Agent tag that every
+    client of `aws.Aws` carries says whose policy judges the call (local/iam_check.py)."""
+    aws.control.behaviour(iam_record=True)
+    aws.control.reset_iam_calls()
+    tagged = boto3.client("dynamodb", region_name=REGION, endpoint_url=aws.control.endpoint_url,
+                          aws_access_key_id="AKIDTAG", aws_secret_access_key="testing",
+                          config=Config(retries={"max_attempts": 1}, user_agent_extra=f"{CALLER_TAG}cn-northwest-1"))
+    plain_table(aws)
+    # The tag must not move the request to the tagged region (moto reads "region/..." tokens).
+    assert tagged.list_tables()["TableNames"] == aws.client("dynamodb", key="AKIDTAG").list_tables()["TableNames"]
+    callers = sorted(entry["caller"] for entry in aws.control.iam_calls() if entry["access_key"] == "AKIDTAG")
+    assert callers == ["", "cn-northwest-1"]
+    assert caller_region(f"Boto3/1.35 md/x {CALLER_TAG}ap-southeast-1 cfg/retry-mode#legacy") == "ap-southeast-1"
+
+
 def refused(raised: pytest.ExceptionInfo[ClientError]) -> tuple[str, int, str]:
     """Code, HTTP status and message of a refusal, which replicatord must see as AccessDenied."""
     assert isinstance(classify(raised.value), AccessDenied)
@@ -555,7 +575,7 @@ def not_allowed(user: str, action: str, resource: str) -> str:
             f"{resource} because no identity-based policy allows the {action} action")
 
 
-def test_a_policy_refuses_exactly_the_call_it_does_not_allow(aws: Any) -> None:
+def test_a_policy_refuses_exactly_the_call_it_does_not_allow(aws: Clients) -> None:
     table, other = plain_table(aws), plain_table(aws)
     table_arn = arn("dynamodb", f"table/{table}")
     aws.control.behaviour(iam_policies={"AKIDLIMITED": {"Version": "2012-10-17", "Statement": [
@@ -573,7 +593,7 @@ def test_a_policy_refuses_exactly_the_call_it_does_not_allow(aws: Any) -> None:
     assert refused(raised)[2] == not_allowed("AKIDLIMITED", "dynamodb:PutItem", arn("dynamodb", f"table/{other}"))
 
 
-def test_an_explicit_deny_refuses_what_an_allow_grants(aws: Any) -> None:
+def test_an_explicit_deny_refuses_what_an_allow_grants(aws: Clients) -> None:
     table = plain_table(aws)
     table_arn = arn("dynamodb", f"table/{table}")
     aws.control.behaviour(iam_policies={"AKIDDENIED": [  # an identity's list of documents
@@ -589,7 +609,7 @@ def test_an_explicit_deny_refuses_what_an_allow_grants(aws: Any) -> None:
                                "identity-based policy")
 
 
-def test_a_key_without_a_policy_is_not_checked(aws: Any) -> None:
+def test_a_key_without_a_policy_is_not_checked(aws: Clients) -> None:
     table = plain_table(aws)
     aws.control.behaviour(iam_policies={"AKIDNOTHING": {"Statement": []}})
     with pytest.raises(ClientError) as raised:
@@ -601,7 +621,7 @@ def test_a_key_without_a_policy_is_not_checked(aws: Any) -> None:
         ddb.delete_item(TableName=table, Key=key(unchecked))
 
 
-def test_sqs_and_kinesis_refusals_reach_boto3_as_access_denied(aws: Any) -> None:
+def test_sqs_and_kinesis_refusals_reach_boto3_as_access_denied(aws: Clients) -> None:
     queue = f"q{next(_tables)}"
     aws.client("sqs").create_queue(QueueName=queue)
     _, stream, _ = kinesis_stream(aws)
@@ -620,7 +640,7 @@ def test_sqs_and_kinesis_refusals_reach_boto3_as_access_denied(aws: Any) -> None
                                not_allowed("AKIDNARROW", "kinesis:PutRecord", arn("kinesis", f"stream/{stream}")))
 
 
-def test_reading_a_secure_string_needs_kms_decrypt_through_ssm(aws: Any) -> None:
+def test_reading_a_secure_string_needs_kms_decrypt_through_ssm(aws: Clients) -> None:
     name = f"/DDBReplication/t{next(_tables)}/SecretKey"
     aws.client("ssm").put_parameter(Name=name, Value="s3cr3t", Type="SecureString")
     read = {"Effect": "Allow", "Action": "ssm:GetParameter", "Resource": arn("ssm", f"parameter{name}")}
@@ -669,7 +689,7 @@ def signature_times(message: str, minutes: int, late: bool = True) -> tuple[int,
     return signed, limit, now
 
 
-def test_a_region_clock_20_minutes_off_refuses_the_signature_as_aws_does(aws: Any) -> None:
+def test_a_region_clock_20_minutes_off_refuses_the_signature_as_aws_does(aws: Clients) -> None:
     ddb, sqs = aws.client("dynamodb"), aws.client("sqs")
     aws.control.behaviour(clock_offset_s=20 * 60)
     with pytest.raises(ClientError) as raised:
@@ -692,7 +712,7 @@ def test_a_region_clock_20_minutes_off_refuses_the_signature_as_aws_does(aws: An
     assert code == "InvalidSignatureException" and limit - now == 15 * 60
 
 
-def test_a_region_clock_10_minutes_ahead_is_within_the_window_except_for_kinesis_and_ssm(aws: Any) -> None:
+def test_a_region_clock_10_minutes_ahead_is_within_the_window_except_for_kinesis_and_ssm(aws: Clients) -> None:
     aws.control.behaviour(clock_offset_s=10 * 60)
     aws.client("dynamodb").list_tables()
     aws.client("sqs").list_queues()
@@ -716,7 +736,7 @@ def _raw_dates(endpoint: str, path: str, headers: dict[str, str]) -> list[str]:
         connection.close()
 
 
-def test_every_response_carries_the_region_clock_as_its_one_date(aws: Any, emulator: str) -> None:
+def test_every_response_carries_the_region_clock_as_its_one_date(aws: Clients, emulator: str) -> None:
     aws.control.behaviour(clock_offset_s=10 * 60)
 
     def shifted(date: str) -> bool:
@@ -783,7 +803,7 @@ async def test_aiobotocore_trusts_an_https_emulator_through_aws_ca_bundle(
     assert "calls" in Control(url).stats()  # the control client trusts AWS_CA_BUNDLE too
 
 
-def test_a_client_stopped_half_way_through_a_request_does_not_hold_the_region(emulator: str, aws: Any) -> None:
+def test_a_client_stopped_half_way_through_a_request_does_not_hold_the_region(emulator: str, aws: Clients) -> None:
     """A daemon frozen by SIGSTOP, or a link gone silent, mid-request: the emulator serves one
     request at a time, so it drops that connection after its timeout and serves the others."""
     host, port = emulator.removeprefix("http://").split(":")

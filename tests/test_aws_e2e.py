@@ -18,20 +18,20 @@ import pytest
 from replicatord.config import load_topology
 from replicatord.local.world import REGIONS, metric_sum, peer_writer_key_pair, wait_for
 from replicatord.ops.provision import RegionProvisioner
-from tests.test_e2e import TABLES, _assert_identical, _drained
-from tests.test_integration import cli
+from tests.conftest import LocalRegions, assert_identical, cli, quick_tuning
+from tests.test_e2e import TABLES, _drained
 
 pytestmark = pytest.mark.e2e
 
 CN, SG = REGIONS
-TUNING = {"failover_s": 4, "renew_interval_s": 1, "lease_take_interval_s": 0.5, "shard_refresh_s": 1,
-          "peer_credentials_refresh_s": 1}
+TUNING = quick_tuning(peer_credentials_refresh_s=1)
 
 
 class Writer:
     """Writes items into one region at a steady rate, in a thread, until stopped."""
 
-    def __init__(self, regions: Any, region: str, prefix: str, per_s: float, extra: dict[str, Any] | None = None):
+    def __init__(self, regions: LocalRegions, region: str, prefix: str, per_s: float,
+                 extra: dict[str, Any] | None = None):
         self.ddb = regions.client("dynamodb", region)
         self.region, self.prefix, self.per_s, self.extra = region, prefix, per_s, extra or {}
         self.written: list[str] = []
@@ -61,17 +61,17 @@ class Writer:
         return self.written
 
 
-def count(regions: Any, region: str) -> int:
+def count(regions: LocalRegions, region: str) -> int:
     return int(regions.client("dynamodb", region).scan(TableName=TABLES[region], Select="COUNT")["Count"])
 
 
-def stream_shards(regions: Any, region: str) -> list[str]:
+def stream_shards(regions: LocalRegions, region: str) -> list[str]:
     ddb, streams = regions.client("dynamodb", region), regions.client("dynamodbstreams", region)
     arn = ddb.describe_table(TableName=TABLES[region])["Table"]["LatestStreamArn"]
     return [s["ShardId"] for s in streams.describe_stream(StreamArn=arn)["StreamDescription"]["Shards"]]
 
 
-def test_a_minute_of_load_through_rollovers_kill_9_and_sigterm(regions: Any) -> None:
+def test_a_minute_of_load_through_rollovers_kill_9_and_sigterm(regions: LocalRegions) -> None:
     """Both regions write for 60 s while their streams roll over every few seconds; one daemon is
     killed -9 and one stopped with SIGTERM on the way. The daemons run with HTTP(S)_PROXY set to a
     dead proxy: the local clients must never use it."""
@@ -92,7 +92,7 @@ def test_a_minute_of_load_through_rollovers_kill_9_and_sigterm(regions: Any) -> 
     wait_for(lambda: time.monotonic() - started > 60, 30, "60 s of load")
     written = {w.region: w.stop() for w in writers}
     _drained(regions)
-    diff = _assert_identical(regions)
+    diff = assert_identical(regions, TABLES)
     assert diff.counts == {CN: sum(map(len, written.values())), SG: sum(map(len, written.values()))}
     rollovers = len(stream_shards(regions, CN)) - shards_before
     assert rollovers >= 10, rollovers
@@ -100,7 +100,7 @@ def test_a_minute_of_load_through_rollovers_kill_9_and_sigterm(regions: Any) -> 
     print(f"\n60 s of load, {sum(map(len, written.values()))} items, {rollovers} rollovers in {CN}: identical")
 
 
-def test_a_daemon_frozen_past_the_retention_reports_the_loss_and_replicates_what_is_new(regions: Any) -> None:
+def test_a_daemon_frozen_past_the_retention_reports_the_loss_and_replicates_what_is_new(regions: LocalRegions) -> None:
     regions.provision(tuning=TUNING)
     daemons = {r: regions.daemon(r) for r in REGIONS}
     for daemon in daemons.values():
@@ -146,7 +146,7 @@ def test_a_daemon_frozen_past_the_retention_reports_the_loss_and_replicates_what
           f"trimmed_total {metric_sum(metrics, 'replicatord_checkpoint_trimmed_total'):.0f}); fresh writes replicated")
 
 
-def test_ttl_expiry_racing_a_newer_write_keeps_the_write_and_a_plain_expiry_deletes_both(regions: Any) -> None:
+def test_ttl_expiry_racing_a_newer_write_keeps_the_write_and_a_plain_expiry_deletes_both(regions: LocalRegions) -> None:
     regions.provision(tuning=TUNING)
     for region in REGIONS:
         regions.client("dynamodb", region).update_time_to_live(
@@ -178,14 +178,14 @@ def test_ttl_expiry_racing_a_newer_write_keeps_the_write_and_a_plain_expiry_dele
     daemons[SG] = regions.daemon(SG)
     daemons[SG].wait_ready(120)
     _drained(regions)
-    _assert_identical(regions)
+    assert_identical(regions, TABLES)
     kept = {i["PK"]["S"] for i in ddb[SG].scan(TableName=TABLES[SG])["Items"] if i["PK"]["S"].startswith("ttl-")}
     assert kept == {f"ttl-{i}" for i in range(5)}, kept  # the newer writes won in both regions
     assert metric_sum(daemons[CN].metrics(), "replicatord_ttl_deletes_total", action="replicated") == 10
     print(f"\nTTL racing newer writes: {len(kept)} of 5 kept in both regions; 5 plain expiries deleted in both")
 
 
-def test_key_rotation_under_load_without_a_restart_and_no_secret_in_any_output(regions: Any) -> None:
+def test_key_rotation_under_load_without_a_restart_and_no_secret_in_any_output(regions: LocalRegions) -> None:
     config = regions.provision(tuning=TUNING)
     daemons = {r: regions.daemon(r) for r in REGIONS}
     for daemon in daemons.values():
@@ -205,7 +205,7 @@ def test_key_rotation_under_load_without_a_restart_and_no_secret_in_any_output(r
              "forwarding on the new pair")
     written = [w.stop() for w in writers]
     _drained(regions)
-    diff = _assert_identical(regions)
+    diff = assert_identical(regions, TABLES)
     assert diff.counts[CN] == diff.counts[SG] == sum(map(len, written))
     assert regions.control(SG).stats()["faults"].get("revoked_key", 0) >= 1
     outputs = [d.log_path.read_text() for d in daemons.values()]
@@ -218,7 +218,7 @@ def test_key_rotation_under_load_without_a_restart_and_no_secret_in_any_output(r
     print(f"\nkey rotation under load: {sum(map(len, written))} items converged, no restart, no secret in any output")
 
 
-def test_a_stream_disabled_and_enabled_again_under_load_is_followed(regions: Any) -> None:
+def test_a_stream_disabled_and_enabled_again_under_load_is_followed(regions: LocalRegions) -> None:
     regions.provision(tuning=TUNING)
     daemons = {r: regions.daemon(r) for r in REGIONS}
     for daemon in daemons.values():
@@ -237,7 +237,7 @@ def test_a_stream_disabled_and_enabled_again_under_load_is_followed(regions: Any
     total = len(first_written) + len(second.stop())
     wait_for(lambda: count(regions, SG) == total, 180, "both streams' writes to reach Singapore")
     _drained(regions)
-    diff = _assert_identical(regions)
+    diff = assert_identical(regions, TABLES)
     assert diff.counts == {CN: total, SG: total}
     log = daemons[CN].log_path.read_text()
     assert "has a new stream" in log and "read to its end; this pipeline stops" in log

@@ -9,13 +9,13 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from replicatord.config import load_topology
 from replicatord.iam import Accounts, identity_files, policies
 from replicatord.local.iam_recorder import account_id
+from replicatord.local.squid import Squid
 from replicatord.local.wan import running_link
 from replicatord.local.world import (
     REGIONS,
@@ -28,36 +28,35 @@ from replicatord.local.world import (
     wait_for,
     write_topology,
 )
-from tests.test_e2e import TABLES, _assert_identical
-from tests.test_integration import cli
+from tests.conftest import LocalRegions, assert_identical, cli, quick_tuning
+from tests.test_e2e import TABLES
 
 pytestmark = pytest.mark.e2e
 
 CN, SG = REGIONS
 DEADLINE_S = 3.0
-TUNING = {"aws_timeout_s": DEADLINE_S, "failover_s": 4, "renew_interval_s": 1, "lease_take_interval_s": 0.5,
-          "shard_refresh_s": 1, "peer_credentials_refresh_s": 1}
+TUNING = quick_tuning(aws_timeout_s=DEADLINE_S, peer_credentials_refresh_s=1)
 
 
-def put(regions: Any, region: str, pk: str, ts: float | None = None) -> None:
+def put(regions: LocalRegions, region: str, pk: str, ts: float | None = None) -> None:
     regions.client("dynamodb", region).put_item(TableName=TABLES[region], Item={
         "PK": {"S": pk}, "last_update_timestamp": {"N": f"{ts or time.time():.3f}"},
         "last_updater_region": {"S": region}})
 
 
-def present(regions: Any, region: str, pks: list[str]) -> bool:
+def present(regions: LocalRegions, region: str, pks: list[str]) -> bool:
     ddb = regions.client("dynamodb", region)
     return all("Item" in ddb.get_item(TableName=TABLES[region], Key={"PK": {"S": pk}}, ConsistentRead=True)
                for pk in pks)
 
 
-def drained(regions: Any) -> None:
+def drained(regions: LocalRegions) -> None:
     pipelines = {r: [(TABLES[r], f"ddb_replication_stream_{'cn' if r == CN else 'sg'}")] for r in REGIONS}
     wait_drained(regions.client, pipelines, 180)
 
 
 def test_a_silent_border_behind_squid_is_reported_within_twice_the_deadline_and_loses_nothing(
-        tls_regions: Any, squid: Any, tmp_path: Path) -> None:
+        tls_regions: LocalRegions, squid: Squid, tmp_path: Path) -> None:
     """Beijing reaches Singapore over https through squid (CONNECT) and a WAN link that then
     accepts connections and answers nothing, and cuts nothing: the way a border usually fails."""
     regions = tls_regions
@@ -97,7 +96,7 @@ def test_a_silent_border_behind_squid_is_reported_within_twice_the_deadline_and_
                  "what was written during the outage to cross")
         caught_up_s = time.monotonic() - open_at
         drained(regions)
-    _assert_identical(regions)
+    assert_identical(regions, TABLES)
     assert cn.alive() and cn.process.pid == pid  # type: ignore[union-attr]
     assert reported_s <= 2 * DEADLINE_S + 1.0, reported_s  # +1 s: the metrics poll and scheduling
     # No call waited longer than its deadline (the histogram's 5 s bucket holds every call).
@@ -111,7 +110,7 @@ def test_a_silent_border_behind_squid_is_reported_within_twice_the_deadline_and_
           f"answered again; same process")
 
 
-def test_a_clock_aws_refuses_is_clock_skew_not_a_bad_key_and_nothing_is_dead_lettered(regions: Any) -> None:
+def test_a_clock_aws_refuses_is_clock_skew_not_a_bad_key_and_nothing_is_dead_lettered(regions: LocalRegions) -> None:
     """Singapore's clock runs 10 minutes ahead of Beijing's host: Kinesis refuses signatures
     5 minutes off. The forwarder waits it out, says so once, never re-reads the key pair nor
     dead-letters a record; once the clocks agree, everything crosses."""
@@ -137,7 +136,7 @@ def test_a_clock_aws_refuses_is_clock_skew_not_a_bad_key_and_nothing_is_dead_let
     print(f"\nclock 10 min off: {lines[0].split('clock skew: ', 1)[1][:120]}...; nothing dead-lettered")
 
 
-def test_an_access_key_stored_as_a_secure_string_works(regions: Any) -> None:
+def test_an_access_key_stored_as_a_secure_string_works(regions: LocalRegions) -> None:
     """Both halves of the peer's key pair in SSM as SecureStrings (as many operators store them)."""
     regions.provision(tuning=TUNING)
     ssm = regions.client("ssm", CN)
@@ -155,7 +154,7 @@ def test_an_access_key_stored_as_a_secure_string_works(regions: Any) -> None:
     assert metric_sum(daemons[0].metrics(), "replicatord_peer_reachable", peer=SG) == 1
 
 
-def refuse_unknown_keys(regions: Any, region: str) -> None:
+def refuse_unknown_keys(regions: LocalRegions, region: str) -> None:
     """`region` enforces the generated policies of the local world's identities, and refuses any
     other key but the tests' own, as AWS refuses an access key it does not know."""
     assert regions.config is not None
@@ -170,7 +169,7 @@ def refuse_unknown_keys(regions: Any, region: str) -> None:
     regions.control(region).behaviour(iam_policies=enforced, iam_known_keys_only=True)
 
 
-def test_a_stream_disabled_and_enabled_again_while_the_daemons_are_stopped_loses_nothing(regions: Any) -> None:
+def test_a_stream_disabled_and_enabled_again_while_the_daemons_are_stopped_loses_nothing(regions: LocalRegions) -> None:
     """Beijing's daemon is stopped with records of its stream unread; the stream is disabled and
     enabled again; more is written to the new one. It starts (at `latest`, which must not apply to
     a stream new since its last run) and both streams' records reach Singapore."""
@@ -195,13 +194,13 @@ def test_a_stream_disabled_and_enabled_again_while_the_daemons_are_stopped_loses
     wanted = [f"unread-{i}" for i in range(30)] + [f"new-stream-{i}" for i in range(30)]
     wait_for(lambda: present(regions, SG, wanted), 90, "both streams' records to reach Singapore")
     drained(regions)
-    _assert_identical(regions)
+    assert_identical(regions, TABLES)
     log = daemons[CN].log_path.read_text()
     assert re.search(r"older stream \S+ of table user-cn was being read: reading what is left of it to its end",
                      log), log[-2000:]
 
 
-def test_a_stream_enabled_again_as_keys_only_is_a_problem_in_readiness_and_metrics(regions: Any) -> None:
+def test_a_stream_enabled_again_as_keys_only_is_a_problem_in_readiness_and_metrics(regions: LocalRegions) -> None:
     regions.provision(tuning=TUNING)
     cn = regions.daemon(CN)
     cn.wait_ready(60)
@@ -226,7 +225,7 @@ def test_a_stream_enabled_again_as_keys_only_is_a_problem_in_readiness_and_metri
     wait_for(lambda: present(regions, SG, [f"after-fix-{i}" for i in range(10)]), 60, "new writes to cross")
 
 
-def test_the_preflight_names_the_refused_call_and_the_statement_to_add(regions: Any) -> None:
+def test_the_preflight_names_the_refused_call_and_the_statement_to_add(regions: LocalRegions) -> None:
     config = regions.provision(tuning=TUNING)
     topology = load_topology(config)
     documents = policies(topology, Accounts({r: account_id() for r in topology.regions}))

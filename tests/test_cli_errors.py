@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from replicatord.local.world import REGIONS
-from tests.test_integration import cli
+from tests.conftest import LocalRegions, cli
 
 CN, SG = REGIONS
 LOCAL = Path(__file__).parent.parent / "config" / "local.yaml"
@@ -74,7 +74,7 @@ def test_check_config_prints_the_plan() -> None:
 
 
 @pytest.mark.integration
-def test_missing_aws_resources_are_named(regions: Any) -> None:
+def test_missing_aws_resources_are_named(regions: LocalRegions) -> None:
     config = str(regions.write_config())
     run = ("run", "--config", config, "--region", SG, "--metrics-listen", "127.0.0.1:0")
     assert_one_line_error(cli(*run), 4, "dead-letter queue 'ddbreplicatorsg' not found", "provision")

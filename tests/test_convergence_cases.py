@@ -36,6 +36,7 @@ from replicatord.local.world import (
 from replicatord.ops.tables import canonical
 from replicatord.records import partition_key
 from replicatord.tombstones import tomb_key
+from tests.conftest import LocalRegions, assert_identical
 
 pytestmark = pytest.mark.e2e
 
@@ -63,7 +64,7 @@ BLOBS = Pair("blobs", {CN: "blobs-cn", SG: "blobs-sg"},
 # --- setup --------------------------------------------------------------------------------------
 
 
-def provision(regions: Any, pairs: tuple[Pair, ...] = (USER,), keys: dict[str, dict[str, str]] | None = None,
+def provision(regions: LocalRegions, pairs: tuple[Pair, ...] = (USER,), keys: dict[str, dict[str, str]] | None = None,
               conflict: dict[str, Any] | None = None) -> None:
     """Like LocalRegions.provision, with the options topology_document has no argument for:
     more pairs, a key schema per pair, a `conflict` section. The cases stamp their writes in the
@@ -79,14 +80,14 @@ def provision(regions: Any, pairs: tuple[Pair, ...] = (USER,), keys: dict[str, d
     provision_local(regions.config, report=lambda _line: None)
 
 
-def start(regions: Any, *names: str) -> dict[str, DaemonProcess]:
+def start(regions: LocalRegions, *names: str) -> dict[str, DaemonProcess]:
     daemons = {region: regions.daemon(region) for region in names}
     for daemon in daemons.values():
         daemon.wait_ready(READY_S)
     return daemons
 
 
-def restart(regions: Any, daemons: dict[str, DaemonProcess], region: str) -> None:
+def restart(regions: LocalRegions, daemons: dict[str, DaemonProcess], region: str) -> None:
     """A new daemon (another instance id) in place of the stopped one: it resumes from the checkpoints."""
     daemons.update(start(regions, region))
 
@@ -98,7 +99,7 @@ def stop(daemons: dict[str, DaemonProcess], region: str) -> None:
 # --- draining -----------------------------------------------------------------------------------
 
 
-def drained(regions: Any, pairs: tuple[Pair, ...] = (USER,)) -> None:
+def drained(regions: LocalRegions, pairs: tuple[Pair, ...] = (USER,)) -> None:
     wait_drained(regions.client, {r: [(p.tables[r], p.streams[r]) for p in pairs] for r in REGIONS}, DRAIN_S)
 
 
@@ -114,7 +115,7 @@ class Ledger:
     """The application of one pair, writing in both regions: it makes each change with the region's
     own client and keeps every key's versions, to know which one must win."""
 
-    regions: Any
+    regions: LocalRegions
     pair: Pair = USER
     versions: dict[str, list[tuple[Version, Item | None]]] = field(default_factory=dict)
     keys: dict[str, Item] = field(default_factory=dict)
@@ -173,15 +174,9 @@ class Ledger:
                 assert canonical_item(got) == canonical_item(self.winner(key)), f"{self.pair.name} {key} in {region}"
 
 
-def assert_identical(regions: Any, pair: Pair = USER) -> Any:
-    diff = compare_tables({r: regions.client("dynamodb", r) for r in REGIONS}, pair.tables)
-    assert diff.identical, "\n".join(line[:2000] for line in diff.describe())  # items of 400 KB: cut
-    return diff
-
-
-def assert_converged(regions: Any, *ledgers: Ledger) -> None:
+def assert_converged(regions: LocalRegions, *ledgers: Ledger) -> None:
     for ledger in ledgers:
-        assert_identical(regions, ledger.pair)
+        assert_identical(regions, ledger.pair.tables)
         ledger.assert_winners()
 
 
@@ -196,7 +191,7 @@ def conflicts(daemon: DaemonProcess, kind: str) -> float:
 # --- the cases ----------------------------------------------------------------------------------
 
 
-def test_exact_tie_goes_to_cn_north_1(regions: Any) -> None:
+def test_exact_tie_goes_to_cn_north_1(regions: LocalRegions) -> None:
     provision(regions)
     start(regions, CN, SG)
     app = Ledger(regions)
@@ -216,7 +211,8 @@ def test_exact_tie_goes_to_cn_north_1(regions: Any) -> None:
 
 @pytest.mark.parametrize("order", ["delete_first", "put_first"])
 @pytest.mark.parametrize(("ts", "winner"), [(50, "the delete"), (200, "the put")])
-def test_delete_against_an_older_or_newer_put_in_either_order(regions: Any, order: str, ts: int, winner: str) -> None:
+def test_delete_against_an_older_or_newer_put_in_either_order(regions: LocalRegions, order: str, ts: int,
+                                                              winner: str) -> None:
     """CN deletes an item of version 100 while SG writes it at `ts`; each side's daemon is down so
     that it hears of the other's change only after its own."""
     provision(regions)
@@ -242,7 +238,7 @@ def test_delete_against_an_older_or_newer_put_in_either_order(regions: Any, orde
     assert app.winner(k) == (None if winner == "the delete" else put)
 
 
-def test_stale_local_write_is_repaired(regions: Any) -> None:
+def test_stale_local_write_is_repaired(regions: LocalRegions) -> None:
     provision(regions)
     daemons = start(regions, CN, SG)
     app = Ledger(regions)
@@ -259,7 +255,7 @@ def test_stale_local_write_is_repaired(regions: Any) -> None:
     assert conflicts(daemons[CN], "stale_write") > 0
 
 
-def test_resurrection_is_repaired_and_the_tombstone_kept(regions: Any) -> None:
+def test_resurrection_is_repaired_and_the_tombstone_kept(regions: LocalRegions) -> None:
     provision(regions)
     daemons = start(regions, CN, SG)
     app = Ledger(regions)
@@ -289,7 +285,7 @@ def test_resurrection_is_repaired_and_the_tombstone_kept(regions: Any) -> None:
     assert conflicts(daemons[SG], "resurrection") > 0
 
 
-def write_update_delete(regions: Any, app: Ledger, keys: list[Item]) -> None:
+def write_update_delete(regions: LocalRegions, app: Ledger, keys: list[Item]) -> None:
     """Each region writes half of `keys`; then both update, delete and overwrite some of them,
     their own and the other region's. Converged after each phase."""
     for i, key in enumerate(keys):
@@ -309,14 +305,14 @@ def write_update_delete(regions: Any, app: Ledger, keys: list[Item]) -> None:
     assert counts == {CN: len(keys) - 2, SG: len(keys) - 2}
 
 
-def test_composite_keys_sharing_a_hash_key(regions: Any) -> None:
+def test_composite_keys_sharing_a_hash_key(regions: LocalRegions) -> None:
     provision(regions, keys={"user": {"PK": "S", "SK": "N"}})
     start(regions, CN, SG)
     rows = [{"PK": {"S": "customer#1"}, "SK": {"N": str(sk)}} for sk in (1, 2, 3, 10, 20, 300, -5, 7)]
     write_update_delete(regions, Ledger(regions), rows)
 
 
-def test_number_hash_and_binary_range_keys(regions: Any) -> None:
+def test_number_hash_and_binary_range_keys(regions: LocalRegions) -> None:
     provision(regions, keys={"user": {"PK": "N", "SK": "B"}})
     start(regions, CN, SG)
     rows = [{"PK": {"N": pk_}, "SK": {"B": sk}}
@@ -324,7 +320,7 @@ def test_number_hash_and_binary_range_keys(regions: Any) -> None:
     write_update_delete(regions, Ledger(regions), rows)
 
 
-def test_binary_hash_key(regions: Any) -> None:
+def test_binary_hash_key(regions: LocalRegions) -> None:
     provision(regions, pairs=(BLOBS,), keys={"blobs": {"BK": "B"}})
     start(regions, CN, SG)
     blobs = [{"BK": {"B": key}} for key in (b"\x00", b"\xff\xfe\x00", "k\u00e9y".encode(), bytes(range(32)),
@@ -356,7 +352,7 @@ def every_type(origin: str) -> dict[str, Any]:
     }
 
 
-def test_every_attribute_type_round_trips_both_ways(regions: Any) -> None:
+def test_every_attribute_type_round_trips_both_ways(regions: LocalRegions) -> None:
     provision(regions)
     start(regions, CN, SG)
     app = Ledger(regions)
@@ -372,7 +368,7 @@ def item_size(item: Item) -> int:
                for name, v in item.items())
 
 
-def test_item_near_the_400_kb_limit(regions: Any) -> None:
+def test_item_near_the_400_kb_limit(regions: LocalRegions) -> None:
     provision(regions)
     start(regions, CN, SG)
     app = Ledger(regions)
@@ -409,7 +405,7 @@ def put_largest(app: Ledger, region: str, key: Item, ts: int) -> Item:
     return app.put(region, key, ts, **attributes(low))
 
 
-def test_delete_of_an_item_at_the_size_limit(regions: Any) -> None:
+def test_delete_of_an_item_at_the_size_limit(regions: LocalRegions) -> None:
     provision(regions)
     start(regions, CN, SG)
     app = Ledger(regions)
@@ -424,7 +420,7 @@ def test_delete_of_an_item_at_the_size_limit(regions: Any) -> None:
     assert_converged(regions, app)  # and so should its delete
 
 
-def dead_letters(regions: Any, region: str, queue: str) -> list[dict[str, Any]]:
+def dead_letters(regions: LocalRegions, region: str, queue: str) -> list[dict[str, Any]]:
     sqs = regions.client("sqs", region)
     url = sqs.get_queue_url(QueueName=queue)["QueueUrl"]
     messages: list[dict[str, Any]] = []
@@ -438,7 +434,7 @@ def dead_letters(regions: Any, region: str, queue: str) -> list[dict[str, Any]]:
     return messages
 
 
-def write_unversioned(regions: Any, policy: str) -> tuple[Ledger, dict[str, Item]]:
+def write_unversioned(regions: LocalRegions, policy: str) -> tuple[Ledger, dict[str, Item]]:
     """Each region writes a versioned item and one without the version attributes; drained."""
     provision(regions, conflict={"missing_version": policy})
     daemons = start(regions, CN, SG)
@@ -455,7 +451,7 @@ def write_unversioned(regions: Any, policy: str) -> tuple[Ledger, dict[str, Item
     return app, unversioned
 
 
-def test_unversioned_items_go_to_the_dead_letter_queue(regions: Any) -> None:
+def test_unversioned_items_go_to_the_dead_letter_queue(regions: LocalRegions) -> None:
     app, unversioned = write_unversioned(regions, "dead_letter")
 
     diff = compare_tables({r: regions.client("dynamodb", r) for r in REGIONS}, USER.tables)
@@ -469,7 +465,7 @@ def test_unversioned_items_go_to_the_dead_letter_queue(regions: Any) -> None:
         assert all(json.loads(m["payload"])["dynamodb"]["Keys"] == unversioned[region] for m in letters)
 
 
-def test_unversioned_items_are_stamped_and_replicate(regions: Any) -> None:
+def test_unversioned_items_are_stamped_and_replicate(regions: LocalRegions) -> None:
     began = time.time()
     app, unversioned = write_unversioned(regions, "stamp")
 
@@ -483,7 +479,7 @@ def test_unversioned_items_are_stamped_and_replicate(regions: Any) -> None:
         assert item["v"] == {"S": "no version"}
 
 
-def test_stamped_overwrite_older_than_the_item_it_replaced(regions: Any) -> None:
+def test_stamped_overwrite_older_than_the_item_it_replaced(regions: LocalRegions) -> None:
     provision(regions, conflict={"missing_version": "stamp"})
     daemons = start(regions, CN, SG)
     app = Ledger(regions)

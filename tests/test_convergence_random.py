@@ -45,6 +45,7 @@ from replicatord.local.world import (
     write_topology,
 )
 from replicatord.records import creation_seconds
+from tests.conftest import quick_tuning
 
 pytestmark = pytest.mark.e2e
 
@@ -53,7 +54,7 @@ START = int(os.environ.get("CONVERGENCE_SEED_START", "0"))
 SEEDS = {2: int(os.environ.get("CONVERGENCE_SEEDS", "6")), 3: int(os.environ.get("CONVERGENCE_SEEDS_3", "4"))}
 KEYS = 20
 OPS_PER_REGION = 40
-TUNING = {"failover_s": 3, "renew_interval_s": 1, "lease_take_interval_s": 0.3, "poll_interval_ms": 100}
+TUNING = quick_tuning(failover_s=3, lease_take_interval_s=0.3, poll_interval_ms=100, shard_refresh_s=10)
 CONFLICT = Conflict()
 
 

@@ -16,6 +16,7 @@ from replicatord.local.aws_behaviour import TEST_BEHAVIOUR
 from replicatord.local.world import REGIONS, wait_for
 from replicatord.ops import dead_letters
 from replicatord.ops.dead_letters import Queue, dlq, render
+from tests.conftest import LocalRegions
 
 pytestmark = pytest.mark.integration
 
@@ -41,18 +42,18 @@ GARBAGE = [
 ]
 
 
-def queue_url(regions: Any, region: str) -> str:
+def queue_url(regions: LocalRegions, region: str) -> str:
     return str(regions.client("sqs", region).get_queue_url(QueueName="ddbreplicatorcn")["QueueUrl"])
 
 
-def depth(regions: Any, url: str) -> int:
+def depth(regions: LocalRegions, url: str) -> int:
     """The messages visible: nothing a command held is left invisible."""
     attributes = regions.client("sqs", CN).get_queue_attributes(
         QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"])
     return int(attributes["Attributes"]["ApproximateNumberOfMessages"])
 
 
-async def test_garbled_forged_and_half_letters_never_crash_the_tools(regions: Any) -> None:
+async def test_garbled_forged_and_half_letters_never_crash_the_tools(regions: LocalRegions) -> None:
     config = regions.provision()
     topology = load_topology(config)
     sqs = regions.client("sqs", CN)
@@ -80,7 +81,7 @@ async def test_garbled_forged_and_half_letters_never_crash_the_tools(regions: An
     assert (await dlq(topology, CN, "list", None, None, None, False, {}))["total"] == 0
 
 
-async def test_thousands_of_letters_are_listed_with_a_limit_and_purged_a_batch_at_a_time(regions: Any) -> None:
+async def test_thousands_of_letters_are_listed_with_a_limit_and_purged_a_batch_at_a_time(regions: LocalRegions) -> None:
     config = regions.provision()
     topology = load_topology(config)
     sqs = regions.client("sqs", CN)

@@ -6,13 +6,14 @@ import random
 import threading
 import time
 from decimal import Decimal
-from typing import Any
 
 import pytest
 
-from replicatord.local.compare import compare_tables, scan_items
+from replicatord.local.compare import scan_items
 from replicatord.local.load import load
+from replicatord.local.squid import Squid
 from replicatord.local.world import REGIONS, Drained, metric_sum, read_counter, scan_leases, wait_drained, wait_for
+from tests.conftest import LocalRegions, assert_identical
 
 pytestmark = pytest.mark.e2e
 
@@ -26,7 +27,7 @@ EACH = 1200  # items loaded into each region through squid (CI's time budget)
 class Loads:
     """The load generator running into both regions at once, in threads."""
 
-    def __init__(self, regions: Any, count: int, processes: int = 2) -> None:
+    def __init__(self, regions: LocalRegions, count: int, processes: int = 2) -> None:
         self.errors: list[BaseException] = []
         self.threads = [
             threading.Thread(target=self._run, args=(regions, r, count, processes)) for r in REGIONS
@@ -34,7 +35,7 @@ class Loads:
         for t in self.threads:
             t.start()
 
-    def _run(self, regions: Any, region: str, count: int, processes: int) -> None:
+    def _run(self, regions: LocalRegions, region: str, count: int, processes: int) -> None:
         try:
             load(TABLES[region], region, count, batched=True, processes=processes,
                  endpoint_url=regions.endpoints[region])
@@ -47,7 +48,7 @@ class Loads:
         assert not self.errors, self.errors
 
 
-def _shared_writes(regions: Any, keys: int, seed: int) -> dict[str, tuple[Decimal, int, str]]:
+def _shared_writes(regions: LocalRegions, keys: int, seed: int) -> dict[str, tuple[Decimal, int, str]]:
     """Both regions write the same keys at once, with colliding timestamps. Returns each key's
     winning version (timestamp, PUT=0, region): what both tables must hold afterwards."""
     rnd = random.Random(seed)
@@ -87,18 +88,11 @@ def _shared_writes(regions: Any, keys: int, seed: int) -> dict[str, tuple[Decima
     return winners
 
 
-def _drained(regions: Any) -> None:
+def _drained(regions: LocalRegions) -> None:
     wait_drained(regions.client, {r: [(TABLES[r], STREAMS[r])] for r in REGIONS}, DRAIN_S)
 
 
-def _assert_identical(regions: Any) -> Any:
-    ddb = {r: regions.client("dynamodb", r) for r in REGIONS}
-    diff = compare_tables(ddb, TABLES)
-    assert diff.identical, "\n".join(diff.describe())
-    return diff
-
-
-def test_both_directions_through_squid_converge(regions: Any, squid: Any) -> None:
+def test_both_directions_through_squid_converge(regions: LocalRegions, squid: Squid) -> None:
     regions.provision(proxies={CN: squid.url, SG: squid.url})
     daemons = {r: regions.daemon(r) for r in REGIONS}
     for d in daemons.values():
@@ -109,7 +103,7 @@ def test_both_directions_through_squid_converge(regions: Any, squid: Any) -> Non
     loads.join()
     _drained(regions)
 
-    diff = _assert_identical(regions)
+    diff = assert_identical(regions, TABLES)
     assert diff.counts == {CN: 2 * EACH + 40, SG: 2 * EACH + 40}
     cn_items = {i["PK"]["S"]: i for i in scan_items(regions.client("dynamodb", CN), TABLES[CN])[1].values()}
     for pk, (ts, _, region) in winners.items():
@@ -151,7 +145,7 @@ def test_both_directions_through_squid_converge(regions: Any, squid: Any) -> Non
         assert d.terminate() == 0
 
 
-def test_deletes_replicate_without_echo(regions: Any) -> None:
+def test_deletes_replicate_without_echo(regions: LocalRegions) -> None:
     regions.provision()
     daemons = {r: regions.daemon(r) for r in REGIONS}
     for d in daemons.values():
@@ -176,7 +170,7 @@ def test_deletes_replicate_without_echo(regions: Any) -> None:
 
     wait_for(gone, DRAIN_S, "deletes to reach the other region")
     _drained(regions)
-    diff = _assert_identical(regions)
+    diff = assert_identical(regions, TABLES)
     assert diff.counts == {CN: 350, SG: 350}
     for src, dst in ((CN, SG), (SG, CN)):
         # 200 inserts + 25 deletes; the replicated deletes were recognised, not echoed back.
@@ -199,7 +193,7 @@ def test_deletes_replicate_without_echo(regions: Any) -> None:
     assert positions and all(checkpoint == end for _, _, checkpoint, end in positions), positions
 
 
-def test_kill_9_mid_load_then_restart_loses_nothing(regions: Any) -> None:
+def test_kill_9_mid_load_then_restart_loses_nothing(regions: LocalRegions) -> None:
     regions.provision()
     daemons = {r: regions.daemon(r, instance_id=f"{r}-first") for r in REGIONS}
     for d in daemons.values():
@@ -221,6 +215,6 @@ def test_kill_9_mid_load_then_restart_loses_nothing(regions: Any) -> None:
         return counts == {CN: 3000, SG: 3000}
 
     wait_for(converged, DRAIN_S, "every item to reach both regions")
-    _assert_identical(regions)
+    assert_identical(regions, TABLES)
     for d in daemons.values():
         assert d.terminate() == 0

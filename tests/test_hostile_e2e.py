@@ -18,7 +18,8 @@ import pytest
 from replicatord.conflict import DELETE, PUT, Version
 from replicatord.local.world import REGIONS, metric_sum, wait_for
 from replicatord.records import ReplicationRecord, encode_record
-from tests.test_e2e import STREAMS, Loads, _assert_identical, _drained
+from tests.conftest import LocalRegions, assert_identical
+from tests.test_e2e import STREAMS, TABLES, Loads, _drained
 from tests.unit.test_hostile_records import HOSTILE
 
 pytestmark = pytest.mark.e2e
@@ -77,7 +78,8 @@ def read_dead_letters(sqs: Any, url: str, wanted: int) -> list[dict[str, Any]]:
     return whole()
 
 
-def test_hostile_records_between_normal_traffic_are_dead_lettered_and_replication_goes_on(regions: Any) -> None:
+def test_hostile_records_between_normal_traffic_are_dead_lettered_and_replication_goes_on(
+        regions: LocalRegions) -> None:
     regions.provision()
     daemons = {r: regions.daemon(r) for r in REGIONS}
     for daemon in daemons.values():
@@ -107,7 +109,7 @@ def test_hostile_records_between_normal_traffic_are_dead_lettered_and_replicatio
     drained_s = time.monotonic() - started
 
     assert daemons[SG].alive() and daemons[SG].process.pid == pid  # type: ignore[union-attr]
-    diff = _assert_identical(regions)
+    diff = assert_identical(regions, TABLES)
     assert diff.counts == {CN: 1200, SG: 1200}
 
     sqs = regions.client("sqs", SG)
@@ -132,7 +134,7 @@ def test_hostile_records_between_normal_traffic_are_dead_lettered_and_replicatio
         assert daemon.terminate() == 0
 
 
-def test_the_five_forgeries_of_a_key_holder_are_refused_and_the_tables_stay_one(regions: Any) -> None:
+def test_the_five_forgeries_of_a_key_holder_are_refused_and_the_tables_stay_one(regions: LocalRegions) -> None:
     """Issue 17's five forged records, put on Singapore's stream as whoever holds the peer-writer
     key could: none is applied, each is dead-lettered with its reason, and the application's later
     writes of the same keys win in both regions."""
@@ -173,7 +175,7 @@ def test_the_five_forgeries_of_a_key_holder_are_refused_and_the_tables_stay_one(
             "PK": {"S": pk}, "last_update_timestamp": {"N": f"{time.time():.3f}"}, "last_updater_region": {"S": SG},
             "app": {"BOOL": True}})
     _drained(regions)
-    diff = _assert_identical(regions)
+    diff = assert_identical(regions, TABLES)
     for region in REGIONS:
         ddb = regions.client("dynamodb", region)
         for pk in ("self", "mismatch", "future", "future-delete"):
@@ -193,7 +195,7 @@ def test_the_five_forgeries_of_a_key_holder_are_refused_and_the_tables_stay_one(
           f"the application's later writes kept in both regions; {diff.counts} items")
 
 
-def test_a_flood_of_junk_does_not_hold_up_the_good_records_behind_it(regions: Any) -> None:
+def test_a_flood_of_junk_does_not_hold_up_the_good_records_behind_it(regions: LocalRegions) -> None:
     """5,000 records of `{}` put at once on Singapore's stream (what Kinesis takes in 5 s from
     anyone with the key), then 20 normal writes in Beijing: they arrive within seconds, and every
     piece of junk is in the dead-letter queue."""

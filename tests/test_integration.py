@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -16,23 +14,16 @@ import yaml
 from replicatord.config import Conflict
 from replicatord.conflict import DELETE, PUT, Version, decide_apply, mark_condition, put_condition, version_of
 from replicatord.local.wan import running_link
-from replicatord.local.world import REGIONS, local_env, metric_sum, scan_leases, wait_for
-from replicatord.records import ReplicationRecord, encode_record, partition_key
+from replicatord.local.world import REGIONS, metric_sum, scan_leases, wait_for
+from replicatord.records import encode_record, partition_key
+from tests.conftest import LocalRegions, cli, replication_put
 
 pytestmark = pytest.mark.integration
 
 CN, SG = REGIONS
 
 
-def cli(*args: str, stdin: str = "", env: dict[str, str] | None = None,
-        timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "replicatord.cli", *args],
-        input=stdin, capture_output=True, text=True, timeout=timeout_s, env=env or local_env(),
-    )
-
-
-def test_provision_is_idempotent_and_keeps_secrets_out_of_sight(regions: Any) -> None:
+def test_provision_is_idempotent_and_keeps_secrets_out_of_sight(regions: LocalRegions) -> None:
     config = str(regions.write_config())
     first = cli("provision", "--config", config)
     assert first.returncode == 0, first.stderr
@@ -64,7 +55,7 @@ LOCAL_VERSIONS: list[tuple[str, str] | None] = [None, ("9", CN), ("10", CN), ("1
 INCOMING = [Version(Decimal(ts), op, region) for ts in ("10", "10.0") for op in (PUT, DELETE) for region in REGIONS]
 
 
-def test_dynamodb_conditions_agree_with_decide_apply(regions: Any) -> None:
+def test_dynamodb_conditions_agree_with_decide_apply(regions: LocalRegions) -> None:
     """The condition expressions, evaluated by the emulator, decide as the pure rule does."""
     regions.provision()
     ddb = regions.client("dynamodb", CN)
@@ -97,20 +88,14 @@ def test_dynamodb_conditions_agree_with_decide_apply(regions: Any) -> None:
             assert applied is expected, (local, incoming)
 
 
-def _stream_record(pk: str, ts: str, region: str, pair: str = "user") -> bytes:
-    keys = {"PK": {"S": pk}}
-    image = {**keys, "last_update_timestamp": {"N": ts}, "last_updater_region": {"S": region}, "v": {"S": "x"}}
-    record = ReplicationRecord("PUT", pair, keys, image, Version(Decimal(ts), PUT, region), region, "1", time.time())
-    return encode_record(record)
-
-
-def test_undecodable_records_go_to_the_dead_letter_queue_and_the_pipeline_goes_on(regions: Any) -> None:
+def test_undecodable_records_go_to_the_dead_letter_queue_and_the_pipeline_goes_on(regions: LocalRegions) -> None:
     regions.provision()
     daemon = regions.daemon(SG)
     daemon.wait_ready()
     kinesis = regions.client("kinesis", SG)
-    bad = [b"{not json", json.dumps({"v": 1, "op": "PUT"}).encode(), _stream_record("k0", "5", CN, pair="other")]
-    good = _stream_record("k1", "5", CN)
+    bad = [b"{not json", json.dumps({"v": 1, "op": "PUT"}).encode(),
+           encode_record(replication_put("k0", "5", CN, pair="other", v={"S": "x"}))]
+    good = encode_record(replication_put("k1", "5", CN, v={"S": "x"}))
     kinesis.put_records(StreamName="ddb_replication_stream_sg", Records=[
         {"Data": data, "PartitionKey": str(i)} for i, data in enumerate([*bad, good])
     ])
@@ -135,7 +120,7 @@ def test_undecodable_records_go_to_the_dead_letter_queue_and_the_pipeline_goes_o
     assert daemon.alive()
 
 
-def test_peer_outage_holds_records_until_the_link_is_back(regions: Any, tmp_path: Path) -> None:
+def test_peer_outage_holds_records_until_the_link_is_back(regions: LocalRegions, tmp_path: Path) -> None:
     """The link to the peer goes down: nothing is lost, readiness says so, all arrives after."""
     regions.provision()
     sg_port = int(regions.endpoints[SG].rsplit(":", 1)[1])
@@ -185,7 +170,7 @@ def test_partition_keys_keep_an_item_on_one_shard() -> None:
 
 
 def test_sigterm_with_a_hung_peer_exits_within_the_drain_bound_and_releases_leases(
-    regions: Any, tmp_path: Path
+    regions: LocalRegions, tmp_path: Path
 ) -> None:
     """The peer accepts connections and never answers: shutdown is still bounded, leases released."""
     import socket
@@ -219,7 +204,7 @@ def test_sigterm_with_a_hung_peer_exits_within_the_drain_bound_and_releases_leas
     assert "drain took longer than 2s" in cn.log_path.read_text()
 
 
-def test_provision_copies_a_0_1_lease_table_and_the_daemon_refuses_the_old_layout(regions: Any) -> None:
+def test_provision_copies_a_0_1_lease_table_and_the_daemon_refuses_the_old_layout(regions: LocalRegions) -> None:
     ddb = regions.client("dynamodb", CN)
     ddb.create_table(TableName="replicatord_leases", BillingMode="PAY_PER_REQUEST",
                      KeySchema=[{"AttributeName": "lease_key", "KeyType": "HASH"}],
@@ -245,7 +230,7 @@ def test_provision_copies_a_0_1_lease_table_and_the_daemon_refuses_the_old_layou
         "error: lease table 'replicatord_leases' in cn-north-1 has the layout of replicatord 0.1"), run.stderr
 
 
-def test_initial_position_latest_skips_what_was_written_before_the_first_start(regions: Any) -> None:
+def test_initial_position_latest_skips_what_was_written_before_the_first_start(regions: LocalRegions) -> None:
     regions.provision(tuning={"initial_position": "latest"})
     ddb = {r: regions.client("dynamodb", r) for r in REGIONS}
 

@@ -6,32 +6,30 @@ import os
 import signal
 import threading
 import time
-from typing import Any
 
 import pytest
 
 from replicatord.leases import Lease
-from replicatord.local.compare import compare_tables
 from replicatord.local.load import load
 from replicatord.local.world import REGIONS, DaemonProcess, metric_sum, read_counter, scan_leases, wait_for
-from tests.test_integration import cli
+from tests.conftest import LocalRegions, assert_identical, cli, quick_tuning, wait_until
 
 pytestmark = pytest.mark.e2e
 
 CN, SG = REGIONS
 TABLES = {CN: "user-cn", SG: "user-sg"}
 # Shorter than the defaults (10 s / 3 s / 1 s) so that the suite stays quick; same ratios.
-TUNING = {"failover_s": 4, "renew_interval_s": 1, "lease_take_interval_s": 0.5, "shard_refresh_s": 2}
+TUNING = quick_tuning(shard_refresh_s=2)
 APPLIER = "applier/ddb_replication_stream_sg@"
 
 
 class BackgroundLoad:
-    def __init__(self, regions: Any, count: int) -> None:
+    def __init__(self, regions: LocalRegions, count: int) -> None:
         self.errors: list[BaseException] = []
         self.thread = threading.Thread(target=self._run, args=(regions, count))
         self.thread.start()
 
-    def _run(self, regions: Any, count: int) -> None:
+    def _run(self, regions: LocalRegions, count: int) -> None:
         try:
             load(TABLES[CN], CN, count, batched=False, processes=1, endpoint_url=regions.endpoints[CN])
         except BaseException as exc:  # noqa: BLE001 - re-raised by join()
@@ -42,11 +40,11 @@ class BackgroundLoad:
         assert not self.errors, self.errors
 
 
-def applier_leases(regions: Any) -> dict[str, Lease]:
+def applier_leases(regions: LocalRegions) -> dict[str, Lease]:
     return {lease.key: lease for lease in scan_leases(regions.client("dynamodb", SG)) if lease.key.startswith(APPLIER)}
 
 
-def owners(regions: Any) -> dict[str, str | None]:
+def owners(regions: LocalRegions) -> dict[str, str | None]:
     return {key: lease.owner for key, lease in applier_leases(regions).items()}
 
 
@@ -54,7 +52,7 @@ def held(daemon: DaemonProcess) -> float:
     return metric_sum(daemon.metrics(), "replicatord_leases_held", pipeline="applier")
 
 
-def owned_only_by(regions: Any, alive: list[DaemonProcess]) -> bool:
+def owned_only_by(regions: LocalRegions, alive: list[DaemonProcess]) -> bool:
     """Every applier shard has exactly one owner, a live instance, and the live instances' own
     counts agree with the table (none believes it holds a lease it lost)."""
     current = owners(regions)
@@ -64,16 +62,14 @@ def owned_only_by(regions: Any, alive: list[DaemonProcess]) -> bool:
     return all(held(d) == sum(1 for o in current.values() if o == d.instance_id) for d in alive)
 
 
-def assert_converged(regions: Any, count: int) -> None:
+def assert_converged(regions: LocalRegions, count: int) -> None:
     ddb = {r: regions.client("dynamodb", r) for r in REGIONS}
     wait_for(lambda: ddb[SG].scan(TableName=TABLES[SG], Select="COUNT")["Count"] >= count, 180,
              "every item to reach ap-southeast-1")
-    diff = compare_tables(ddb, TABLES)
-    assert diff.identical, "\n".join(diff.describe())
-    assert diff.counts == {CN: count, SG: count}
+    assert_identical(regions, TABLES, count)
 
 
-def test_three_instances_share_fail_over_hand_off_and_rebalance(regions: Any) -> None:
+def test_three_instances_share_fail_over_hand_off_and_rebalance(regions: LocalRegions) -> None:
     regions.provision(kinesis_shards=4, tuning=TUNING)
     regions.daemon(CN).wait_ready()
     first = regions.daemon(SG, "sg-a")
@@ -129,7 +125,7 @@ def test_three_instances_share_fail_over_hand_off_and_rebalance(regions: Any) ->
     assert len(owner_of) == 4 and set(owner_of.values()) == {staying.instance_id}, status.stdout
 
 
-def test_a_fenced_instance_cannot_move_a_checkpoint_back(regions: Any) -> None:
+def test_a_fenced_instance_cannot_move_a_checkpoint_back(regions: LocalRegions) -> None:
     regions.provision(kinesis_shards=4, tuning=TUNING)
     regions.daemon(CN).wait_ready()
     paused = regions.daemon(SG, "sg-paused")
@@ -154,16 +150,23 @@ def test_a_fenced_instance_cannot_move_a_checkpoint_back(regions: Any) -> None:
     finally:
         os.kill(paused.process.pid, signal.SIGCONT)
     # The resumed instance finds its leases gone (renewal or checkpoint fails) and stops those shards.
-    deadline = time.monotonic() + 60
-    while metric_sum(paused.metrics(), "replicatord_leases_lost_total") + metric_sum(
-            paused.metrics(), "replicatord_errors_total", type="lease_lost") == 0:
+    def noticed() -> bool:
         record()
-        assert time.monotonic() < deadline, "the paused instance never noticed it lost its leases"
-        time.sleep(0.1)
+        return metric_sum(paused.metrics(), "replicatord_leases_lost_total") + metric_sum(
+            paused.metrics(), "replicatord_errors_total", type="lease_lost") > 0
+
+    wait_until(noticed, 60, "the paused instance to notice it lost its leases", interval_s=0.1)
     background.join()
-    for _ in range(20):
+    # Twenty more looks at the checkpoints while the resumed instance settles (an observation,
+    # not a synchronisation: nothing waits on it).
+    looks: list[None] = []
+
+    def looked_twenty_times() -> bool:
         record()
-        time.sleep(0.1)
+        looks.append(None)
+        return len(looks) >= 20
+
+    wait_until(looked_twenty_times, 30, "twenty looks at the checkpoints", interval_s=0.1)
     for key, checkpoints in history.items():
         assert checkpoints == sorted(checkpoints), (key, checkpoints)
     # Having stopped the shards it lost, the resumed instance rejoins through the normal protocol.
@@ -173,7 +176,7 @@ def test_a_fenced_instance_cannot_move_a_checkpoint_back(regions: Any) -> None:
     assert other.alive() and paused.alive()
 
 
-def test_update_shard_count_during_a_load_loses_nothing(regions: Any) -> None:
+def test_update_shard_count_during_a_load_loses_nothing(regions: LocalRegions) -> None:
     regions.provision(kinesis_shards=2, tuning=TUNING)
     regions.daemon(CN).wait_ready()
     regions.daemon(SG).wait_ready()

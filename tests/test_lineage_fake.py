@@ -18,7 +18,7 @@ from botocore.exceptions import ClientError
 
 from replicatord import consumer, reader
 from replicatord.aws import Aws
-from replicatord.config import parse_topology, resolve_settings
+from replicatord.config import Settings, parse_topology, resolve_settings
 from replicatord.lease_table import HeldLease, LeaseTable, item_key
 from replicatord.leases import FINISHED, lease_key
 from replicatord.local.world import REGIONS, topology_document
@@ -26,13 +26,13 @@ from replicatord.metrics import Metrics
 from replicatord.pipeline import Pipeline, Shared
 from replicatord.renewal import RenewalBatcher
 from replicatord.sources import KinesisSource
-from tests.conftest import until
+from tests.conftest import LocalRegions, quick_tuning, until
 
 pytestmark = pytest.mark.integration
 
 SG = REGIONS[1]
-TUNING = {"poll_interval_ms": 20, "failover_s": 4, "renew_interval_s": 1, "lease_take_interval_s": 0.1,
-          "shard_refresh_s": 0.2, "backoff_base_ms": 10, "backoff_max_ms": 50}
+TUNING = quick_tuning(poll_interval_ms=20, lease_take_interval_s=0.1, shard_refresh_s=0.2, backoff_base_ms=10,
+                      backoff_max_ms=50)
 
 
 def _error(code: str) -> ClientError:
@@ -125,6 +125,7 @@ class Recorder:
 
 
 R = TypeVar("R", bound=Recorder)
+LeaseEnv = tuple[Aws, Settings, Metrics]  # the lease_env fixture
 
 
 @contextlib.asynccontextmanager
@@ -145,7 +146,7 @@ async def _run_until(pipeline: Pipeline, condition: Callable[[], Any], deadline_
 
 
 @pytest.fixture
-async def lease_env(regions: Any) -> Any:
+async def lease_env(regions: LocalRegions) -> AsyncIterator[LeaseEnv]:
     regions.provision()
     topology = parse_topology(yaml.safe_dump(topology_document(regions.endpoints, tuning=TUNING)))
     settings = resolve_settings(topology, SG, "fake-1")
@@ -154,7 +155,7 @@ async def lease_env(regions: Any) -> Any:
         yield aws, settings, metrics
 
 
-def _pipeline(aws: Aws, settings: Any, metrics: Metrics, fake: FakeKinesis, stop: asyncio.Event,
+def _pipeline(aws: Aws, settings: Settings, metrics: Metrics, fake: FakeKinesis, stop: asyncio.Event,
               processor: R | None = None, initial_position: str | None = None,
               **tuning: Any) -> tuple[Pipeline, R, LeaseTable]:
     """An applier pipeline over the fake stream; `tuning` overrides the module's TUNING."""
@@ -167,7 +168,7 @@ def _pipeline(aws: Aws, settings: Any, metrics: Metrics, fake: FakeKinesis, stop
     return Pipeline("user", source, recorder, shared, initial_position=initial_position), recorder, leases
 
 
-async def test_children_start_after_their_parents_end_through_split_and_merge(lease_env: Any) -> None:
+async def test_children_start_after_their_parents_end_through_split_and_merge(lease_env: LeaseEnv) -> None:
     aws, settings, metrics = lease_env
     fake = FakeKinesis({
         "p": {"records": [1, 2, 3, 4, 5, 6, 7], "closed": True},
@@ -205,7 +206,7 @@ async def test_children_start_after_their_parents_end_through_split_and_merge(le
         "replicatord_errors_total", {"pipeline": "applier", "type": "expired_iterator"}) == 1
 
 
-async def test_a_finished_shard_that_left_the_stream_loses_its_lease(lease_env: Any) -> None:
+async def test_a_finished_shard_that_left_the_stream_loses_its_lease(lease_env: LeaseEnv) -> None:
     aws, settings, metrics = lease_env
     fake = FakeKinesis({"old": {"records": [1], "closed": True}, "new": {"parents": ["old"], "records": [5]}})
     stop = asyncio.Event()
@@ -224,7 +225,7 @@ async def test_a_finished_shard_that_left_the_stream_loses_its_lease(lease_env: 
         await until(gone, 20, "the departed shard's lease to be deleted")
 
 
-async def test_a_trimmed_checkpoint_is_reported_and_reading_restarts_at_the_oldest(lease_env: Any) -> None:
+async def test_a_trimmed_checkpoint_is_reported_and_reading_restarts_at_the_oldest(lease_env: LeaseEnv) -> None:
     aws, settings, metrics = lease_env
     fake = FakeKinesis({"s": {"records": [1, 2, 3]}})
     stop = asyncio.Event()
@@ -264,7 +265,7 @@ async def test_a_trimmed_checkpoint_that_kinesis_does_not_read_on_from_is_read_a
         "replicatord_checkpoint_trimmed_total", {"pair": "user", "pipeline": "applier"}) == 1
 
 
-async def test_a_first_start_at_latest_positions_kinesis_shards_by_time(lease_env: Any) -> None:
+async def test_a_first_start_at_latest_positions_kinesis_shards_by_time(lease_env: LeaseEnv) -> None:
     """`initial_position: latest` on Kinesis: AT_TIMESTAMP at the second of the start, not a read
     of the whole retention to skip it; what arrived before is still skipped if the iterator
     gives it (botocore sends whole seconds)."""
@@ -295,7 +296,7 @@ class Flaky(Recorder):
         await super().process(shard_id, records)
 
 
-async def test_a_malformed_lease_item_and_a_processor_bug_do_not_stop_the_pipeline(lease_env: Any) -> None:
+async def test_a_malformed_lease_item_and_a_processor_bug_do_not_stop_the_pipeline(lease_env: LeaseEnv) -> None:
     aws, settings, metrics = lease_env
     fake = FakeKinesis({"s": {"records": [1, 2, 3]}})
     stop = asyncio.Event()
@@ -309,7 +310,7 @@ async def test_a_malformed_lease_item_and_a_processor_bug_do_not_stop_the_pipeli
         "replicatord_errors_total", {"pipeline": "applier", "type": "internal_error"}) == 1
 
 
-async def test_a_renewal_that_hangs_stops_its_shard_before_others_may_take_it(lease_env: Any) -> None:
+async def test_a_renewal_that_hangs_stops_its_shard_before_others_may_take_it(lease_env: LeaseEnv) -> None:
     """Renewals run at once, each under a deadline: one hanging renewal neither delays the others
     past their failover nor lets its own shard run on after others could count it expired."""
     aws, settings, metrics = lease_env
@@ -346,7 +347,7 @@ async def test_a_renewal_that_hangs_stops_its_shard_before_others_may_take_it(le
     assert recorder.seen  # both shards were read before
 
 
-async def test_renewals_at_one_moment_share_one_transaction(lease_env: Any) -> None:
+async def test_renewals_at_one_moment_share_one_transaction(lease_env: LeaseEnv) -> None:
     """Every pipeline of an instance renews on the same ticks: one TransactWriteItems renews all
     its leases. A lease another instance took fails alone (LeaseLost); the rest are renewed."""
     aws, settings, _ = lease_env
@@ -408,7 +409,7 @@ class Overlapped(Recorder):
         await super().process(shard_id, records)
 
 
-async def test_next_page_is_read_while_a_page_is_delivered_and_checkpoints_are_spaced(lease_env: Any) -> None:
+async def test_next_page_is_read_while_a_page_is_delivered_and_checkpoints_are_spaced(lease_env: LeaseEnv) -> None:
     aws, settings, metrics = lease_env
     fake = FakeKinesis({"s": {"records": list(range(1, 61))}})  # 20 pages of 3, then nothing new
     stop = asyncio.Event()
@@ -433,7 +434,8 @@ async def test_next_page_is_read_while_a_page_is_delivered_and_checkpoints_are_s
     assert [lease.checkpoint for lease in state] == ["60"]
 
 
-async def test_a_shard_that_stays_empty_is_read_less_often(lease_env: Any, monkeypatch: Any) -> None:
+async def test_a_shard_that_stays_empty_is_read_less_often(lease_env: LeaseEnv,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """poll_interval_ms after an empty page; idle_poll_interval_ms once nothing came for IDLE_AFTER_S."""
     monkeypatch.setattr(reader, "IDLE_AFTER_S", 0.5)
     aws, settings, metrics = lease_env
@@ -449,7 +451,7 @@ async def test_a_shard_that_stays_empty_is_read_less_often(lease_env: Any, monke
     assert all(gap >= 0.4 for since, gap in gaps if since > 0.5 + 0.4 + 0.3)  # then at the idle interval
 
 
-async def test_an_instance_that_holds_every_lease_reads_the_table_only_at_shard_sync(lease_env: Any) -> None:
+async def test_an_instance_that_holds_every_lease_reads_the_table_only_at_shard_sync(lease_env: LeaseEnv) -> None:
     """Alone on a stream, a lease cycle has nothing to take: the lease table is read once per
     shard sync (the read serves the cycle too) instead of every lease_take_interval_s."""
     aws, settings, metrics = lease_env

@@ -7,7 +7,7 @@ import re
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import boto3
 import pytest
@@ -15,6 +15,9 @@ from faker import Faker
 from moto import mock_aws
 
 from replicatord.local.load import LoadError, add_arguments, load, make_item, run
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb import DynamoDBServiceResource
 
 REGION = "cn-north-1"
 TABLE = "user-cn"
@@ -35,7 +38,7 @@ ALL_FIELDS = PROFILE_FIELDS | {"PK", "last_update_timestamp", "last_updater_regi
 
 
 @pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[DynamoDBServiceResource]:
     """Fake credentials and a mocked cn-north-1 with the user table and loader_stats."""
     for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_DYNAMODB", "AWS_CONFIG_FILE"):
         monkeypatch.delenv(name, raising=False)
@@ -93,7 +96,7 @@ def test_make_item_shape() -> None:
 
 
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "put_item"])
-def test_load_writes_distinct_items_and_counts_them(aws: Any, batched: bool) -> None:
+def test_load_writes_distinct_items_and_counts_them(aws: DynamoDBServiceResource, batched: bool) -> None:
     seen: list[int] = []
 
     written = load(TABLE, REGION, 250, batched=batched, progress=seen.append)
@@ -107,7 +110,7 @@ def test_load_writes_distinct_items_and_counts_them(aws: Any, batched: bool) -> 
     assert seen == [100, 200, 250]
 
 
-def test_loaded_count_accumulates_across_loads(aws: Any) -> None:
+def test_loaded_count_accumulates_across_loads(aws: DynamoDBServiceResource) -> None:
     load(TABLE, REGION, 30, batched=True)
     load(TABLE, REGION, 12, batched=False)
 
@@ -115,18 +118,18 @@ def test_loaded_count_accumulates_across_loads(aws: Any) -> None:
     assert len(scan_all(aws, TABLE)) == 42
 
 
-def test_zero_items_creates_the_counter(aws: Any) -> None:
+def test_zero_items_creates_the_counter(aws: DynamoDBServiceResource) -> None:
     assert load(TABLE, REGION, 0, batched=True) == 0
     assert loaded_count(aws) == 0
 
 
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "put_item"])
-def test_missing_table_raises_load_error(aws: Any, batched: bool) -> None:
+def test_missing_table_raises_load_error(aws: DynamoDBServiceResource, batched: bool) -> None:
     with pytest.raises(LoadError, match=re.escape("table 'nope' not found in cn-north-1")):
         load("nope", REGION, 10, batched=batched)
 
 
-def test_missing_stats_table_fails_before_writing(aws: Any) -> None:
+def test_missing_stats_table_fails_before_writing(aws: DynamoDBServiceResource) -> None:
     with pytest.raises(LoadError, match=re.escape("table 'no_stats' not found in cn-north-1")):
         load(TABLE, REGION, 10, batched=True, loader_stats_table="no_stats")
     assert scan_all(aws, TABLE) == []
@@ -153,7 +156,7 @@ def test_bad_arguments_are_rejected(argv: list[str]) -> None:
         parse(*argv)
 
 
-def test_run_prints_summary(aws: Any, capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_prints_summary(aws: DynamoDBServiceResource, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(parse("-n", "120", "-t", TABLE, "-r", REGION, "-b")) == 0
 
     out = capsys.readouterr().out
@@ -161,7 +164,7 @@ def test_run_prints_summary(aws: Any, capsys: pytest.CaptureFixture[str]) -> Non
     assert loaded_count(aws) == 120
 
 
-def test_run_reports_missing_table(aws: Any, capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_reports_missing_table(aws: DynamoDBServiceResource, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(parse("-t", "nope", "-r", REGION)) == 1
 
     captured = capsys.readouterr()

@@ -9,11 +9,9 @@ import json
 import os
 import threading
 import time
-from typing import Any
 
 import pytest
 
-from replicatord.local.compare import compare_tables
 from replicatord.local.load import load
 from replicatord.local.world import (
     DaemonProcess,
@@ -25,37 +23,35 @@ from replicatord.local.world import (
     wait_drained,
     wait_for,
 )
-from tests.test_integration import cli
+from tests.conftest import LocalRegions, assert_identical, cli, quick_tuning
 
 pytestmark = pytest.mark.e2e
 
 CN, SG, NX = regions_for(3)
-TUNING = {"failover_s": 4, "renew_interval_s": 1, "lease_take_interval_s": 0.5, "shard_refresh_s": 2}
+TUNING = quick_tuning(shard_refresh_s=2)
 DRAIN_S = 240
 # Items the two-region topology holds when the third region is added (20,000 for the figure in
 # the README: MESH_ADD_ITEMS=20000 .venv/bin/pytest -s tests/test_mesh_e2e.py -k added).
 ADD_ITEMS = int(os.environ.get("MESH_ADD_ITEMS", "500"))
 
 
-def _load(mesh: Any, region: str, count: int, errors: list[BaseException]) -> None:
+def _load(mesh: LocalRegions, region: str, count: int, errors: list[BaseException]) -> None:
     try:
         load(table_of(region), region, count, batched=True, processes=1, endpoint_url=mesh.endpoints[region])
     except BaseException as exc:  # noqa: BLE001 - re-raised by the test
         errors.append(exc)
 
 
-def _drained(mesh: Any, regions: tuple[str, ...]) -> None:
+def _drained(mesh: LocalRegions, regions: tuple[str, ...]) -> None:
     wait_drained(mesh.client, {r: [(table_of(r), stream_of(r))] for r in regions}, DRAIN_S,
                  f"the pipelines of {', '.join(regions)} to drain")
 
 
-def _identical(mesh: Any, regions: tuple[str, ...]) -> dict[str, int]:
-    diff = compare_tables({r: mesh.client("dynamodb", r) for r in regions}, {r: table_of(r) for r in regions})
-    assert diff.identical, "\n".join(diff.describe())
-    return diff.counts
+def _identical(mesh: LocalRegions, regions: tuple[str, ...]) -> dict[str, int]:
+    return assert_identical(mesh, {r: table_of(r) for r in regions}).counts
 
 
-def test_three_regions_load_at_once_with_a_kill_9_converge(mesh: Any) -> None:
+def test_three_regions_load_at_once_with_a_kill_9_converge(mesh: LocalRegions) -> None:
     config = mesh.provision(tuning=TUNING)
     # The China regions hold no key pair of each other: they use the instance's own role.
     ssm = mesh.client("ssm", NX)
@@ -92,7 +88,7 @@ def test_three_regions_load_at_once_with_a_kill_9_converge(mesh: Any) -> None:
 
 
 @pytest.mark.timeout(1800)  # the long run (MESH_ADD_ITEMS=20000) copies 20,000 items one conditional put at a time
-def test_a_region_added_under_load_gets_everything(mesh: Any) -> None:
+def test_a_region_added_under_load_gets_everything(mesh: LocalRegions) -> None:
     """Two regions running with data and writes; Ningxia is provisioned, its daemon started, the
     others restarted one by one with the three-region topology, Ningxia backfilled from Beijing
     while both keep writing; then all three are identical and verify exits 0."""

@@ -10,10 +10,9 @@ from typing import Any
 
 import pytest
 
-from replicatord.local.compare import compare_tables
 from replicatord.local.world import REGIONS
 from replicatord.tombstones import TOMB_KEY, tomb_key
-from tests.test_integration import cli
+from tests.conftest import LocalRegions, assert_identical, cli, quick_tuning
 
 pytestmark = pytest.mark.integration
 
@@ -31,20 +30,20 @@ def item(pk: str, ts: str | None = "100", region: str | None = CN, **extra: Any)
     return out
 
 
-def put(regions: Any, region: str, *items: dict[str, Any]) -> None:
+def put(regions: LocalRegions, region: str, *items: dict[str, Any]) -> None:
     ddb = regions.client("dynamodb", region)
     for it in items:
         ddb.put_item(TableName=TABLES[region], Item=it)
 
 
-def no_faults(regions: Any) -> None:
+def no_faults(regions: LocalRegions) -> None:
     """Exact report lines: no injected 5xx (a repair answered with one after it landed would be
     counted as already there)."""
     for region in REGIONS:
         regions.control(region).behaviour(throttle_rate=0.0, error_rate=0.0, error_after_rate=0.0)
 
 
-def test_verify_finds_every_difference_and_repair_makes_the_tables_identical(regions: Any) -> None:
+def test_verify_finds_every_difference_and_repair_makes_the_tables_identical(regions: LocalRegions) -> None:
     config = str(regions.provision())
     no_faults(regions)
     same = [item(f"same-{i}", extra={"S": str(i)}) for i in range(40)]
@@ -91,10 +90,10 @@ def test_verify_finds_every_difference_and_repair_makes_the_tables_identical(reg
     again = cli("verify", "--config", config, "--recheck-s", "0.2")
     assert again.returncode == 0, again.stdout + again.stderr
     assert "identical" in again.stdout
-    assert compare_tables(ddb, TABLES).identical
+    assert_identical(regions, TABLES)
 
 
-def test_verify_counts_match_for_a_larger_table_and_the_read_rate_is_bounded(regions: Any) -> None:
+def test_verify_counts_match_for_a_larger_table_and_the_read_rate_is_bounded(regions: LocalRegions) -> None:
     config = str(regions.provision())
     ddb = {r: regions.client("dynamodb", r) for r in REGIONS}
     items = [item(f"bulk-{i}", str(Decimal(1000 + i))) for i in range(600)]
@@ -113,7 +112,7 @@ def test_verify_counts_match_for_a_larger_table_and_the_read_rate_is_bounded(reg
     assert elapsed >= 2.5, elapsed
 
 
-def test_backfill_copies_by_version_and_a_second_run_continues(regions: Any) -> None:
+def test_backfill_copies_by_version_and_a_second_run_continues(regions: LocalRegions) -> None:
     config = str(regions.provision())
     ddb = {r: regions.client("dynamodb", r) for r in REGIONS}
     for start in range(0, 300, 25):
@@ -140,15 +139,14 @@ def test_backfill_copies_by_version_and_a_second_run_continues(regions: Any) -> 
     assert second["resumed"] and second["this_run"]["scanned"] == 0  # complete: nothing done twice
 
 
-TUNING = {"failover_s": 4, "renew_interval_s": 1, "lease_take_interval_s": 0.5, "shard_refresh_s": 1,
-          "max_record_attempts": 2, "backoff_base_ms": 20, "backoff_max_ms": 200}
+TUNING = quick_tuning(max_record_attempts=2, backoff_base_ms=20, backoff_max_ms=200)
 
 
-def write(regions: Any, region: str, pk: str) -> None:
+def write(regions: LocalRegions, region: str, pk: str) -> None:
     put(regions, region, item(pk, f"{time.time():.3f}", region))
 
 
-def present(regions: Any, region: str, pk: str) -> bool:
+def present(regions: LocalRegions, region: str, pk: str) -> bool:
     return "Item" in regions.client("dynamodb", region).get_item(TableName=TABLES[region], Key={"PK": {"S": pk}})
 
 
@@ -159,7 +157,7 @@ def dlq_list(config: str, region: str) -> list[dict[str, Any]]:
     return letters
 
 
-def test_a_refused_record_is_redriven_once_its_cause_is_fixed(regions: Any) -> None:
+def test_a_refused_record_is_redriven_once_its_cause_is_fixed(regions: LocalRegions) -> None:
     from replicatord.local.world import wait_for
 
     config = str(regions.provision(tuning=TUNING))
@@ -188,7 +186,7 @@ def test_a_refused_record_is_redriven_once_its_cause_is_fixed(regions: Any) -> N
     assert refused.returncode == 2  # purge asks for --yes
 
 
-def test_pause_holds_a_direction_and_resume_loses_nothing(regions: Any) -> None:
+def test_pause_holds_a_direction_and_resume_loses_nothing(regions: LocalRegions) -> None:
     from replicatord.local.world import metric_sum, wait_for
 
     config = str(regions.provision(tuning=TUNING))

@@ -15,26 +15,24 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from replicatord.lease_table import SHARD_KEY, STREAM_KEY
-from replicatord.local.compare import compare_tables
 from replicatord.local.world import REGIONS, local_env, wait_drained, wait_for
-from tests.test_integration import cli
+from tests.conftest import LocalRegions, assert_identical, cli, quick_tuning
 
 pytestmark = pytest.mark.e2e
 
 CN, SG = REGIONS
 TABLES = {CN: "user-cn", SG: "user-sg"}
 STREAMS = {CN: "ddb_replication_stream_cn", SG: "ddb_replication_stream_sg"}
-TUNING = {"failover_s": 4, "renew_interval_s": 1, "lease_take_interval_s": 0.5, "shard_refresh_s": 1}
+TUNING = quick_tuning()
 ITEMS = int(os.environ.get("OPS_E2E_ITEMS", "2000"))
 TS, RG = "last_update_timestamp", "last_updater_region"
 
 
-def backfill_progress(regions: Any) -> int:
+def backfill_progress(regions: LocalRegions) -> int:
     """Items scanned so far, from the progress the backfill stores in Beijing's lease table."""
     items = regions.client("dynamodb", CN).query(
         TableName="replicatord_leases_v2", KeyConditionExpression="#s = :s",
@@ -44,7 +42,7 @@ def backfill_progress(regions: Any) -> int:
 
 
 @pytest.mark.timeout(900)  # 20,000 conditional writes (the long run) into an emulator that serves one at a time
-def test_backfill_a_table_that_predates_its_stream_while_everything_runs(regions: Any, tmp_path: Path) -> None:
+def test_backfill_a_table_that_predates_its_stream_while_everything_runs(regions: LocalRegions, tmp_path: Path) -> None:
     ddb = {r: regions.client("dynamodb", r) for r in REGIONS}
     # The existing table: created and filled before any stream or replicatord existed.
     ddb[CN].create_table(TableName=TABLES[CN], BillingMode="PAY_PER_REQUEST",
@@ -99,9 +97,7 @@ def test_backfill_a_table_that_predates_its_stream_while_everything_runs(regions
     assert summary["this_run"]["scanned"] <= ITEMS - done_before + 4 * 500, (summary, done_before)
 
     wait_drained(regions.client, {r: [(TABLES[r], STREAMS[r])] for r in REGIONS}, 300)
-    diff = compare_tables(ddb, TABLES)
-    assert diff.identical, "\n".join(diff.describe())
-    assert diff.counts == {CN: ITEMS, SG: ITEMS}
+    assert_identical(regions, TABLES, ITEMS)
     for pk in newer:  # every newer write kept, in both regions
         for r in REGIONS:
             got = ddb[r].get_item(TableName=TABLES[r], Key={"PK": {"S": pk}})["Item"]

@@ -289,8 +289,9 @@ class Control:
 
     def iam_calls(self) -> list[dict[str, Any]]:
         """The IAM authorizations recorded (`iam_record`): one entry per access key and
-        iam.Call, {access_key, action, resource, context, count} (iam_recorder.call_of makes
-        the Call of one)."""
+        iam.Call, {access_key, caller, action, resource, context, count}: `caller` is the region
+        whose settings made the client (iam_recorder.caller_region); iam_recorder.call_of makes
+        the Call of one."""
         result: list[dict[str, Any]] = self._post("iam-calls")
         return result
 

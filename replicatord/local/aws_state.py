@@ -83,7 +83,7 @@ class State:
         self.calls: Counter[str] = Counter()
         self.daemon_calls: Counter[str] = Counter()  # calls made with aiobotocore: the daemons' (or the sample's)
         self.faults: Counter[str] = Counter()
-        self.iam_calls: Counter[tuple[str, Call]] = Counter()  # (access key, iam.Call) -> requests
+        self.iam_calls: Counter[tuple[str, str, Call]] = Counter()  # (access key, caller region, iam.Call) -> requests
         self.busy_s: defaultdict[str, float] = defaultdict(float)  # time spent serving each operation (all callers)
         self.reads: dict[tuple[str, str], deque[float]] = defaultdict(deque)
         self.streams: dict[tuple[str, str], StreamModel] = {}  # (table, stream label) -> stream (stream_model.py)

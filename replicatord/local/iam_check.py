@@ -4,8 +4,11 @@ generates for the topology: what would AWS have refused?
 The local regions record each authorization a request needed, per access key
 (local/iam_recorder.py, `Behaviour.iam_record`); each identity of the local world has a key of
 its own (world.identities). A daemon's calls are judged by its region's instance-role policy
-wherever they went (a peer in its partition is reached with that role), a peer writer's and an
-operator's by their policy in the region they called. Keys of no identity (the tests' own
+wherever they went (a peer in its partition is reached with that role), a peer writer's by its
+policy in its region. The operator has one key locally but a role per region on AWS: its calls are
+judged by the policy of the region whose settings made the client (the User-Agent's
+`config.CALLER_TAG`: status and dlq redrive reach a same-partition peer with their own region's
+role), or of the region called when a client carries no tag. Keys of no identity (the tests' own
 clients, standing for the application) are not judged.
 """
 
@@ -55,7 +58,9 @@ def check_calls(config: Path, endpoints: Mapping[str, str]) -> Checked:
             if identity is None:
                 continue
             kind, home = identity
-            file = files.get((kind, home if kind == "daemon" and home else called))
+            # An operator command signs each region's calls with that region's role, and a peer
+            # in the same partition with the role of the region whose settings opened it.
+            file = files.get((kind, home or entry["caller"] or called))
             call = call_of(entry)
             policy: dict[str, Any] | None = documents.get(file) if file else None
             if policy is None or not allows(policy, call):

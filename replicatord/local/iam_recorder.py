@@ -43,7 +43,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from replicatord.config import partition_of
+from replicatord.config import CALLER_TAG, partition_of
 from replicatord.iam import Call, PolicyError, decide
 
 
@@ -325,11 +325,19 @@ def calls_for(service: str, operation: str, body: Mapping[str, Any], scope: Scop
 # --- recording ----------------------------------------------------------------------------------
 
 
-def entries(recorded: Mapping[tuple[str, Call], int]) -> list[dict[str, Any]]:
+def caller_region(user_agent: str) -> str:
+    """The region whose daemon or operator command made a request, from the tag `aws.Aws` puts in
+    its User-Agent ("" for a client without it)."""
+    marker = user_agent.find(CALLER_TAG)
+    return user_agent[marker + len(CALLER_TAG):].split(" ", 1)[0] if marker >= 0 else ""
+
+
+def entries(recorded: Mapping[tuple[str, str, Call], int]) -> list[dict[str, Any]]:
     """The recorded calls as the control API answers them, in a stable order."""
-    out = [{"access_key": key, "action": call.action, "resource": call.resource, "context": dict(call.context),
-            "count": count} for (key, call), count in recorded.items()]
-    return sorted(out, key=lambda e: (e["access_key"], e["action"], e["resource"], sorted(e["context"].items())))
+    out = [{"access_key": key, "caller": caller, "action": call.action, "resource": call.resource,
+            "context": dict(call.context), "count": count} for (key, caller, call), count in recorded.items()]
+    return sorted(out, key=lambda e: (e["access_key"], e["caller"], e["action"], e["resource"],
+                                      sorted(e["context"].items())))
 
 
 def call_of(entry: Mapping[str, Any]) -> Call:
@@ -366,14 +374,15 @@ def refusal(policy: Mapping[str, Any] | Sequence[Mapping[str, Any]], access_key:
 
 
 def authorize(service: str, operation: str, credential: Credential, environ: dict[str, Any],
-              record: Counter[tuple[str, Call]] | None, policies: Mapping[str, Any]) -> Refusal | None:
+              record: Counter[tuple[str, str, Call]] | None, policies: Mapping[str, Any]) -> Refusal | None:
     """Count the request's IAM calls in `record` (if given); AWS's refusal if the policies of its
     key in `policies` do not allow one of them (a key without any is not checked)."""
     scope = scope_of(credential.region)
     calls = calls_for(service, operation, json_body(environ), scope)
     if record is not None:
+        caller = caller_region(environ.get("HTTP_USER_AGENT", ""))
         for call in calls:
-            record[credential.access_key, call] += 1
+            record[credential.access_key, caller, call] += 1
     policy = policies.get(credential.access_key)
     if policy is None:
         return None

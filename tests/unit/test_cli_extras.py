@@ -10,7 +10,7 @@ import io
 import json
 import subprocess
 import sys
-from typing import Any
+from pathlib import Path
 
 import pytest
 
@@ -111,7 +111,7 @@ def test_the_peer_secret_is_never_read_from_the_environment(monkeypatch: pytest.
 
 
 def test_the_peer_secret_comes_from_a_file_or_stdin_not_echoed(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from replicatord.ops.provision import read_key_pair
 
     monkeypatch.delenv("REPLICATORD_PEER_SECRET_ACCESS_KEY", raising=False)

@@ -413,7 +413,7 @@ def test_the_proxy_password_comes_from_the_environment_file_not_the_topology() -
     assert not proxy_password_in_file(region)
 
 
-def test_check_config_warns_of_a_password_in_the_topology(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_config_warns_of_a_password_in_the_topology(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from replicatord import cli
 
     doc = yaml.safe_load((EXAMPLE.parent / "replicatord.example.yaml").read_text())
@@ -459,7 +459,7 @@ def test_any_text_is_a_topology_or_one_line_per_problem(text: str) -> None:
         assert exc.lines and all("\n" not in line for line in exc.lines)
 
 
-def test_an_unreadable_or_malformed_file_exits_3_with_one_line(tmp_path: Any,
+def test_an_unreadable_or_malformed_file_exits_3_with_one_line(tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     from replicatord import cli
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -14,6 +15,7 @@ from replicatord.config import Conflict, Tuning
 from replicatord.conflict import DELETE, PUT, Version, delete_version
 from replicatord.forwarder import Skip, change_time, plan_forward, plan_repair, plan_restore, stream_keys
 from replicatord.records import ReplicationRecord, creation_seconds, decode_record, encode_record
+from tests.conftest import stream_record as any_stream_record
 
 CONFLICT = Conflict()
 TS = CONFLICT.timestamp_attribute
@@ -45,34 +47,8 @@ def item(ts: str | None = "1714564800.5", region: str | None = CN, **extra: Any)
     return image
 
 
-def stream_record(
-    event: str | None,
-    new: dict[str, Any] | None = None,
-    old: dict[str, Any] | None = None,
-    created: Any = CREATED,
-) -> dict[str, Any]:
-    """A DynamoDB stream record as botocore returns it."""
-    ddb: dict[str, Any] = {
-        "Keys": dict(KEYS),
-        "SequenceNumber": "100",
-        "SizeBytes": 123,
-        "StreamViewType": "NEW_AND_OLD_IMAGES",
-        "ApproximateCreationDateTime": created,
-    }
-    if new is not None:
-        ddb["NewImage"] = new
-    if old is not None:
-        ddb["OldImage"] = old
-    record: dict[str, Any] = {
-        "eventID": "e1",
-        "eventVersion": "1.1",
-        "eventSource": "aws:dynamodb",
-        "awsRegion": "us-east-1",
-        "dynamodb": ddb,
-    }
-    if event is not None:
-        record["eventName"] = event
-    return record
+# A DynamoDB stream record of item KEYS, as botocore returns it (the shared builder).
+stream_record = functools.partial(any_stream_record, keys=KEYS, created=CREATED)
 
 
 # --- INSERT / MODIFY -------------------------------------------------------------------------

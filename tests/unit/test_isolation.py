@@ -47,7 +47,8 @@ from replicatord.provenance import Provenance
 from replicatord.records import Probe, RecordError, ReplicationRecord, encode_probe, encode_record
 from replicatord.retry import Abandoned, Verdict, verdict
 from replicatord.tombstones import TombstoneTable
-from tests.conftest import until
+from tests.conftest import replication_put, until
+from tests.conftest import stream_record as any_stream_record
 
 TUNING = Tuning(backoff_base_ms=1, backoff_max_ms=2, max_record_attempts=3)
 CONFLICT = Conflict()
@@ -169,9 +170,7 @@ def fail(operation: str, pk: str | None, error: ReplicatorError, times: int | No
 
 
 def put(pk: str, ts: str = "1700000000", region: str = CN, **extra: Any) -> ReplicationRecord:
-    keys = {"PK": {"S": pk}}
-    image = {**keys, CONFLICT.timestamp_attribute: {"N": ts}, CONFLICT.region_attribute: {"S": region}, **extra}
-    return ReplicationRecord("PUT", "user", keys, image, Version(Decimal(ts), PUT, region), region, "1", NOW)
+    return replication_put(pk, ts, region, created_s=NOW, **extra)
 
 
 def kinesis_page(payloads: list[bytes]) -> list[dict[str, Any]]:
@@ -358,15 +357,9 @@ def test_fuzzed_pages_end_with_every_record_applied_or_dead_lettered(page: list[
 
 def stream_record(pk: str, event: str = "INSERT", ts: str = "1700000000", seq: int = 1) -> dict[str, Any]:
     image = {"PK": {"S": pk}, CONFLICT.timestamp_attribute: {"N": ts}, CONFLICT.region_attribute: {"S": SG}}
-    ddb: dict[str, Any] = {"Keys": {"PK": {"S": pk}}, "SequenceNumber": str(seq),
-                           "ApproximateCreationDateTime": datetime.fromtimestamp(NOW, UTC)}
-    if event == "REMOVE":
-        ddb["OldImage"] = image
-    else:
-        ddb["NewImage"] = image
-    return {"eventName": event, "dynamodb": ddb}
-
-
+    removed = event == "REMOVE"
+    return any_stream_record(event, None if removed else image, image if removed else None,
+                             datetime.fromtimestamp(NOW, UTC), {"PK": {"S": pk}}, seq)
 class Repairs:
     def __init__(self) -> None:
         self.applied: list[ReplicationRecord] = []
