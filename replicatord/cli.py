@@ -163,6 +163,13 @@ def describe_plan(settings: Settings) -> str:
             + ", ".join(f"Kinesis {pair.streams[p]} ({p})" for p in settings.peers)
         )
         lines.append(f"    applier: Kinesis {pair.streams[settings.region]} -> table {pair.tables[settings.region]}")
+        outbox = settings.me.outbox
+        if outbox is None:
+            lines.append("    outboxes: none (a peer that does not answer holds up every peer)")
+        else:
+            lines += [
+                f"    shipper:{peer}: Kinesis {pair.outbox_stream(settings.region, peer)} (outbox, "
+                f"{outbox.retention_hours} h) -> Kinesis {pair.streams[peer]} ({peer})" for peer in settings.peers]
     return "\n".join(lines)
 
 

@@ -60,6 +60,16 @@ def partition_of(region: str) -> str:
     return "aws"
 
 
+class Outbox(_Model):
+    """Store and forward (outbox.py, docs/outbox.md): per pair and peer, a Kinesis stream in this
+    region that holds the peer's records while it does not answer."""
+
+    # How long an outbox keeps records: the longest outage to a peer that loses nothing. Kinesis
+    # allows 24 to 8760 hours; past 24 hours AWS bills extended retention per shard-hour.
+    retention_hours: Annotated[int, Field(ge=24, le=8760)] = 168
+    shards: Annotated[int, Field(ge=1, le=500)] = 1
+
+
 class Region(_Model):
     endpoint_url: str | None = None
     credentials: Credentials | None = None
@@ -79,6 +89,10 @@ class Region(_Model):
     stats_table: str = "replicator_stats"
     loader_stats_table: str = "loader_stats"
     dead_letter_queue: str
+    # Per pair and peer, an outbox in this region (null: none, and a peer that does not answer
+    # holds up forwarding to every peer, as before 0.4; records older than the table stream's
+    # 24 hours are then lost).
+    outbox: Outbox | None = Outbox()
 
     @model_validator(mode="after")
     def _networks(self) -> Region:
@@ -98,6 +112,14 @@ class Pair(_Model):
     # reads the real schema from DescribeTable).
     key: dict[str, KeyType] = Field(default_factory=lambda: {"PK": "S"})  # type: ignore[arg-type]
     kinesis_shards: Annotated[int, Field(ge=1, le=500)] = 1
+    # Optional names of the outboxes, region -> peer -> Kinesis stream in that region (default:
+    # outbox_stream(), the peer's stream name + "-outbox-" + the region).
+    outboxes: dict[str, dict[str, Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,128}$")]]] = Field(
+        default_factory=dict)
+
+    def outbox_stream(self, region: str, peer: str) -> str:
+        """The Kinesis stream in `region` that holds this pair's records for `peer` while diverted."""
+        return self.outboxes.get(region, {}).get(peer) or f"{self.streams[peer]}-outbox-{region}"[:128]
 
     @model_validator(mode="after")
     def _key_size(self) -> Pair:
@@ -179,6 +201,9 @@ class Tuning(_Model):
     # of payload at a time (a larger record alone).
     read_ahead_budget_mib: Annotated[int, Field(ge=0, le=4096)] = 64
     apply_chunk_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    # With an outbox: puts to a peer that have failed for this long divert its records to the
+    # outbox (at once if the peer probe finds it unreachable).
+    outbox_after_s: Annotated[float, Field(gt=0)] = 30.0
 
     @model_validator(mode="after")
     def _renew_within_failover(self) -> Tuning:
@@ -211,6 +236,10 @@ class Topology(_Model):
                     extra = sorted(got - names)
                     why = f"missing {missing}" if missing else f"unknown regions {extra}"
                     raise ValueError(f"pairs[{i}].{field}: must name every region ({why})")
+            for region, peers in pair.outboxes.items():
+                unknown = sorted(({region} | set(peers)) - names) or sorted({region} & set(peers))
+                if unknown:
+                    raise ValueError(f"pairs[{i}].outboxes.{region}: not a region and its peers: {unknown}")
         return self
 
 

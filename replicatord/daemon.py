@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from typing import Any
 
 from replicatord.aio import poll, run_together
@@ -21,7 +22,7 @@ from replicatord.applier import Applier
 from replicatord.aws import LEASES, Aws, StartupError, make_non_dumpable
 from replicatord.budget import ByteBudget
 from replicatord.checkpointer import RELEASE_TIMEOUT_S
-from replicatord.config import Settings
+from replicatord.config import Pair, Settings
 from replicatord.consumer import Processor
 from replicatord.dlq import MAX_BODY_BYTES, DeadLetterQueue
 from replicatord.errors import NotFound, ReplicatorError
@@ -29,10 +30,20 @@ from replicatord.forwarder import Forwarder
 from replicatord.health import HttpServer, readiness
 from replicatord.lease_table import LEASE_TABLE_KEY, LEGACY_LEASE_KEY, LeaseTable
 from replicatord.metrics import Metrics
-from replicatord.pipeline import Pipeline, Shared
+from replicatord.outbox import MODE_VALUE, Happened, Mode, Route
+from replicatord.pipeline import PauseWatch, Pipeline, Shared
 from replicatord.provenance import Provenance
 from replicatord.renewal import RenewalBatcher
-from replicatord.sources import APPLIER, FORWARDER, DynamoStreamSource, KinesisSource, StreamSource
+from replicatord.shipper import Shipper
+from replicatord.sources import (
+    APPLIER,
+    FORWARDER,
+    DynamoStreamSource,
+    KinesisSource,
+    StreamSource,
+    oldest_unprocessed,
+    shipper_role,
+)
 from replicatord.streams import Forwarding
 from replicatord.tombstones import TombstoneTable
 
@@ -87,6 +98,9 @@ class Daemon:
         self.queue_url = ""
         self.started = False
         self.reachable: dict[str, bool] = {}  # peer -> its Kinesis answered the last probe
+        # Store and forward (outbox.py): (pair, peer) -> the peer's route, and its outbox's shipper.
+        self.routes: dict[tuple[str, str], Route] = {}
+        self.shippers: dict[tuple[str, str], Pipeline] = {}
         self.shared: Shared | None = None  # what every pipeline shares, once the lease table is found
         self.http = HttpServer(self.metrics.registry, settings.metrics_host, settings.metrics_port, self.ready)
 
@@ -128,8 +142,7 @@ class Daemon:
         for peer in s.peers:
             await self.aws.open_peer(peer)
         for pair in topology.pairs:
-            await self._start_pair(pair.name, pair.tables[s.region], pair.streams[s.region],
-                                   {peer: pair.streams[peer] for peer in s.peers}, tombstones, dlq)
+            await self._start_pair(pair, tombstones, dlq)
         for peer in s.peers:
             # Not fatal: the peer may come back; readiness and the metric say it is not there.
             self.metrics.peer_reachable.labels(peer).set(0)
@@ -198,34 +211,57 @@ class Daemon:
     async def _require_table(self, table: str, what: str) -> dict[str, Any]:
         return dict((await self._must(f"{what} {table!r}", "dynamodb", "describe_table", TableName=table))["Table"])
 
-    async def _kinesis_source(self, pair: str, stream: str) -> KinesisSource:
-        summary = (await self._must(f"pair {pair}: Kinesis stream {stream!r}", "kinesis", "describe_stream_summary",
+    async def _kinesis_source(self, pair: str, stream: str, role: str = APPLIER, what: str = "Kinesis stream"
+                              ) -> KinesisSource:
+        summary = (await self._must(f"pair {pair}: {what} {stream!r}", "kinesis", "describe_stream_summary",
                                     StreamName=stream))["StreamDescriptionSummary"]
         hours = summary.get("RetentionPeriodHours") or 24
         return KinesisSource(self.aws, stream, f"{summary['StreamCreationTimestamp'].timestamp():.0f}",
-                             float(hours) * 3600)
+                             float(hours) * 3600, role)
 
     def _pipeline(self, pair: str, source: StreamSource, processor: Processor, start: str,
-                  retiring: bool = False) -> Pipeline:
-        """Every pipeline is built here: at startup, and when a table's stream is replaced."""
-        assert self.shared is not None
-        return Pipeline(pair, source, processor, self.shared, initial_position=start, retiring=retiring,
-                        pausable=source.role == FORWARDER)
+                  retiring: bool = False, pause: PauseWatch | None = None) -> Pipeline:
+        """Every pipeline is built here: at startup, and when a table's stream is replaced. Without
+        outboxes, `pause` holds the forwarder; with them, each shipper (_shipper)."""
+        shared = self.shared
+        assert shared is not None
+        if pause is None and source.role == FORWARDER and self.settings.me.outbox is None:
+            pause = PauseWatch(f"{source.role} {pair}", pair, shared)
+        return Pipeline(pair, source, processor, shared, initial_position=start, retiring=retiring, pause=pause)
 
-    async def _start_pair(self, pair: str, table: str, kinesis_stream: str, peers: dict[str, str],
-                          tombstones: TombstoneTable, dlq: DeadLetterQueue) -> None:
-        """The pair's applier and forwarder pipelines (docs/streams.md: which streams, from where)."""
+    async def _shipper(self, pair: Pair, peer: str, dlq: DeadLetterQueue) -> tuple[Route, str]:
+        """The peer's route and the pipeline that ships its outbox (outbox.py); always read from the
+        outbox's oldest record, whatever `initial_position` says."""
+        assert self.shared is not None
+        tuning = self.settings.topology.tuning
+        name = pair.outbox_stream(self.settings.region, peer)
+        gauge = self.metrics.peer_mode.labels(pair.name, peer)
+        route = Route(pair.name, peer, tuning.outbox_after_s, lambda mode: gauge.set(MODE_VALUE[mode]))
+        source = await self._kinesis_source(pair.name, name, shipper_role(peer), f"outbox of {peer}")
+        shipper = Shipper.build(source, pair.name, peer, pair.streams[peer], route, dlq, tuning, self.metrics,
+                                self.stop)
+        pause = PauseWatch(f"{source.role} {pair.name}", pair.name, self.shared, peer, route)
+        self.routes[pair.name, peer] = route
+        self.shippers[pair.name, peer] = self._pipeline(pair.name, source, shipper, "trim_horizon", pause=pause)
+        self.pipelines.append(self.shippers[pair.name, peer])
+        return route, name
+
+    async def _start_pair(self, p: Pair, tombstones: TombstoneTable, dlq: DeadLetterQueue) -> None:
+        """The pair's applier, forwarder and shipper pipelines (docs/streams.md: which streams, from where)."""
         s = self.settings
         topology = s.topology
         assert self.shared is not None
         leases = self.shared.leases
+        pair, table = p.name, p.tables[s.region]
+        peers = {peer: p.streams[peer] for peer in s.peers}
         described = await self._require_table(table, f"pair {pair}: table")
-        kinesis = await self._kinesis_source(pair, kinesis_stream)
+        kinesis = await self._kinesis_source(pair, p.streams[s.region])
         rules = Provenance.from_table(s.region, s.peers, described, topology.conflict)
         applier = Applier(self.aws, pair, table, s.me.stats_table, tombstones, topology.conflict, topology.tuning,
                           dlq, self.metrics, self.stop, rules)
+        outboxes = {peer: await self._shipper(p, peer, dlq) for peer in s.peers} if s.me.outbox else {}
         forwarder = Forwarder(self.aws, pair, peers, tombstones, topology.conflict, topology.tuning, dlq, applier,
-                              self.metrics, self.stop)
+                              self.metrics, self.stop, outboxes)
         forwarding = Forwarding(self.aws, leases, pair, table, lambda arn, start, retiring: self._pipeline(
             pair, DynamoStreamSource(self.aws, table, arn), forwarder, start, retiring), self.metrics)
         try:
@@ -288,6 +324,7 @@ class Daemon:
         tuning = self.settings.topology.tuning
         async for _ in poll(min(tuning.shard_refresh_s, tuning.aws_timeout_s), self.stop):
             await run_together([self._read_queue_depth(), *(self._probe(peer) for peer in list(self.aws.peers))])
+            await self._check_outboxes()
             await self.aws.close_retired()
             self.metrics.page_bytes_held.set(self.budget.used)
 
@@ -315,6 +352,27 @@ class Daemon:
     def _reached(self, peer: str, reachable: bool) -> None:
         self.reachable[peer] = reachable
         self.metrics.peer_reachable.labels(peer).set(1 if reachable else 0)
+        for (_, to), route in self.routes.items():
+            if to == peer:
+                route.note(Happened.REACHABLE if reachable else Happened.UNREACHABLE)
+
+    async def _check_outboxes(self) -> None:
+        """Each outbox's oldest unshipped record (one read per shard after its checkpoint): the
+        age and time-to-loss gauges, and a draining peer whose outbox holds nothing is direct."""
+        assert self.shared is not None
+        now = time.time()
+        for key, pipeline in self.shippers.items():
+            route = self.routes[key]
+            try:
+                leases = await self.shared.leases.query(pipeline.shards.partition)
+                age = await oldest_unprocessed(pipeline.source, leases, now)
+            except ReplicatorError as exc:
+                log.debug("pair %s: cannot read the outbox of %s: %s", *key, exc)
+                continue
+            if age is None and route.mode is Mode.DRAINING:
+                route.note(Happened.DRAINED)
+            self.metrics.outbox_oldest_age.labels(*key).set(age or 0.0)
+            self.metrics.outbox_time_to_data_loss.labels(*key).set(max(pipeline.source.retention_s - (age or 0.0), 0))
 
     def ready(self) -> tuple[bool, str]:
         """/readyz (health.readiness)."""

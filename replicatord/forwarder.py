@@ -10,7 +10,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Protocol
@@ -21,7 +21,8 @@ from replicatord.config import Conflict, Tuning
 from replicatord.conflict import DELETE, PUT, Item, Version, being_deleted, delete_version, version_of, without_marker
 from replicatord.dlq import DeadLetterQueue
 from replicatord.metrics import Metrics
-from replicatord.producer import KinesisProducer
+from replicatord.outbox import Route
+from replicatord.producer import KinesisProducer, Target
 from replicatord.records import (
     Entry,
     RecordError,
@@ -221,7 +222,10 @@ class Forwarder:
         repairer: Repairer,
         metrics: Metrics,
         stop: asyncio.Event,
+        outboxes: Mapping[str, tuple[Route, str]] | None = None,
     ) -> None:
+        """`outboxes`: peer -> its route and its outbox stream in this region (outbox.py); a
+        peer without one holds the page until it takes the page's records."""
         self.aws = aws
         self.repairer = repairer
         self.pair = pair
@@ -233,7 +237,8 @@ class Forwarder:
         self.metrics = metrics
         self.stop = stop
         self.retry = RecordRetry(pair, "forwarder", dlq, tuning, metrics, stop)
-        self.producer = KinesisProducer(aws, pair, peers, self.retry, tuning, metrics, stop)
+        self.producer = KinesisProducer(aws, pair, self.retry, tuning, metrics, stop)
+        self.outboxes = dict(outboxes or {})
 
     def page_keys(self, records: list[dict[str, Any]]) -> frozenset[str] | None:
         """The items a page changes (consumer.py: a page that shares none with the page before
@@ -303,7 +308,7 @@ class Forwarder:
                  for stream_record, version, letter in work.written]
         steps: list[Coroutine[Any, Any, Tombstones | None]] = []
         if work.outgoing:
-            steps += (self.producer.put(peer, work.outgoing) for peer in self.peers)
+            steps += (self._deliver(peer, work.outgoing) for peer in self.peers)
         if keyed:
             steps.append(self.retry.step(functools.partial(
                 self.tombstones.fetch, self.pair, [keys for _, keys, _, _ in keyed]), "tombstone read"))
@@ -319,6 +324,18 @@ class Forwarder:
             repairs += self._resurrections(keyed, tombstones)
         for kind, record, letter in repairs:
             await self._repair(kind, record, letter)
+
+    async def _deliver(self, peer: str, outgoing: list[tuple[Entry, Arrival]]) -> None:
+        """One peer's records of the page: on its stream, or in its outbox while it is diverted
+        (and what is left of a put to it when it becomes diverted meanwhile)."""
+        direct = Target(peer, self.peers[peer])
+        if peer not in self.outboxes:
+            await self.producer.put(direct, outgoing)
+            return
+        route, outbox = self.outboxes[peer]
+        left = outgoing if route.diverted() else await self.producer.put(direct, outgoing, route)
+        if left:
+            await self.producer.put(Target(peer, outbox, outbox=True), left)
 
     def _resurrections(
         self, keyed: list[tuple[dict[str, Any], Item, Version, Arrival]], tombstones: Tombstones

@@ -253,6 +253,14 @@ def _streams(topology: Topology, region: str, accounts: Accounts) -> tuple[str, 
     return tuple(arn("kinesis", region, accounts, f"stream/{pair.streams[region]}") for pair in topology.pairs)
 
 
+def _outboxes(topology: Topology, region: str, accounts: Accounts) -> tuple[str, ...]:
+    """The outbox of every pair and peer in `region` (none if the region has `outbox: null`)."""
+    if topology.regions[region].outbox is None:
+        return ()
+    return tuple(arn("kinesis", region, accounts, f"stream/{pair.outbox_stream(region, peer)}")
+                 for pair in topology.pairs for peer in topology.regions if peer != region)
+
+
 def _other_partition(topology: Topology, region: str) -> list[str]:
     return [peer for peer in topology.regions if partition_of(peer) != partition_of(region)]
 
@@ -307,6 +315,12 @@ def _peer_statements(topology: Topology, region: str, accounts: Accounts, operat
     return out
 
 
+def _outbox_statements(topology: Topology, region: str, accounts: Accounts,
+                       actions: tuple[str, ...]) -> list[Statement]:
+    outboxes = _outboxes(topology, region, accounts)
+    return [Statement("Outboxes", actions, outboxes)] if outboxes else []
+
+
 def _document(statements: Sequence[Statement]) -> dict[str, Any]:
     return {"Version": POLICY_VERSION, "Statement": [s.document() for s in statements]}
 
@@ -337,6 +351,9 @@ def daemon_policy(topology: Topology, region: str, accounts: Accounts) -> dict[s
                   _streams(topology, region, accounts)),
         Statement("DeadLetterQueue", ("sqs:GetQueueUrl", "sqs:GetQueueAttributes", "sqs:SendMessage"),
                   (arn("sqs", region, accounts, me.dead_letter_queue),)),
+        *_outbox_statements(topology, region, accounts, ("kinesis:PutRecords", "kinesis:DescribeStreamSummary",
+                                                         "kinesis:ListShards", "kinesis:GetShardIterator",
+                                                         "kinesis:GetRecords")),
         *_peer_statements(topology, region, accounts, operator=False),
     ])
 
@@ -386,6 +403,10 @@ def operator_policy(topology: Topology, region: str, accounts: Accounts) -> dict
                                       "sqs:ReceiveMessage", "sqs:ChangeMessageVisibility", "sqs:DeleteMessage",
                                       "sqs:SendMessage"),
                   (arn("sqs", region, accounts, me.dead_letter_queue),)),
+        *_outbox_statements(topology, region, accounts, ("kinesis:CreateStream", "kinesis:DescribeStream",
+                                                         "kinesis:DescribeStreamSummary",
+                                                         "kinesis:IncreaseStreamRetentionPeriod",
+                                                         "kinesis:GetShardIterator", "kinesis:GetRecords")),
         *_peer_statements(topology, region, accounts, operator=True),
     ])
 

@@ -134,6 +134,27 @@ class Metrics:
             ["pair", "pipeline"],
             registry=r,
         )
+        self.peer_mode = Gauge(
+            "replicatord_peer_mode",
+            "Where a pair's records for a peer go (outbox.py): 0 direct, 1 diverted to the outbox, "
+            "2 draining (direct, while the outbox is emptied)",
+            ["pair", "peer"], registry=r,
+        )
+        self.outbox_records = Counter(
+            "replicatord_outbox_records_total",
+            "Records put in a peer's outbox (event=diverted) and shipped from it to the peer (event=shipped)",
+            ["pair", "peer", "event"], registry=r,
+        )
+        self.outbox_oldest_age = Gauge(
+            "replicatord_outbox_oldest_age_seconds",
+            "Age of the oldest record in a peer's outbox not yet shipped (0: drained)",
+            ["pair", "peer"], registry=r,
+        )
+        self.outbox_time_to_data_loss = Gauge(
+            "replicatord_outbox_time_to_data_loss_seconds",
+            "How long until the oldest unshipped record leaves the outbox's retention",
+            ["pair", "peer"], registry=r,
+        )
         self.paused = Gauge(
             "replicatord_paused", "1 while forwarding in this direction is paused (replicatord pause)",
             ["pair", "direction"], registry=r,

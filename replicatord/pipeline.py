@@ -23,6 +23,7 @@ from replicatord.errors import LeaseLost, ReplicatorError
 from replicatord.lease_table import HeldLease, LeaseTable
 from replicatord.leases import FINISHED, Lease, LeaseClock, plan_leases, ready_leases, shard_of
 from replicatord.metrics import Metrics
+from replicatord.outbox import Happened, Route
 from replicatord.renewal import RenewalBatcher, Renewer
 from replicatord.shard_sync import ShardSync
 from replicatord.sources import StreamSource
@@ -45,38 +46,53 @@ class Shared:
 
 
 class PauseWatch:
-    """A forwarder obeys `replicatord pause` within one lease cycle: its shard consumers hold
-    their position (and keep their leases) until `resume`."""
+    """A pipeline obeys `replicatord pause` within one lease cycle: its shard consumers hold
+    their position (and keep their leases) until `resume`. Without an outbox that is the
+    forwarder, for every direction from this region; with one, the shipper of `peer`'s outbox,
+    and the peer's `route` diverts the forwarder's records to the outbox meanwhile."""
 
-    def __init__(self, name: str, pair: str, shared: Shared) -> None:
+    def __init__(self, name: str, pair: str, shared: Shared, peer: str | None = None,
+                 route: Route | None = None) -> None:
         self.name = name
         self.pair = pair
         self.shared = shared
+        self.peer = peer
+        self.route = route
         self.running = asyncio.Event()  # cleared while paused; shard consumers wait on it
         self.running.set()
         self._paused_before: list[str] = []
 
+    def _mine(self, direction: str) -> bool:
+        source, _, target = direction.partition(":")
+        return source == self.shared.region and self.peer in (None, target)
+
     async def check(self) -> None:
         metrics = self.shared.metrics
         paused = await self.shared.leases.paused(self.pair)
-        mine = sorted(d for d in paused if d.split(":", 1)[0] == self.shared.region)
+        mine = sorted(d for d in paused if self._mine(d))
         for direction in paused:
-            metrics.paused.labels(self.pair, direction).set(1 if direction in mine else 0)
+            if self.peer is None or direction in mine:
+                metrics.paused.labels(self.pair, direction).set(1 if direction in mine else 0)
         if mine and self.running.is_set():
             self.running.clear()
-            log.warning("%s: forwarding paused (%s): reading stops, positions and leases are kept",
-                        self.name, ", ".join(mine))
+            if self.route is not None:
+                self.route.note(Happened.PAUSED)
+            log.warning("%s: paused (%s): reading stops, positions and leases are kept%s", self.name,
+                        ", ".join(mine), "; records for the peer wait in its outbox" if self.route else "")
         elif not mine and not self.running.is_set():
             self.running.set()
+            if self.route is not None:
+                self.route.note(Happened.RESUMED)
             for direction in self._paused_before:
                 metrics.paused.labels(self.pair, direction).set(0)
-            log.warning("%s: forwarding resumed", self.name)
+            log.warning("%s: resumed", self.name)
         self._paused_before = mine
 
 
 class Pipeline:
     def __init__(self, pair: str, source: StreamSource, processor: Processor, shared: Shared, *,
-                 initial_position: str | None = None, retiring: bool = False, pausable: bool = False) -> None:
+                 initial_position: str | None = None, retiring: bool = False,
+                 pause: PauseWatch | None = None) -> None:
         self.pair = pair
         self.source = source
         self.processor = processor
@@ -91,7 +107,7 @@ class Pipeline:
         # what is left of it and stops once every lease is finished.
         self.retiring = retiring
         self.done = False
-        self.pause = PauseWatch(self.name, pair, shared) if pausable else None
+        self.pause = pause
         self.consumers: dict[str, tuple[HeldLease, asyncio.Task[bool]]] = {}
         self.renewer = Renewer(self.name, source.role, shared.renewals, shared.tuning, shared.metrics, self._running)
         self.clock = LeaseClock()

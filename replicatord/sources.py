@@ -12,7 +12,8 @@ from typing import Any, Protocol
 from replicatord.aws import Aws
 from replicatord.budget import Hold
 from replicatord.config import Tuning
-from replicatord.leases import latest_since
+from replicatord.errors import ReplicatorError
+from replicatord.leases import ACTIVE, Lease, latest_since, shard_of
 from replicatord.records import creation_seconds
 
 
@@ -23,10 +24,16 @@ class Shard:
     closed: bool = False  # it has an ending sequence number: no record will be added
 
 
-# The two roles a pipeline has: it reads a table's stream and forwards, or reads the Kinesis
-# stream peers write to and applies.
+# The roles of a pipeline: it reads a table's stream and forwards, reads the Kinesis stream peers
+# write to and applies, or reads a peer's outbox and ships (one role per peer: shipper_role).
 FORWARDER = "forwarder"
 APPLIER = "applier"
+SHIPPER = "shipper"
+
+
+def shipper_role(peer: str) -> str:
+    """The role of the pipeline that ships `peer`'s outbox: its lease keys, metrics and letters."""
+    return f"{SHIPPER}:{peer}"
 
 
 @dataclass(frozen=True)
@@ -136,7 +143,9 @@ class KinesisSource:
     def page_bytes(self, records: list[dict[str, Any]]) -> int:
         return sum(len(r.get("Data", b"")) + 128 for r in records)
 
-    def __init__(self, aws: Aws, stream: str, created: str, retention_s: float = 24 * 3600.0) -> None:
+    def __init__(self, aws: Aws, stream: str, created: str, retention_s: float = 24 * 3600.0,
+                 role: str = APPLIER) -> None:
+        self.role = role  # an outbox's: shipper_role(peer)
         self.aws = aws
         self.name = stream
         self.incarnation = f"{stream}@{created}"
@@ -195,3 +204,20 @@ async def iterator_after(source: StreamSource, shard_id: str, checkpoint: str | 
     if since is not None:
         return await source.get_iterator_since(shard_id, since)
     return await source.get_iterator(shard_id, checkpoint)
+
+
+async def oldest_unprocessed(source: StreamSource, leases: list[Lease], now: float) -> float | None:
+    """Age of the oldest record after any active lease's checkpoint (None: nothing waits)."""
+    ages = []
+    for lease in leases:
+        if lease.state != ACTIVE:
+            continue
+        checkpoint = lease.checkpoint
+        try:
+            iterator = await iterator_after(source, shard_of(lease.key), checkpoint)
+            page = await source.get_records(iterator, 1)
+        except ReplicatorError:
+            continue
+        if page.records:
+            ages.append(now - source.created_s(page.records[0]))
+    return max(ages, default=None)

@@ -82,14 +82,17 @@ def topology_document(
     proxies: Mapping[str, str] | None = None,
     kinesis_shards: int = 1,
     tuning: Mapping[str, Any] | None = None,
+    outbox: Mapping[str, Any] | None | bool = True,
 ) -> dict[str, Any]:
-    """The original deployment's names (user-cn/user-sg, ...) pointed at local endpoints."""
+    """The original deployment's names (user-cn/user-sg, ...) pointed at local endpoints; every
+    region with the default outbox (`outbox`: True), these outbox settings, or none (None)."""
     regions = {
         region: {
             "endpoint_url": url,
             "credentials": {"ssm_prefix": f"/DDBReplication/Table{SUFFIX[region].upper()}/"},
             "proxy": (proxies or {}).get(region),
             "dead_letter_queue": f"ddbreplicator{SUFFIX[region]}",
+            **({} if outbox is True else {"outbox": None if outbox is False else outbox}),
         }
         for region, url in endpoints.items()
     }

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import sys
 import time
@@ -25,10 +26,14 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from replicatord.config import Topology
+from replicatord.config import Pair, Topology
 from replicatord.errors import ReplicatorError
 from replicatord.forwarder import Forwarder
 from replicatord.ops.tables import Progress, RegionOps, Regions, pick_pairs
+from replicatord.producer import KinesisProducer, Target
+from replicatord.records import Entry
+from replicatord.retry import Arrival, RecordRetry
+from replicatord.sources import SHIPPER, shipper_role
 
 VISIBILITY_S = 60  # how long letters are held before the keeper extends them
 EMPTY_RECEIVES = 3  # SQS short polling samples servers: a few empty answers in a row mean empty
@@ -255,9 +260,24 @@ async def _redrive(topology: Topology, ops: RegionOps, letter: Letter) -> None:
         await forwarder.process("dlq", [record])
         return
     data = payload if isinstance(payload, bytes) else payload.encode("utf-8", "surrogatepass")
+    role, _, peer = str(letter.envelope.get("pipeline")).partition(":")
+    if role == SHIPPER and peer in pair.streams and peer != ops.region:
+        await _ship(ops, pair, peer, data, letter)
+        return
     applier = await ops.applier(pair)
     arrived = dt.datetime.fromtimestamp(float(letter.envelope.get("time") or time.time()), dt.UTC)
     await applier.process("dlq", [{"Data": data, "SequenceNumber": "dlq", "ApproximateArrivalTimestamp": arrived}])
+
+
+async def _ship(ops: RegionOps, pair: Pair, peer: str, data: bytes, letter: Letter) -> None:
+    """A letter of an outbox's shipper: the record, as it was, on the peer's stream."""
+    if peer not in ops.aws.peers:
+        await ops.aws.open_peer(peer)
+    retry = RecordRetry(pair.name, shipper_role(peer), await ops.dlq(), ops.topology.tuning, ops.metrics, ops.stop)
+    producer = KinesisProducer(ops.aws, pair.name, retry, ops.topology.tuning, ops.metrics, ops.stop)
+    # Any partition key will do: every apply is conditional on the version, whatever the order.
+    entry = Entry(data, hashlib.sha256(data).hexdigest())
+    await producer.put(Target(peer, pair.streams[peer]), [(entry, Arrival(data, time.time()))])
 
 
 async def dlq(topology: Topology, region: str, action: str, pair: str | None, reason: str | None,

@@ -8,7 +8,7 @@ daemon's own call on the daemon's own resources, made so that it changes nothing
 - writes under a condition that cannot hold (`attribute_exists(k) AND attribute_not_exists(k)`):
   DynamoDB authorizes the call before it evaluates the condition, so ConditionalCheckFailed
   means allowed, and nothing is written;
-- PutRecords of a probe record on each peer's stream, which appliers count and skip
+- PutRecords of a probe record on each peer's stream and outbox, which appliers count and skip
   (records.Probe); SendMessage of a probe letter to the dead-letter queue, which `dlq list`
   shows with reason `preflight` and `dlq purge --reason preflight --yes` removes.
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from replicatord.aws import Aws, StartupError, peer_credential_names
-from replicatord.config import Settings, Topology, partition_of
+from replicatord.config import Pair, Settings, Topology, partition_of
 from replicatord.dlq import bodies
 from replicatord.errors import AccessDenied, ClockSkew, ConditionFailed, NotFound, ReplicatorError
 from replicatord.iam import Call, statement_for
@@ -95,6 +95,7 @@ class Preflight:
         for pair in self.topology.pairs:
             await self._table(pair.tables[self.region])
             await self._kinesis(pair.streams[self.region])
+            await self._outboxes(pair)
         await self._leases()
         await self._tombstones()
         await self._stats()
@@ -224,6 +225,21 @@ class Preflight:
         if iterator is not None:
             await self.check("kinesis:GetRecords", resource, lambda: self.aws.call(
                 "kinesis", "get_records", ShardIterator=iterator["ShardIterator"], Limit=1))
+
+    async def _outboxes(self, pair: Pair) -> None:
+        """Each peer's outbox here: read by its shipper, written by the forwarder (a probe record,
+        which the shipper ships and the peer's appliers count and skip)."""
+        if self.me.outbox is None:
+            return
+        for peer in self.topology.regions:
+            if peer == self.region:
+                continue
+            stream = pair.outbox_stream(self.region, peer)
+            await self._kinesis(stream)
+            data = encode_probe(Probe(pair.name, self.region, time.time()))
+            await self.check("kinesis:PutRecords", self.arn("kinesis", f"stream/{stream}"), functools.partial(
+                self.aws.call, "kinesis", "put_records", StreamName=stream,
+                Records=[{"Data": data, "PartitionKey": PROBE_VALUE}]))
 
     async def _queue(self) -> None:
         name = self.me.dead_letter_queue

@@ -126,16 +126,21 @@ class RegionProvisioner:
             return
         self._did(f"set {table} {pk} = 0")
 
-    def kinesis_stream(self, name: str, shards: int) -> None:
+    def kinesis_stream(self, name: str, shards: int, retention_hours: int | None = None) -> None:
+        """The stream, and (for an outbox) at least `retention_hours` of retention."""
         try:
-            self.kinesis.describe_stream_summary(StreamName=name)
-            return
+            summary = self.kinesis.describe_stream_summary(StreamName=name)["StreamDescriptionSummary"]
         except ClientError as exc:
             if not _is(exc, NotFound):
                 raise
-        self.kinesis.create_stream(StreamName=name, ShardCount=shards)
-        self.kinesis.get_waiter("stream_exists").wait(StreamName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
-        self._did(f"created Kinesis stream {name} ({shards} shard{'s' if shards > 1 else ''})")
+            self.kinesis.create_stream(StreamName=name, ShardCount=shards)
+            self.kinesis.get_waiter("stream_exists").wait(StreamName=name,
+                                                          WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+            self._did(f"created Kinesis stream {name} ({shards} shard{'s' if shards > 1 else ''})")
+            summary = {"RetentionPeriodHours": 24}
+        if retention_hours is not None and int(summary.get("RetentionPeriodHours") or 24) < retention_hours:
+            self.kinesis.increase_stream_retention_period(StreamName=name, RetentionPeriodHours=retention_hours)
+            self._did(f"set the retention of {name} to {retention_hours} hours")
 
     def queue(self, name: str) -> None:
         try:
@@ -163,6 +168,11 @@ class RegionProvisioner:
         for pair in self.topology.pairs:
             self.table(pair.tables[self.region], pair.key, stream=True)
             self.kinesis_stream(pair.streams[self.region], pair.kinesis_shards)
+            if self.config.outbox is not None:
+                for peer in self.topology.regions:
+                    if peer != self.region:
+                        self.kinesis_stream(pair.outbox_stream(self.region, peer), self.config.outbox.shards,
+                                            self.config.outbox.retention_hours)
         for attr, pk in STATS_COUNTERS.items():
             table = getattr(self.config, attr)
             self.table(table, {"PK": "S"}, stream=False)

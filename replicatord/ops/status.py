@@ -4,10 +4,14 @@ For each direction A -> B of each pair: the sample's counters (loaded in A, repl
 age of the oldest record not yet handled by A's forwarder and by B's applier (read at the
 stream: the first record after each shard's checkpoint), the time to data loss (how long until
 that record leaves its stream's retention), whether forwarding is paused, whether B's Kinesis can
-be reached with the key pair and proxy A's daemons use; per region the dead-letter queue's depth
-and the leases per instance. The daemons export the same figures as metrics
-(`replicatord_oldest_unprocessed_age_seconds`, `replicatord_time_to_data_loss_seconds`,
-`replicatord_paused`, `replicatord_dead_letters`, `replicatord_peer_reachable`).
+be reached with the key pair and proxy A's daemons use, and B's outbox in A (outbox.py): the
+oldest record not yet shipped, which counts in the time to data loss against the outbox's
+retention, and the peer's mode as it shows from outside (direct: the outbox is empty; diverted:
+it holds records and B does not answer; draining: it holds records and B answers); per region
+the dead-letter queue's depth and the leases per instance. The daemons export the same figures as
+metrics (`replicatord_oldest_unprocessed_age_seconds`, `replicatord_time_to_data_loss_seconds`,
+`replicatord_paused`, `replicatord_dead_letters`, `replicatord_peer_reachable`,
+`replicatord_peer_mode`, `replicatord_outbox_oldest_age_seconds`).
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ from typing import Any
 from replicatord.aws import StartupError
 from replicatord.config import Pair, Topology
 from replicatord.errors import ReplicatorError
-from replicatord.leases import ACTIVE, Lease, shard_of
+from replicatord.leases import Lease
 from replicatord.ops.tables import RegionOps, Regions, pick_pairs
-from replicatord.sources import DynamoStreamSource, KinesisSource, StreamSource, iterator_after
+from replicatord.sources import DynamoStreamSource, KinesisSource, oldest_unprocessed, shipper_role
 
 
 def format_leases(region: str, leases: list[Lease]) -> list[str]:
@@ -51,23 +55,6 @@ async def _counter(ops: RegionOps, table: str, pk: str) -> int | None:
     return int(item["cnt"]["N"]) if item else 0
 
 
-async def oldest_unprocessed(source: StreamSource, leases: list[Lease], now: float) -> float | None:
-    """Age of the oldest record after any active lease's checkpoint (None: nothing waits)."""
-    ages = []
-    for lease in leases:
-        if lease.state != ACTIVE:
-            continue
-        checkpoint = lease.checkpoint
-        try:
-            iterator = await iterator_after(source, shard_of(lease.key), checkpoint)
-            page = await source.get_records(iterator, 1)
-        except ReplicatorError:
-            continue
-        if page.records:
-            ages.append(now - source.created_s(page.records[0]))
-    return max(ages, default=None)
-
-
 async def _direction(topology: Topology, ops: dict[str, RegionOps], pair: Pair, source: str, target: str,
                      leases: dict[str, list[Lease]], pauses: dict[str, dict[str, float]], now: float) -> dict[str, Any]:
     a, b = ops[source], ops[target]
@@ -85,6 +72,9 @@ async def _direction(topology: Topology, ops: dict[str, RegionOps], pair: Pair, 
     app_age = await oldest_unprocessed(applying, app_leases, now)
     losses = [retention - age for retention, age in ((forwarding.retention_s, fwd_age), (applying.retention_s, app_age))
               if age is not None]
+    outbox = await _outbox(a, pair, target, leases[source], now)
+    if outbox is not None and outbox["oldest_unshipped_s"] is not None:
+        losses.append(outbox["retention_s"] - outbox["oldest_unshipped_s"])
     direction = f"{source}:{target}"
     reachable: bool | str = True
     try:
@@ -103,7 +93,30 @@ async def _direction(topology: Topology, ops: dict[str, RegionOps], pair: Pair, 
         "time_to_data_loss_s": min(losses, default=None),
         "paused_since": pauses[source].get(direction),
         "peer_reachable": reachable,
+        "outbox": outbox,
+        "mode": _mode(outbox, reachable is True),
     }
+
+
+async def _outbox(a: RegionOps, pair: Pair, target: str, leases: list[Lease], now: float) -> dict[str, Any] | None:
+    """`target`'s outbox in a's region: its oldest record not yet shipped, and its retention."""
+    if a.config.outbox is None:
+        return None
+    name = pair.outbox_stream(a.region, target)
+    summary = (await a.aws.call("kinesis", "describe_stream_summary", StreamName=name))["StreamDescriptionSummary"]
+    source = KinesisSource(a.aws, name, f"{summary['StreamCreationTimestamp'].timestamp():.0f}",
+                           float(summary.get("RetentionPeriodHours") or 24) * 3600, shipper_role(target))
+    mine = [lease for lease in leases if lease.key.startswith(f"{source.role}/{source.incarnation}/")]
+    return {"stream": name, "retention_s": source.retention_s,
+            "oldest_unshipped_s": await oldest_unprocessed(source, mine, now)}
+
+
+def _mode(outbox: dict[str, Any] | None, reachable: bool) -> str:
+    """What the daemons' peer mode (outbox.Mode) is, seen from outside: an outbox that holds
+    records is being filled (the peer does not answer) or emptied (it does)."""
+    if outbox is None or outbox["oldest_unshipped_s"] is None:
+        return "direct"
+    return "draining" if reachable else "diverted"
 
 
 async def collect(topology: Topology, pair_name: str | None, regions: list[str] | None,
@@ -140,6 +153,13 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _outbox_line(outbox: dict[str, Any] | None) -> str:
+    if outbox is None:
+        return "; no outbox"
+    held = outbox["oldest_unshipped_s"]
+    return f"; outbox {outbox['stream']}: " + ("empty" if held is None else f"oldest unshipped {_duration(held)}")
+
+
 def render(status: dict[str, Any]) -> str:
     lines = []
     for pair, directions in status["pairs"].items():
@@ -152,7 +172,8 @@ def render(status: dict[str, Any]) -> str:
             lines.append(f"  {d['direction']}: {paused}; loaded {d['loaded']}, replicated {d['replicated']}; "
                          f"oldest unprocessed: forwarder {_duration(d['forwarder_oldest_unprocessed_s'])}, "
                          f"applier {_duration(d['applier_oldest_unprocessed_s'])}; time to data loss "
-                         f"{'-' if loss is None else _duration(loss)}; peer {reach}")
+                         f"{'-' if loss is None else _duration(loss)}; peer {reach}, {d['mode']}"
+                         + _outbox_line(d["outbox"]))
     for region, info in status["regions"].items():
         leases = [Lease(x["key"], x["owner"], x["counter"], x["checkpoint"], (), x["state"]) for x in info["leases"]]
         lines += format_leases(region, leases)
