@@ -78,7 +78,8 @@ class KinesisProducer:
         self.metrics.peer_reachable.labels(target.peer).set(1)
         self.metrics.records_forwarded.labels(self.pair, target.peer).inc(count)
         if route is not None:
-            route.note(Happened.PUT_OK)
+            # A call whose every entry was refused (throttled) took nothing: the peer's trouble too.
+            route.note(Happened.PUT_OK if count else Happened.PUT_FAILED)
 
     async def _send(self, target: Target, batch: list[tuple[Entry, Arrival]], divert: Route | None,
                     route: Route | None) -> list[tuple[Entry, Arrival]]:

@@ -4,7 +4,9 @@ Per seed: 20 keys written from every region at once (two regions, and a full mes
 Beijing, Singapore, Ningxia) with puts, updates and deletes, timestamps near the wall clock with
 clock skew between regions, exact ties across regions and stale application writes; duplicates
 and reordering injected on the Kinesis streams (records put again, in shuffled order, on other
-shards); daemon restarts (kill -9 or SIGTERM). After the writes stop and the pipelines drain,
+shards); a region whose Kinesis refuses every put for a few seconds, so that its peers divert
+their records for it to their outboxes (docs/outbox.md) and records of one item arrive out of
+order; daemon restarts (kill -9 or SIGTERM). After the writes stop and the pipelines drain,
 all tables must be identical and every key must hold the last writer's version: the highest
 among all application writes and deletes to it (`../shared/convergence_model.py` decides the
 same for 2-4 regions). A delete's version is read back from the region's DynamoDB stream (when
@@ -31,6 +33,7 @@ import pytest
 from replicatord.config import Conflict
 from replicatord.conflict import PUT, Version, being_deleted, delete_version, version_of
 from replicatord.local import emulators
+from replicatord.local.aws_behaviour import Control
 from replicatord.local.compare import diff_items
 from replicatord.local.world import (
     DaemonProcess,
@@ -54,7 +57,9 @@ START = int(os.environ.get("CONVERGENCE_SEED_START", "0"))
 SEEDS = {2: int(os.environ.get("CONVERGENCE_SEEDS", "6")), 3: int(os.environ.get("CONVERGENCE_SEEDS_3", "4"))}
 KEYS = 20
 OPS_PER_REGION = 40
-TUNING = quick_tuning(failover_s=3, lease_take_interval_s=0.3, poll_interval_ms=100, shard_refresh_s=10)
+# outbox_after_s: a peer whose Kinesis refuses puts for a second is diverted (the outbox in the path).
+TUNING = quick_tuning(failover_s=3, lease_take_interval_s=0.3, poll_interval_ms=100, shard_refresh_s=10,
+                      outbox_after_s=1)
 CONFLICT = Conflict()
 
 
@@ -262,6 +267,11 @@ def test_three_regions_converge_to_the_last_writer(mesh: World, seed: int) -> No
     converges(mesh, seed)
 
 
+def refuse_puts(world: World, region: str, seconds: float) -> None:
+    with Control(world.endpoints[region]).changed(kinesis_put_throttle_rate=1.0):
+        time.sleep(seconds)  # the length of the outage under test
+
+
 def converges(world: World, seed: int) -> None:
     rnd = random.Random(seed)
     prefix = f"s{seed}-"
@@ -278,6 +288,15 @@ def converges(world: World, seed: int) -> None:
     threads = [threading.Thread(target=run, args=(w, seed * 7 + i)) for i, w in enumerate(workloads)]
     for t in threads:
         t.start()
+    # A region whose Kinesis throttles every put for a while: its peers divert their records for it
+    # to their outboxes and ship them later, so one item's versions may arrive out of order
+    # (drawn apart from `rnd`, which keeps each seed's other choices as they were).
+    faults = random.Random(seed ^ 0x5EED)
+    refusing = faults.choice([None, *world.regions])
+    outage = threading.Thread(target=refuse_puts, args=(world, refusing, faults.uniform(1.0, 3.0))) if refusing \
+        else None
+    if outage is not None:
+        outage.start()
     restart = rnd.choice([None, None, "kill", "term"])
     if restart:
         region = rnd.choice(world.regions)
@@ -289,6 +308,8 @@ def converges(world: World, seed: int) -> None:
         world.start(region)
     for t in threads:
         t.join(timeout=120)
+    if outage is not None:
+        outage.join(timeout=30)
     inject_duplicates(world, seed, prefix, rnd)
     for daemon in world.daemons.values():
         daemon.wait_ready(60)

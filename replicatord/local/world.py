@@ -176,8 +176,9 @@ def wait_for(condition: Callable[[], bool], deadline_s: float, what: str, interv
 
 
 class Drained:
-    """A wait_for condition: every shard the daemons read, of every pair in every region, is
-    checkpointed at its stream's last record, and nothing moved since the previous poll.
+    """A wait_for condition: every shard the daemons read, of every pair in every region (and of
+    every outbox), is checkpointed at its stream's last record, and nothing moved since the
+    previous poll.
 
     Positions, not the daemons' counters: a count stands still while a daemon waits on a slow
     call, and positions survive restarts. Work still to do always starts at a record past some
@@ -213,7 +214,15 @@ class Drained:
             for lease in scan_leases(ddb):
                 pipeline, rest = lease.key.split("/", 1)
                 stream, shard = rest.rsplit("/", 1)
-                checkpoints[f"{pipeline}/{stream.split('@')[0]}/{shard}"] = lease.checkpoint
+                # A shipper's role names its peer (shipper:P); its outbox's name is enough here.
+                checkpoints[f"{pipeline.split(':')[0]}/{stream.split('@')[0]}/{shard}"] = lease.checkpoint
+            outboxes = [name for name in kinesis.list_streams().get("StreamNames", []) if "-outbox-" in name]
+            for outbox in outboxes:
+                for shard in kinesis.list_shards(StreamName=outbox)["Shards"]:
+                    key = f"shipper/{outbox}/{shard['ShardId']}"
+                    end = self._tail(region, key, kinesis, {"StreamName": outbox, "ShardId": shard["ShardId"]},
+                                     lambda r: r["SequenceNumber"])
+                    found.append((region, key, checkpoints.get(key), end))
             for table, stream in pairs:
                 arn = ddb.describe_table(TableName=table)["Table"]["LatestStreamArn"]
                 for shard in streams.describe_stream(StreamArn=arn)["StreamDescription"]["Shards"]:

@@ -94,7 +94,7 @@ async def _direction(topology: Topology, ops: dict[str, RegionOps], pair: Pair, 
         "paused_since": pauses[source].get(direction),
         "peer_reachable": reachable,
         "outbox": outbox,
-        "mode": _mode(outbox, reachable is True),
+        "mode": _mode(outbox, reachable is True and direction not in pauses[source]),
     }
 
 
@@ -113,7 +113,7 @@ async def _outbox(a: RegionOps, pair: Pair, target: str, leases: list[Lease], no
 
 def _mode(outbox: dict[str, Any] | None, reachable: bool) -> str:
     """What the daemons' peer mode (outbox.Mode) is, seen from outside: an outbox that holds
-    records is being filled (the peer does not answer) or emptied (it does)."""
+    records is being filled (the peer does not answer, or the direction is paused) or emptied."""
     if outbox is None or outbox["oldest_unshipped_s"] is None:
         return "direct"
     return "draining" if reachable else "diverted"

@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+import json
+from datetime import UTC, datetime
 
+import pytest
+from pydantic import ValidationError
+
+from replicatord.config import Topology
+from replicatord.dlq import DeadLetterQueue
+from replicatord.errors import classify
+from replicatord.forwarder import Forwarder
+from replicatord.metrics import Metrics
+from replicatord.ops import status
 from replicatord.outbox import Happened, Mode, PeerState, Route, next_mode
+from replicatord.records import encode_record
+from replicatord.shipper import Shipper
+from replicatord.sources import KinesisSource, shipper_role
+from replicatord.tombstones import TombstoneTable
+from tests.conftest import replication_put
+from tests.unit.test_isolation import CN, CONFLICT, NOW, SG, TUNING, FakeAws, Fault, Repairs, stream_record
 
 AFTER = 30.0
 D, V, R = Mode.DIRECT, Mode.DIVERTED, Mode.DRAINING
@@ -63,3 +80,124 @@ def test_a_route_goes_round_the_whole_cycle() -> None:
     assert route.note(H.REACHABLE, 40) is R
     assert route.note(H.DRAINED, 41) is D
     assert route.changed_at == 41
+
+
+# --- the forwarder and the shipper at the client seam ------------------------------------------
+
+QUICK = TUNING.model_copy(update={"outbox_after_s": 0.02})
+NX = "cn-northwest-1"
+
+
+def diverting_forwarder(aws: FakeAws, routes: dict[str, Route]) -> Forwarder:
+    metrics = Metrics()
+    aws.local = {"kinesis": "local kinesis"}  # type: ignore[attr-defined]
+    aws.peers = {peer: f"client of {peer}" for peer in routes}
+    return Forwarder(aws, "user", {p: f"stream-{p}" for p in routes},  # type: ignore[arg-type]
+                     TombstoneTable(aws, "tombs", 3600), CONFLICT, QUICK,  # type: ignore[arg-type]
+                     DeadLetterQueue(aws, "queue", metrics), Repairs(), metrics,  # type: ignore[arg-type]
+                     asyncio.Event(), {p: (route, f"outbox-{p}") for p, route in routes.items()})
+
+
+def puts(aws: FakeAws, accepted: bool = True) -> list[tuple[str, list[str]]]:
+    """(stream, keys) of each PutRecords call (accepted ones only, or every attempt)."""
+    return [(kw["StreamName"], [json.loads(r["Data"])["keys"]["PK"]["S"] for r in kw["Records"]])
+            for op, kw in (aws.accepted if accepted else aws.calls) if op == "put_records"]
+
+
+def down(peer_stream: str) -> Fault:
+    """Every put on `peer_stream` times out (a black-holed border)."""
+    return lambda op, kw: classify(TimeoutError()) if op == "put_records" and kw["StreamName"] == peer_stream \
+        else None
+
+
+async def test_a_diverted_peer_gets_the_page_in_its_outbox_and_the_page_completes() -> None:
+    route = Route("user", CN, QUICK.outbox_after_s)
+    route.note(H.UNREACHABLE)
+    aws = FakeAws(faults=[down(f"stream-{CN}")])
+    await diverting_forwarder(aws, {CN: route}).process("shard", [stream_record("a"), stream_record("b", seq=2)])
+    assert puts(aws, accepted=False) == [(f"outbox-{CN}", ["a", "b"])]  # not even tried on the peer
+
+
+async def test_puts_failing_for_outbox_after_s_divert_what_the_peer_has_not_taken() -> None:
+    route = Route("user", CN, QUICK.outbox_after_s)
+    aws = FakeAws(faults=[down(f"stream-{CN}")])
+    async with asyncio.timeout(10):
+        await diverting_forwarder(aws, {CN: route}).process("shard", [stream_record("a")])
+    tried = puts(aws, accepted=False)
+    assert len(tried) >= 3 and {s for s, _ in tried[:-1]} == {f"stream-{CN}"}  # retried while within the grace
+    assert puts(aws) == [(f"outbox-{CN}", ["a"])] and route.mode is V
+
+
+async def test_one_peer_down_holds_up_no_other_peer() -> None:
+    """The page completes for the healthy peer at once, and for the silent one through its outbox."""
+    routes = {CN: Route("user", CN, QUICK.outbox_after_s), NX: Route("user", NX, QUICK.outbox_after_s)}
+    aws = FakeAws(faults=[down(f"stream-{NX}")])
+    async with asyncio.timeout(10):
+        await diverting_forwarder(aws, routes).process("shard", [stream_record("a")])
+    assert sorted(puts(aws)) == [(f"outbox-{NX}", ["a"]), (f"stream-{CN}", ["a"])]
+    assert routes[CN].mode is D and routes[NX].mode is V
+
+
+async def test_a_peer_that_answers_is_fed_direct_while_the_shipper_empties_the_outbox() -> None:
+    route = Route("user", CN, QUICK.outbox_after_s)
+    route.note(H.UNREACHABLE)
+    source = KinesisSource(FakeAws(), f"outbox-{CN}", "1", role=shipper_role(CN))  # type: ignore[arg-type]
+    aws = source.aws
+    metrics = Metrics()
+    shipper = Shipper.build(source, "user", CN, f"stream-{CN}", route, DeadLetterQueue(aws, "q", metrics),  # type: ignore[arg-type]
+                            QUICK, metrics, asyncio.Event())
+    data = [encode_record(replication_put(pk, "1700000000", SG, created_s=NOW)) for pk in ("a", "b")]
+    page = [{"Data": d, "PartitionKey": "k", "SequenceNumber": str(i),
+             "ApproximateArrivalTimestamp": datetime.fromtimestamp(NOW, UTC)} for i, d in enumerate(data)]
+    await shipper.process("shard", page)
+    assert [(s, k) for s, k in puts(aws)] == [(f"stream-{CN}", ["a", "b"])]  # type: ignore[arg-type]
+    assert route.mode is R  # the peer took them: new records go direct
+    assert metrics.outbox_records.labels("user", CN, "shipped")._value.get() == 2
+
+
+# --- configuration and what status shows -------------------------------------------------------
+
+
+def topology(**region_extra: object) -> Topology:
+    return Topology.model_validate({
+        "regions": {CN: {"dead_letter_queue": "q", **region_extra}, SG: {"dead_letter_queue": "q"}},
+        "pairs": [{"name": "user", "tables": {CN: "t", SG: "t"}, "streams": {CN: "s-cn", SG: "s-sg"},
+                   "outboxes": {SG: {CN: "held-for-beijing"}}}],
+    })
+
+
+def test_outbox_names_default_to_the_peer_stream_and_can_be_named() -> None:
+    t = topology()
+    assert t.pairs[0].outbox_stream(CN, SG) == f"s-sg-outbox-{CN}"
+    assert t.pairs[0].outbox_stream(SG, CN) == "held-for-beijing"
+    assert t.regions[CN].outbox is not None and t.regions[CN].outbox.retention_hours == 168
+    assert topology(outbox=None).regions[CN].outbox is None
+
+
+@pytest.mark.parametrize(("outboxes", "message"), [
+    ({"eu-west-1": {CN: "x"}}, "not a region and its peers"),
+    ({CN: {CN: "x"}}, "not a region and its peers"),
+    ({CN: {SG: "bad name!"}}, "String should match pattern"),
+])
+def test_outbox_names_are_checked(outboxes: dict[str, dict[str, str]], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        Topology.model_validate({"regions": {CN: {"dead_letter_queue": "q"}, SG: {"dead_letter_queue": "q"}},
+                                 "pairs": [{"name": "u", "tables": {CN: "t", SG: "t"}, "streams": {CN: "a", SG: "b"},
+                                            "outboxes": outboxes}]})
+
+
+@pytest.mark.parametrize("hours", [23, 8761])
+def test_outbox_retention_is_what_kinesis_allows(hours: int) -> None:
+    with pytest.raises(ValidationError, match="retention_hours"):
+        topology(outbox={"retention_hours": hours})
+
+
+@pytest.mark.parametrize(("outbox", "reachable", "mode"), [
+    (None, True, "direct"),
+    ({"oldest_unshipped_s": None}, False, "direct"),
+    ({"oldest_unshipped_s": 5.0}, False, "diverted"),
+    ({"oldest_unshipped_s": 5.0}, True, "draining"),
+])
+def test_status_shows_the_mode_from_outside(outbox: dict[str, float | None] | None, reachable: bool,
+                                             mode: str) -> None:
+    assert status._mode(outbox, reachable) == mode
