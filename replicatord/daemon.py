@@ -66,6 +66,9 @@ def sd_notify(message: str) -> None:
 
 
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+# A peer this daemon feeds direct: its outbox is read this often (for the gauges, and in case
+# another instance of the region diverted); a diverted or draining one at every probe.
+OUTBOX_CHECK_DIRECT_S = 30.0
 
 
 def ignore_environment_proxies() -> list[str]:
@@ -101,6 +104,7 @@ class Daemon:
         # Store and forward (outbox.py): (pair, peer) -> the peer's route, and its outbox's shipper.
         self.routes: dict[tuple[str, str], Route] = {}
         self.shippers: dict[tuple[str, str], Pipeline] = {}
+        self._outbox_checked_at: dict[tuple[str, str], float] = {}
         self.shared: Shared | None = None  # what every pipeline shares, once the lease table is found
         self.http = HttpServer(self.metrics.registry, settings.metrics_host, settings.metrics_port, self.ready)
 
@@ -363,6 +367,9 @@ class Daemon:
         now = time.time()
         for key, pipeline in self.shippers.items():
             route = self.routes[key]
+            if route.mode is Mode.DIRECT and now - self._outbox_checked_at.get(key, 0.0) < OUTBOX_CHECK_DIRECT_S:
+                continue  # another instance may have diverted: its outbox is looked at now and then
+            self._outbox_checked_at[key] = now
             try:
                 leases = await self.shared.leases.query(pipeline.shards.partition)
                 age = await oldest_unprocessed(pipeline.source, leases, now)

@@ -8,6 +8,7 @@ forwarder's position would be trimmed while it waits for the peer (docs/outbox.m
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -30,9 +31,11 @@ from tests.conftest import LocalRegions, assert_identical, quick_tuning
 pytestmark = pytest.mark.e2e
 
 RETENTION_S = 20.0
-OUTAGE_S = 35.0  # longer than the stream's retention
+# Longer than the stream's retention (OUTBOX_OUTAGE_S=300 for the README's figure).
+OUTAGE_S = float(os.environ.get("OUTBOX_OUTAGE_S", "35"))
+MESH_TUNING = quick_tuning(aws_timeout_s=2, outbox_after_s=3)
 # Small pages: the outbox drains for a few seconds, long enough to kill the daemon meanwhile.
-TUNING = quick_tuning(aws_timeout_s=2, outbox_after_s=3, get_records_limit=10)
+TUNING = {**MESH_TUNING, "get_records_limit": 10}
 MODE = {"direct": 0, "diverted": 1, "draining": 2}
 
 
@@ -182,18 +185,18 @@ def test_three_regions_one_black_holed_longer_than_the_retention_the_others_keep
     write: Beijing and Singapore keep replicating to each other at their usual lag; once Ningxia
     answers, all three converge exactly to the last writer."""
     cn, sg, nx = regions_for(3)
-    mesh.provision(tuning=TUNING)
+    mesh.provision(tuning=MESH_TUNING)
     ports = {r: int(url.rsplit(":", 1)[1]) for r, url in mesh.endpoints.items()}
     with running_link("127.0.0.1", ports[nx]) as to_nx, running_link("127.0.0.1", ports[cn]) as nx_to_cn, \
             running_link("127.0.0.1", ports[sg]) as nx_to_sg:
         links = (to_nx, nx_to_cn, nx_to_sg)
         for region in (cn, sg):
             config = write_topology(tmp_path / f"{region}.yaml", topology_document(
-                {**mesh.endpoints, nx: f"http://127.0.0.1:{to_nx.port}"}, tuning=TUNING))
+                {**mesh.endpoints, nx: f"http://127.0.0.1:{to_nx.port}"}, tuning=MESH_TUNING))
             mesh.daemons.append(DaemonProcess(config, region, tmp_path).start())
         config = write_topology(tmp_path / f"{nx}.yaml", topology_document(
             {**mesh.endpoints, cn: f"http://127.0.0.1:{nx_to_cn.port}", sg: f"http://127.0.0.1:{nx_to_sg.port}"},
-            tuning=TUNING))
+            tuning=MESH_TUNING))
         mesh.daemons.append(DaemonProcess(config, nx, tmp_path).start())
         for daemon in mesh.daemons:
             daemon.wait_ready(60)
@@ -212,11 +215,16 @@ def test_three_regions_one_black_holed_longer_than_the_retention_the_others_keep
                 during.append(probe(mesh, sg, cn, f"probe-sg-{i}", 30))
             for link in links:
                 link.set_blackhole(False)
+            restored = time.monotonic()
             for daemon in (beijing, singapore):
                 wait_for(lambda d=daemon: mode(d, nx) == MODE["direct"], 120, "Ningxia's outboxes to drain")
+            drained_s = time.monotonic() - restored
+            shipped = sum(metric_sum(d.metrics(), "replicatord_outbox_records_total", peer=nx, event="shipped")
+                          for d in (beijing, singapore))
         wait_for(lambda: assert_identical_quietly(mesh), 180, "the three tables to converge")
         assert_identical(mesh, {r: table_of(r) for r in (cn, sg, nx)})
         no_trim_reported(mesh)
         print(f"\nBeijing <-> Singapore lag before: {', '.join(f'{x:.2f}s' for x in before)}; "
               f"while Ningxia was black-holed ({len(during)} probes): mean {sum(during) / len(during):.2f}s, "
-              f"max {max(during):.2f}s")
+              f"max {max(during):.2f}s; outage {OUTAGE_S:.0f}s; {shipped:.0f} records shipped from the two "
+              f"outboxes, both direct again {drained_s:.1f}s after Ningxia answered")
