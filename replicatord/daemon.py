@@ -34,7 +34,7 @@ from replicatord.outbox import MODE_VALUE, Happened, Mode, Route
 from replicatord.pipeline import PauseWatch, Pipeline, Shared
 from replicatord.provenance import Provenance
 from replicatord.renewal import RenewalBatcher
-from replicatord.shipper import Shipper
+from replicatord.shipper import OutboxCount, Shipper
 from replicatord.sources import (
     APPLIER,
     FORWARDER,
@@ -105,6 +105,7 @@ class Daemon:
         self.routes: dict[tuple[str, str], Route] = {}
         self.shippers: dict[tuple[str, str], Pipeline] = {}
         self._outbox_checked_at: dict[tuple[str, str], float] = {}
+        self.outbox_count = OutboxCount(self.aws, settings.me.stats_table)
         self.shared: Shared | None = None  # what every pipeline shares, once the lease table is found
         self.http = HttpServer(self.metrics.registry, settings.metrics_host, settings.metrics_port, self.ready)
 
@@ -243,7 +244,7 @@ class Daemon:
         route = Route(pair.name, peer, tuning.outbox_after_s, lambda mode: gauge.set(MODE_VALUE[mode]))
         source = await self._kinesis_source(pair.name, name, shipper_role(peer), f"outbox of {peer}")
         shipper = Shipper.build(source, pair.name, peer, pair.streams[peer], route, dlq, tuning, self.metrics,
-                                self.stop)
+                                self.stop, self.outbox_count)
         pause = PauseWatch(f"{source.role} {pair.name}", pair.name, self.shared, peer, route)
         self.routes[pair.name, peer] = route
         self.shippers[pair.name, peer] = self._pipeline(pair.name, source, shipper, "trim_horizon", pause=pause)
@@ -265,7 +266,7 @@ class Daemon:
                           dlq, self.metrics, self.stop, rules)
         outboxes = {peer: await self._shipper(p, peer, dlq) for peer in s.peers} if s.me.outbox else {}
         forwarder = Forwarder(self.aws, pair, peers, tombstones, topology.conflict, topology.tuning, dlq, applier,
-                              self.metrics, self.stop, outboxes)
+                              self.metrics, self.stop, outboxes, self.outbox_count)
         forwarding = Forwarding(self.aws, leases, pair, table, lambda arn, start, retiring: self._pipeline(
             pair, DynamoStreamSource(self.aws, table, arn), forwarder, start, retiring), self.metrics)
         try:
@@ -373,12 +374,14 @@ class Daemon:
             try:
                 leases = await self.shared.leases.query(pipeline.shards.partition)
                 age = await oldest_unprocessed(pipeline.source, leases, now)
+                depth = await self.outbox_count.depth(*key)
             except ReplicatorError as exc:
                 log.debug("pair %s: cannot read the outbox of %s: %s", *key, exc)
                 continue
             if age is None and route.mode is Mode.DRAINING:
                 route.note(Happened.DRAINED)
             self.metrics.outbox_oldest_age.labels(*key).set(age or 0.0)
+            self.metrics.outbox_depth.labels(*key).set(depth if age is not None else 0)
             self.metrics.outbox_time_to_data_loss.labels(*key).set(max(pipeline.source.retention_s - (age or 0.0), 0))
 
     def ready(self) -> tuple[bool, str]:

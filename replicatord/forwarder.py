@@ -39,6 +39,7 @@ from replicatord.retry import (
     RecordRetry,
     reason_of,
 )
+from replicatord.shipper import OutboxCount
 from replicatord.tombstones import Tombstones, TombstoneTable
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,7 @@ class Forwarder:
         metrics: Metrics,
         stop: asyncio.Event,
         outboxes: Mapping[str, tuple[Route, str]] | None = None,
+        outbox_count: OutboxCount | None = None,
     ) -> None:
         """`outboxes`: peer -> its route and its outbox stream in this region (outbox.py); a
         peer without one holds the page until it takes the page's records."""
@@ -239,6 +241,7 @@ class Forwarder:
         self.retry = RecordRetry(pair, "forwarder", dlq, tuning, metrics, stop)
         self.producer = KinesisProducer(aws, pair, self.retry, tuning, metrics, stop)
         self.outboxes = dict(outboxes or {})
+        self.outbox_count = outbox_count
 
     def page_keys(self, records: list[dict[str, Any]]) -> frozenset[str] | None:
         """The items a page changes (consumer.py: a page that shares none with the page before
@@ -336,6 +339,8 @@ class Forwarder:
         left = outgoing if route.diverted() else await self.producer.put(direct, outgoing, route)
         if left:
             await self.producer.put(Target(peer, outbox, outbox=True), left)
+            if self.outbox_count is not None:
+                await self.outbox_count.add(self.pair, peer, "diverted", len(left))
 
     def _resurrections(
         self, keyed: list[tuple[dict[str, Any], Item, Version, Arrival]], tombstones: Tombstones

@@ -344,7 +344,7 @@ def daemon_policy(topology: Topology, region: str, accounts: Accounts) -> dict[s
         Statement("Leases", ("dynamodb:DescribeTable", "dynamodb:Query", "dynamodb:GetItem", "dynamodb:PutItem",
                              "dynamodb:UpdateItem", "dynamodb:DeleteItem"),
                   _tables(region, accounts, [me.lease_table])),
-        Statement("StatsCounter", ("dynamodb:DescribeTable", "dynamodb:UpdateItem"),
+        Statement("StatsCounter", ("dynamodb:DescribeTable", "dynamodb:GetItem", "dynamodb:UpdateItem"),
                   _tables(region, accounts, [me.stats_table])),
         Statement("ReplicationStreams", ("kinesis:DescribeStreamSummary", "kinesis:ListShards",
                                          "kinesis:GetShardIterator", "kinesis:GetRecords"),

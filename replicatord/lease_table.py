@@ -26,6 +26,7 @@ from typing import Any
 from replicatord.aws import Aws
 from replicatord.errors import ConditionFailed, LeaseLost, ReplicatorError
 from replicatord.leases import ACTIVE, FINISHED, Lease
+from replicatord.sources import APPLIER, FORWARDER, SHIPPER
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,9 @@ LEGACY_LEASE_KEY = "lease_key"
 LEGACY_LEASE_TABLE = "replicatord_leases"
 # TransactWriteItems takes 100 items.
 TRANSACTION_ITEMS = 100
+# The lease keys of every pipeline: role/incarnation/shard ("shipper:<peer>/..." for an outbox);
+# control rows (pause flags, followed streams, backfill progress) have other keys.
+LEASE_PREFIXES = (f"{FORWARDER}/", f"{APPLIER}/", f"{SHIPPER}:")
 
 
 _NAMES = {"#owner": "owner", "#counter": "counter", "#state": "state"}  # reserved words in DynamoDB
@@ -178,7 +182,7 @@ class ControlRows:
         while True:
             page = await self._call("scan", **kwargs)
             for item in page.get("Items", []):
-                if item.get(STREAM_KEY, {}).get("S", "").startswith(("forwarder/", "applier/")):
+                if item.get(STREAM_KEY, {}).get("S", "").startswith(LEASE_PREFIXES):
                     leases.append(from_item(item))
             if "LastEvaluatedKey" not in page:
                 return leases

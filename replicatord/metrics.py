@@ -145,6 +145,11 @@ class Metrics:
             "Records put in a peer's outbox (event=diverted) and shipped from it to the peer (event=shipped)",
             ["pair", "peer", "event"], registry=r,
         )
+        self.outbox_depth = Gauge(
+            "replicatord_outbox_depth",
+            "Records put in a peer's outbox and not yet shipped, as counted in the stats table (best effort)",
+            ["pair", "peer"], registry=r,
+        )
         self.outbox_oldest_age = Gauge(
             "replicatord_outbox_oldest_age_seconds",
             "Age of the oldest record in a peer's outbox not yet shipped (0: drained)",

@@ -123,7 +123,9 @@ def running_world(count: int, workdir: Path) -> Iterator[World]:
     os.environ.update(emulators.LOCAL_CREDENTIALS)
     regions = regions_for(count)
     ports = {r: emulators.free_port() for r in regions}
-    with emulators.running(ports, workdir) as emus:
+    # behaviour={}: the AWS-behaviour layer at AWS's own figures (no injected faults), so a test can
+    # make one region's Kinesis refuse puts.
+    with emulators.running(ports, workdir, behaviour={}) as emus:
         endpoints = {r: e.endpoint_url for r, e in emus.items()}
         config = write_topology(workdir / "topology.yaml",
                                 topology_document(endpoints, kinesis_shards=2, tuning=TUNING))

@@ -28,6 +28,7 @@ from replicatord.config import Pair, Topology
 from replicatord.errors import ReplicatorError
 from replicatord.leases import Lease
 from replicatord.ops.tables import RegionOps, Regions, pick_pairs
+from replicatord.shipper import OutboxCount
 from replicatord.sources import DynamoStreamSource, KinesisSource, oldest_unprocessed, shipper_role
 
 
@@ -107,8 +108,12 @@ async def _outbox(a: RegionOps, pair: Pair, target: str, leases: list[Lease], no
     source = KinesisSource(a.aws, name, f"{summary['StreamCreationTimestamp'].timestamp():.0f}",
                            float(summary.get("RetentionPeriodHours") or 24) * 3600, shipper_role(target))
     mine = [lease for lease in leases if lease.key.startswith(f"{source.role}/{source.incarnation}/")]
-    return {"stream": name, "retention_s": source.retention_s,
-            "oldest_unshipped_s": await oldest_unprocessed(source, mine, now)}
+    oldest = await oldest_unprocessed(source, mine, now)
+    try:
+        depth: int | None = await OutboxCount(a.aws, a.config.stats_table).depth(pair.name, target) if oldest else 0
+    except ReplicatorError:
+        depth = None
+    return {"stream": name, "retention_s": source.retention_s, "oldest_unshipped_s": oldest, "depth": depth}
 
 
 def _mode(outbox: dict[str, Any] | None, reachable: bool) -> str:
@@ -157,7 +162,8 @@ def _outbox_line(outbox: dict[str, Any] | None) -> str:
     if outbox is None:
         return "; no outbox"
     held = outbox["oldest_unshipped_s"]
-    return f"; outbox {outbox['stream']}: " + ("empty" if held is None else f"oldest unshipped {_duration(held)}")
+    return f"; outbox {outbox['stream']}: " + ("empty" if held is None else
+                                               f"{outbox['depth']} records, oldest unshipped {_duration(held)}")
 
 
 def render(status: dict[str, Any]) -> str:

@@ -218,7 +218,6 @@ DAEMON_REFUSED = [
     # the daemon never writes loader_stats (the loader does)
     Call("dynamodb:UpdateItem", CN_DDB + "loader_stats"),
     Call("dynamodb:PutItem", CN_DDB + "loader_stats"),
-    Call("dynamodb:GetItem", CN_DDB + "replicator_stats"),
     # other tables, the peer's tables, calls the daemon does not make
     Call("dynamodb:PutItem", CN_DDB + "orders"),
     Call("dynamodb:PutItem", SG_DDB + "user-sg"),

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 import pytest
 from pydantic import ValidationError
@@ -14,7 +16,8 @@ from replicatord.dlq import DeadLetterQueue
 from replicatord.errors import classify
 from replicatord.forwarder import Forwarder
 from replicatord.metrics import Metrics
-from replicatord.ops import status
+from replicatord.ops import dead_letters, status
+from replicatord.ops.dead_letters import Letter
 from replicatord.outbox import Happened, Mode, PeerState, Route, next_mode
 from replicatord.records import encode_record
 from replicatord.shipper import Shipper
@@ -201,3 +204,29 @@ def test_outbox_retention_is_what_kinesis_allows(hours: int) -> None:
 def test_status_shows_the_mode_from_outside(outbox: dict[str, float | None] | None, reachable: bool,
                                              mode: str) -> None:
     assert status._mode(outbox, reachable) == mode
+
+
+async def test_a_shippers_dead_letter_is_redriven_onto_the_peers_stream() -> None:
+    """`dlq redrive` of a letter the shipper of Beijing's outbox gave up: the record, unchanged, on
+    Beijing's stream (not applied here, where it came from)."""
+    aws = FakeAws()
+    aws.peers = {}
+
+    async def open_peer(peer: str) -> str:
+        aws.peers[peer] = f"client of {peer}"
+        return aws.peers[peer]
+
+    aws.open_peer = open_peer  # type: ignore[attr-defined]
+    data = encode_record(replication_put("a", "1700000000", SG, created_s=NOW))
+    t = topology()
+    metrics = Metrics()
+
+    async def dlq() -> DeadLetterQueue:
+        return DeadLetterQueue(aws, "q", metrics)  # type: ignore[arg-type]
+
+    ops = SimpleNamespace(aws=aws, region=SG, topology=t, metrics=metrics, stop=asyncio.Event(), dlq=dlq)
+    letter = Letter("id", {"pipeline": shipper_role(CN), "pair": "user", "content": "replication_record",
+                           "encoding": "base64", "parts": 1}, {0: base64.b64encode(data).decode()})
+    await dead_letters._redrive(t, ops, letter)  # type: ignore[arg-type]
+    assert [(kw["StreamName"], kw["Records"][0]["Data"]) for op, kw in aws.accepted if op == "put_records"] == [
+        ("s-cn", data)]
