@@ -31,6 +31,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -125,11 +126,13 @@ def _request_handler() -> type[Any]:
     return RequestHandler
 
 
-def serve(host: str, port: int, behaviour: dict[str, Any] | None = None, tls: TLS | None = None) -> None:
+def serve(host: str, port: int, behaviour: dict[str, Any] | None = None, tls: TLS | None = None,
+          ready_file: str | None = None) -> None:
     """Serve one region; with `behaviour` (aws_behaviour.Behaviour settings), as AWS behaves; with
-    `tls` (certificate and key paths), over https."""
+    `tls` (certificate and key paths), over https. `ready_file` is written once the port is ours
+    (bound and listening): a port someone else holds ends this process instead."""
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
-    from werkzeug.serving import run_simple
+    from werkzeug.serving import make_server
 
     def _exit(signum: int, frame: FrameType | None) -> None:
         sys.exit(0)
@@ -145,7 +148,10 @@ def serve(host: str, port: int, behaviour: dict[str, Any] | None = None, tls: TL
         app = install(app, settings)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request costs the emulator
     _spare_per_request_work()
-    run_simple(host, port, app, threaded=False, request_handler=_request_handler(), ssl_context=tls)
+    server = make_server(host, port, app, threaded=False, request_handler=_request_handler(), ssl_context=tls)
+    if ready_file:
+        Path(ready_file).write_text(str(server.port))
+    server.serve_forever()
 
 
 def _spare_per_request_work() -> None:
@@ -223,33 +229,63 @@ def start(
     behaviour: Mapping[str, Any] | None = None,
     tls: TLS | None = None,
 ) -> dict[str, Emulator]:
-    """Start one emulator per region and wait until each accepts connections. With `behaviour`
+    """Start one emulator per region and wait until each serves its port. With `behaviour`
     (aws_behaviour settings; {} for AWS's own figures) each behaves as AWS does; with `tls`
-    (certificate and key paths, e.g. from `make_certificate`) each serves https."""
-    started: dict[str, Emulator] = {}
+    (certificate and key paths, e.g. from `make_certificate`) each serves https. A port taken
+    meanwhile by another process (free_port() only found it free) is replaced by another: the
+    returned emulators' ports are the ones served. Waiting for a connection alone would take the
+    other process for the emulator."""
+    launched: dict[str, tuple[Emulator, Path]] = {}
     try:
-        for region, port in ports.items():
-            log_path = os.devnull
-            if log_dir is not None:
-                log_dir.mkdir(parents=True, exist_ok=True)
-                log_path = str(log_dir / f"moto-{region}.log")
-            with open(log_path, "ab") as out:
-                extra = [] if behaviour is None else ["--behaviour", json.dumps(dict(behaviour))]
-                if tls is not None:
-                    extra += ["--tls-cert", tls[0], "--tls-key", tls[1]]
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "replicatord.local.emulators", "serve", "--port", str(port), *extra],
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    env={**os.environ, **LOCAL_CREDENTIALS},
-                )
-            started[region] = Emulator(region, port, proc, tls)
-        for emulator in started.values():
-            wait_listening("127.0.0.1", emulator.port, 30, emulator.process)
+        with tempfile.TemporaryDirectory(prefix="emulators-") as ready_dir:
+            for region, port in ports.items():  # all at once: each takes a second or two to import moto
+                launched[region] = _launch(region, port, log_dir, behaviour, tls, Path(ready_dir))
+            for region in ports:
+                for _ in range(3):
+                    emulator, ready = launched[region]
+                    if _wait_ready(emulator, ready):
+                        break
+                    launched[region] = _launch(region, free_port(), log_dir, behaviour, tls, Path(ready_dir))
+                else:
+                    raise RuntimeError(f"emulator of {region} exited 3 times (its log: moto-{region}.log)")
     except BaseException:
-        stop(started.values())
+        stop(e for e, _ in launched.values())
         raise
-    return started
+    return {region: emulator for region, (emulator, _) in launched.items()}
+
+
+def _launch(region: str, port: int, log_dir: Path | None, behaviour: Mapping[str, Any] | None,
+            tls: TLS | None, ready_dir: Path) -> tuple[Emulator, Path]:
+    log_path = os.devnull
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = str(log_dir / f"moto-{region}.log")
+    extra = [] if behaviour is None else ["--behaviour", json.dumps(dict(behaviour))]
+    if tls is not None:
+        extra += ["--tls-cert", tls[0], "--tls-key", tls[1]]
+    ready = ready_dir / f"{region}-{port}"
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "replicatord.local.emulators", "serve", "--port", str(port),
+             "--ready-file", str(ready), *extra],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **LOCAL_CREDENTIALS},
+        )
+    return Emulator(region, port, proc, tls), ready
+
+
+def _wait_ready(emulator: Emulator, ready: Path, deadline_s: float = 30) -> bool:
+    """True once the emulator has bound its port; False if it exited (the port was taken)."""
+    deadline = time.monotonic() + deadline_s
+    while not ready.exists():
+        if emulator.process.poll() is not None:
+            return False
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"emulator of {emulator.region} on port {emulator.port} not listening "
+                               f"after {deadline_s:.0f}s")
+        time.sleep(0.05)  # the child's own startup: importing moto takes a second or two
+    return True
 
 
 def stop(emulators: Iterable[Emulator]) -> None:
@@ -298,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--behaviour", help="JSON: aws_behaviour settings ({} for AWS's own figures)")
     srv.add_argument("--tls-cert", help="serve https with this certificate (PEM) ...")
     srv.add_argument("--tls-key", help="... and this key (PEM)")
+    srv.add_argument("--ready-file", help="written with the port once it is bound")
     st = sub.add_parser("start", help="one emulator per REGION=PORT, in the background")
     st.add_argument("--dir", default=".aws-local", help="pid and log files")
     st.add_argument("--tls", action="store_true", help="serve https, with a certificate made in --dir")
@@ -309,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         if bool(args.tls_cert) != bool(args.tls_key):
             parser.error("--tls-cert and --tls-key go together")
         tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
-        serve(args.host, args.port, json.loads(args.behaviour) if args.behaviour else None, tls)
+        serve(args.host, args.port, json.loads(args.behaviour) if args.behaviour else None, tls, args.ready_file)
         return 0
     workdir = Path(args.dir)
     if args.command == "start":
