@@ -177,6 +177,16 @@ def cmd_provision(args: argparse.Namespace) -> int:
     from replicatord.ops.provision import provision
 
     topology = load_topology(args.config)
+    if args.template_dir is not None:
+        from pathlib import Path
+
+        from replicatord.ops.cloudformation import write_templates
+
+        if args.store_peer_credentials or args.access_key_id or args.secret_file:
+            raise ConfigError(["--template-dir: writes templates only; store the peer credentials with "
+                               "--store-peer-credentials in a run of its own"])
+        write_templates(topology, Path(args.template_dir), regions=args.only_region, report=print)
+        return 0
     return provision(topology, regions=args.only_region, store_peer_credentials=args.store_peer_credentials,
                      access_key_id=args.access_key_id, secret_file=args.secret_file)
 
@@ -346,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(pre)
     pre.set_defaults(func=cmd_preflight)
 
-    prov = sub.add_parser("provision", help="create tables, streams, queues and the lease table (idempotent)")
+    prov = sub.add_parser("provision", help="create tables, streams, queues and the lease table (idempotent), "
+                                             "or write CloudFormation templates of them (--template-dir)")
     _add_config(prov, region=False)
     prov.add_argument("--only-region", action="append", help="provision only this region (repeatable)")
     prov.add_argument(
@@ -359,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     prov.add_argument("--access-key-id", help="with --store-peer-credentials: the access key id (not secret)")
     prov.add_argument("--secret-file", metavar="PATH",
                       help="with --store-peer-credentials: a file (mode 600) whose first line is the secret key")
+    prov.add_argument("--template-dir", metavar="DIR",
+                      help="create nothing: write one CloudFormation template per region, DIR/<region>.yaml (the "
+                      "production path; with --only-region, those regions only)")
     prov.set_defaults(func=cmd_provision)
 
     st = sub.add_parser("status", help="per pair and direction: positions, time to data loss, pauses, "
@@ -432,7 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="cn-north-1 and ap-southeast-1; 3 adds cn-northwest-1, 4 eu-central-1 (a full mesh)")
     demo.add_argument("--items", type=int, default=1000, help="items loaded into each region")
     demo.add_argument("--processes", type=int, default=2, help="loader processes per region")
-    demo.add_argument("--timeout", type=float, default=180.0, help="seconds to converge after the load")
+    demo.add_argument("--steady-s", type=float, default=20.0,
+                      help="seconds of steady writes after the bulk load, lag measured per record (0: none)")
+    demo.add_argument("--rate", type=float, default=10.0, help="steady writes per second into each region")
+    demo.add_argument("--progress-s", type=float, default=1.0, help="seconds between progress lines")
+    demo.add_argument("--plot", metavar="FILE.png", help="draw lag and throughput over the run (matplotlib)")
+    demo.add_argument("--timeout", type=float, default=180.0, help="seconds to converge after each phase")
     demo.add_argument("--workdir", default=".demo", help="logs and generated config go here")
     demo.add_argument("--aws-behaviour", action="store_true",
                       help="emulators that behave like AWS (stream rollover every few seconds, whole-second "

@@ -48,6 +48,7 @@ from replicatord.config import Conflict
 from replicatord.conflict import PUT, Version, put_condition
 from replicatord.local import emulators
 from replicatord.local.aws_behaviour import Control
+from replicatord.local.lag import Observer, lags_of, paced_writes, quantile
 from replicatord.local.squid import running_squid
 from replicatord.local.world import (
     REGIONS,
@@ -68,80 +69,11 @@ BENCH_BEHAVIOUR = {"whole_second_timestamps": True, "stream_rollover_s": None, "
                    "error_after_rate": 0.0, "kinesis_put_throttle_rate": 0.0}
 
 
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
-
-
-class Observer:
-    """Tails a table's DynamoDB stream (outside the system) and notes when each key first appears."""
-
-    def __init__(self, endpoint: str, region: str) -> None:
-        self.ddb = client("dynamodb", region, endpoint)
-        self.streams = client("dynamodbstreams", region, endpoint)
-        self.region = region
-        self.seen: dict[str, float] = {}
-        self.halt = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        """Every shard read every 50 ms, the shard list every second: a light consumer, so that
-        the observer takes little of the emulator's time from the system being measured."""
-        arn = self.ddb.describe_table(TableName=TABLES[self.region])["Table"]["LatestStreamArn"]
-        iterators: dict[str, str] = {}
-        ended: set[str] = set()
-        listed_at = 0.0
-        while not self.halt.is_set():
-            if time.monotonic() - listed_at >= 1.0:
-                # Shards there at the start: from now on; shards that appear later: from their start.
-                kind = "TRIM_HORIZON" if listed_at else "LATEST"
-                listed_at = time.monotonic()
-                for shard in self.streams.describe_stream(StreamArn=arn)["StreamDescription"]["Shards"]:
-                    if shard["ShardId"] not in iterators and shard["ShardId"] not in ended:
-                        iterators[shard["ShardId"]] = self.streams.get_shard_iterator(
-                            StreamArn=arn, ShardId=shard["ShardId"], ShardIteratorType=kind)["ShardIterator"]
-            for sid, iterator in list(iterators.items()):
-                page = self.streams.get_records(ShardIterator=iterator, Limit=1000)
-                now = time.time()
-                for record in page["Records"]:
-                    pk = record["dynamodb"]["Keys"]["PK"]["S"]
-                    self.seen.setdefault(pk, now)
-                if page.get("NextShardIterator"):
-                    iterators[sid] = page["NextShardIterator"]
-                else:
-                    del iterators[sid]  # closed and read to its end
-                    ended.add(sid)
-            self.halt.wait(0.05)
-
-    def stop(self) -> None:
-        self.halt.set()
-        self.thread.join(timeout=10)
-
-
-def paced_writes(endpoint: str, region: str, prefix: str, rate: float, seconds: float,
-                 written: dict[str, float]) -> float:
-    """Write `rate` items/s for `seconds` (as the application would); returns how long it took."""
-    ddb = client("dynamodb", region, endpoint)
-    count = int(rate * seconds)
-    started = time.monotonic()
-    for i in range(count):
-        pk = f"{prefix}-{i}"
-        written[pk] = time.time()
-        ddb.put_item(TableName=TABLES[region], Item={
-            "PK": {"S": pk}, "last_update_timestamp": {"N": f"{written[pk]:.3f}"}, "last_updater_region": {"S": region},
-            "payload": {"S": "x" * 200}})
-        pause = started + (i + 1) / rate - time.monotonic()
-        if pause > 0:
-            time.sleep(pause)  # paced to the rate
-    return time.monotonic() - started
-
-
 def both_regions(endpoints: dict[str, str], prefix: str, rate: float, seconds: float,
                  written: dict[str, dict[str, float]]) -> dict[str, float]:
     took: dict[str, float] = {}
     threads = [threading.Thread(target=lambda r=r: took.__setitem__(
-        r, paced_writes(endpoints[r], r, f"{prefix}-{r}", rate, seconds, written[r]))) for r in REGIONS]
+        r, paced_writes(endpoints[r], r, TABLES[r], f"{prefix}-{r}", rate, seconds, written[r]))) for r in REGIONS]
     for t in threads:
         t.start()
     for t in threads:
@@ -246,10 +178,6 @@ class System:
                 proc.wait(30)
 
 
-def lags_of(written: dict[str, float], seen: dict[str, float]) -> list[float]:
-    return [seen[pk] - at for pk, at in written.items() if pk in seen]
-
-
 def run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-{kind}-"))
     ports = {r: emulators.free_port() for r in REGIONS}
@@ -273,7 +201,7 @@ def run(kind: str, args: argparse.Namespace) -> dict[str, Any]:
             system = System(kind, configs, workdir)
             try:
                 system.wait_ready()
-                observers = {r: Observer(endpoints[r], r) for r in REGIONS}
+                observers = {r: Observer(endpoints[r], r, TABLES[r]) for r in REGIONS}
                 wait_for(lambda: all(o.thread.is_alive() for o in observers.values()), 10, "observers")
                 cpu0 = {r: proc_stats(system.pid(r))[0] for r in REGIONS}
                 written: dict[str, dict[str, float]] = {r: {} for r in REGIONS}

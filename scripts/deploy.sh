@@ -2,12 +2,15 @@
 # Build replicatord on a machine with a package index, install it on an EC2 host
 # (README "Deploying on an EC2 host").
 #
-#   scripts/deploy.sh build [--wheelhouse] [--dist DIR] [--python PY]
-#       dist/replicatord-<version>-py3-none-any.whl; with --wheelhouse also dist/wheelhouse/,
-#       every runtime dependency as a wheel, for hosts that reach no package index.
+#   scripts/deploy.sh build [--wheelhouse [--target-python X.Y] [--target-arch ARCH]] [--dist DIR] [--python PY]
+#       dist/replicatord-<version>-py3-none-any.whl; with --wheelhouse also dist/wheelhouse/:
+#       the wheel, every runtime dependency pinned in config/requirements.lock as a wheel checked
+#       against the lock's hashes, and the lock, for hosts that reach no package index. The
+#       wheelhouse is for CPython X.Y on manylinux ARCH (x86_64 or aarch64): by default --python's.
 #   scripts/deploy.sh install [--wheel FILE] [--wheelhouse DIR] [--root DIR]
 #                             [--topology FILE] [--region R] [--python PY]
-#       /opt/replicatord/.venv (the wheel, without extras), the systemd unit, and
+#       /opt/replicatord/.venv (the locked dependencies with --require-hashes, then the wheel
+#       without extras or dependencies), the systemd unit, and
 #       /etc/replicatord/{topology.yaml,replicatord.env} unless they exist already.
 #
 # Both are safe to run again: build replaces its wheels, install upgrades the package in place
@@ -24,7 +27,7 @@ die() {
 }
 usage_error() {
   echo "$prog: error: $*" >&2
-  echo "usage: $prog build [--wheelhouse] [--dist DIR] [--python PY]" >&2
+  echo "usage: $prog build [--wheelhouse [--target-python X.Y] [--target-arch x86_64|aarch64]] [--dist DIR] [--python PY]" >&2
   echo "       $prog install [--wheel FILE] [--wheelhouse DIR] [--root DIR] [--topology FILE] [--region R] [--python PY]" >&2
   exit 2
 }
@@ -52,15 +55,29 @@ python_target() {
 }
 
 cmd_build() {
-  local wheelhouse=0 py=${PYTHON:-python3} dist=$here/dist
+  local wheelhouse=0 py=${PYTHON:-python3} dist=$here/dist target_python="" target_arch=""
   while [ $# -gt 0 ]; do
     case $1 in
       --wheelhouse) wheelhouse=1; shift ;;
+      --target-python) target_python=$(value_of "$@"); shift 2 ;;
+      --target-arch) target_arch=$(value_of "$@"); shift 2 ;;
       --dist) dist=$(value_of "$@"); shift 2 ;;
       --python) py=$(value_of "$@"); shift 2 ;;
       *) usage_error "build: unknown argument $1" ;;
     esac
   done
+  if [ -n "$target_python$target_arch" ] && [ "$wheelhouse" = 0 ]; then
+    usage_error "--target-python and --target-arch are for --wheelhouse"
+  fi
+  if [ -n "$target_python" ] && ! [[ $target_python =~ ^3\.(1[1-9]|[2-9][0-9])$ ]]; then
+    usage_error "--target-python: $target_python is not a Python version replicatord runs on (3.11, 3.12, ...)"
+  fi
+  case $target_arch in
+    "" | x86_64 | aarch64) ;;
+    *) usage_error "--target-arch: $target_arch is not x86_64 or aarch64" ;;
+  esac
+  local lock=$here/config/requirements.lock
+  [ "$wheelhouse" = 0 ] || [ -f "$lock" ] || die "$lock is missing: scripts/lock.sh writes it"
   check_python "$py"
   "$py" -m pip --version >/dev/null 2>&1 || die "$py has no pip: use a virtualenv's python (--python .venv/bin/python)"
 
@@ -88,15 +105,36 @@ cmd_build() {
   say "built $wheel"
 
   if [ "$wheelhouse" = 1 ]; then
-    local house=$dist/wheelhouse target
+    local house=$dist/wheelhouse built_for
     rm -rf "$house"
-    # The wheel and all its runtime dependencies (no extras). Some are compiled, so the
-    # wheelhouse only fits hosts with this machine's Python version and architecture.
-    "$py" -m pip wheel -q --wheel-dir "$house" "$wheel" ||
-      die "collecting the dependencies failed (pip's output is above)"
-    target=$(python_target "$py")
-    echo "$target" >"$house/BUILT-FOR"
-    say "wheelhouse $house: $(find "$house" -name '*.whl' | wc -l) wheels for $target;" \
+    # The target: CPython X.Y on glibc Linux of one architecture, "cp311 linux-x86_64" as
+    # python_target prints it (install compares). By default the build Python's own.
+    built_for=$(python_target "$py")
+    [ -z "$target_python" ] || built_for="cp${target_python/./} ${built_for#* }"
+    if [ -n "$target_arch" ]; then
+      built_for="${built_for% *} linux-$target_arch"
+    elif ! [[ $built_for =~ \ linux-(x86_64|aarch64)$ ]]; then
+      usage_error "this machine's Python is for ${built_for#* }: pass --target-arch x86_64 or aarch64 (the hosts')"
+    fi
+    local abi=${built_for% *} arch=${built_for##*-} platforms=() v
+    # Wheels for manylinux_2_28 and older (glibc 2.28+: Amazon Linux 2023, RHEL 9, Debian 11+,
+    # Ubuntu 20.04+); pip does not widen a --platform to the older tags by itself.
+    for v in $(seq 28 -1 5); do platforms+=(--platform "manylinux_2_${v}_$arch"); done
+    platforms+=(--platform "manylinux2014_$arch")
+    [ "$arch" != x86_64 ] || platforms+=(--platform manylinux2010_x86_64 --platform manylinux1_x86_64)
+    # Exactly the lock's releases, each file checked against the lock's hashes (a file that differs
+    # from the one locked stops the build), binary only so that nothing is compiled on the host.
+    # pip resolves each release's dependencies too: a lock that misses one fails here.
+    "$py" -m pip download -q --disable-pip-version-check --require-hashes --only-binary=:all: \
+      --implementation cp --python-version "${abi#cp}" --abi "$abi" --abi abi3 --abi none "${platforms[@]}" \
+      --dest "$house" -r "$lock" ||
+      die "collecting the locked dependencies for $built_for failed (pip's output is above)"
+    # The host installs from these alone: the lock (the hashes), then the wheel without dependencies.
+    cp "$lock" "$house/requirements.lock"
+    cp "$wheel" "$house/"
+    echo "$built_for" >"$house/BUILT-FOR"
+    say "wheelhouse $house: $(find "$house" -name '*.whl' | wc -l) wheels" \
+      "($(du -sh "$house" | cut -f1)) for $built_for, from config/requirements.lock;" \
       "install it only on hosts with that Python version and architecture"
   fi
 }
@@ -141,6 +179,14 @@ cmd_install() {
     wheel=${found[0]}
   fi
   [ -f "$wheel" ] || die "--wheel: $wheel: no such file"
+  # The dependencies are exactly the lock's releases, every file checked against its hashes:
+  # the wheelhouse's copy of the lock (what it was built from), else the checkout's.
+  local lock=$here/config/requirements.lock
+  if [ -n "$house" ]; then
+    lock=$house/requirements.lock
+    [ -f "$lock" ] || die "wheelhouse $house has no requirements.lock: build it again with this $prog"
+  fi
+  [ -f "$lock" ] || die "$lock is missing: scripts/lock.sh writes it"
 
   local venv=$r/opt/replicatord/.venv
   # Reuse the venv on an upgrade; recreate it if its interpreter is gone (the host's Python
@@ -161,11 +207,18 @@ cmd_install() {
 
   local pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
   [ -z "$house" ] || pip+=(--no-index --find-links "$house")
-  say "installing $(basename "$wheel") into $venv${house:+ from $house (no index)}"
-  # Without extras: a production host needs neither moto nor faker. The second call puts the
-  # wheel's own files in place even when the version number did not change (a rebuilt 0.1.0).
-  "${pip[@]}" --upgrade "$wheel" || die "pip could not install $wheel (pip's output is above)"
-  "${pip[@]}" --no-deps --force-reinstall "$wheel" || die "pip could not reinstall $wheel"
+  say "installing the dependencies in $lock (--require-hashes) and $(basename "$wheel") into $venv${house:+ from $house (no index)}"
+  "${pip[@]}" --require-hashes -r "$lock" ||
+    die "pip could not install the locked dependencies of $lock (pip's output is above; a hash mismatch means a file is not the one locked)"
+  # The wheel cannot be in the hash lock (it is built after it), so it goes in without
+  # dependencies: those are the lock's, installed above. Without extras: a production host needs
+  # neither moto nor faker. --force-reinstall puts the wheel's own files in place even when the
+  # version number did not change (a rebuilt 0.1.0).
+  "${pip[@]}" --no-deps --force-reinstall "$wheel" || die "pip could not install $wheel (pip's output is above)"
+  # What --no-deps did not check: that the lock holds what the wheel requires.
+  local broken
+  broken=$("$venv/bin/python" -m pip check --disable-pip-version-check 2>&1) ||
+    die "the installed dependencies do not satisfy $(basename "$wheel") ($(head -n 1 <<<"$broken")): is $lock older than the wheel's pyproject.toml? (scripts/lock.sh --check)"
   "$venv/bin/replicatord" --help >/dev/null || die "the installed $venv/bin/replicatord does not start"
 
   # The unit is the package's file: replaced on every install. Local changes belong in a
@@ -239,6 +292,6 @@ shift
 case $command in
   build) cmd_build "$@" ;;
   install) cmd_install "$@" ;;
-  -h | --help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' ;;
+  -h | --help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' ;;
   *) usage_error "unknown command $command" ;;
 esac

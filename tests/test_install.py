@@ -1,15 +1,19 @@
 """A production install: the wheel without extras, put in place by scripts/deploy.sh.
 
-One wheel build (`deploy.sh build`) and one install into a fresh virtualenv under a staging
-root (`deploy.sh install --root`), shared by the module. The install resolves the runtime
-dependencies from the package index (pip's cache makes later runs faster). Every command runs
-the installed `replicatord` from a neutral directory with no PYTHONPATH, so neither the source
-tree nor the development venv (which has the `local` extra) can stand in for the install.
+One wheel and wheelhouse build (`deploy.sh build --wheelhouse`: the runtime dependencies
+downloaded from the package index as config/requirements.lock pins them, checked against its
+hashes; pip's cache makes later runs faster) and one install from that wheelhouse into a fresh
+virtualenv under a staging root (`deploy.sh install --root`) with the package index unreachable,
+shared by the module. Every command runs the installed `replicatord` from a neutral directory
+with no PYTHONPATH, so neither the source tree nor the development venv (which has the `local`
+extra) can stand in for the install.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -31,6 +35,9 @@ DEPLOY = REPO / "scripts" / "deploy.sh"
 CN = "cn-north-1"
 SG = "ap-southeast-1"
 SECRET = "s3cret"
+LOCK = REPO / "config" / "requirements.lock"
+# Where pip finds an index while an install must not use one: a loopback port nothing listens on.
+DEAD_INDEX = "http://127.0.0.1:9/simple"
 
 
 def _clean_env() -> dict[str, str]:
@@ -39,20 +46,49 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in drop} | {"PYTHONNOUSERSITE": "1"}
 
 
-def run(*args: str | Path, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _offline_env() -> dict[str, str]:
+    """pip with no configuration file (no extra index, no find-links) and an index that refuses."""
+    env = {k: v for k, v in _clean_env().items() if not k.startswith("PIP_")}
+    return env | {"PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": DEAD_INDEX, "PIP_RETRIES": "0",
+                  "PIP_TIMEOUT": "5", "HTTPS_PROXY": DEAD_INDEX, "HTTP_PROXY": DEAD_INDEX}
+
+
+def run(
+    *args: str | Path, cwd: Path, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(a) for a in args], cwd=cwd, env=_clean_env(), capture_output=True, text=True, timeout=timeout
+        [str(a) for a in args], cwd=cwd, env=env or _clean_env(), capture_output=True, text=True, timeout=timeout
     )
 
 
-def deploy(*args: str | Path, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return run("bash", DEPLOY, *args, cwd=cwd, timeout=timeout)
+def deploy(
+    *args: str | Path, cwd: Path, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return run("bash", DEPLOY, *args, cwd=cwd, timeout=timeout, env=env)
+
+
+def locked() -> dict[str, tuple[str, set[str]]]:
+    """config/requirements.lock: each pinned name, its version and the sha256 of its files."""
+    pins: dict[str, tuple[str, set[str]]] = {}
+    for block in re.split(r"\n(?=[a-z0-9])", LOCK.read_text()):
+        pin = re.match(r"([a-z0-9._-]+)==(\S+)", block)
+        if pin:
+            pins[_canonical(pin[1])] = (pin[2], set(re.findall(r"--hash=sha256:([0-9a-f]{64})", block)))
+    return pins
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 @dataclass(frozen=True)
 class Install:
     root: Path
     dist: Path
+
+    @property
+    def wheelhouse(self) -> Path:
+        return self.dist / "wheelhouse"
 
     @property
     def venv(self) -> Path:
@@ -82,16 +118,20 @@ def install(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Install]:
     base = tmp_path_factory.mktemp("install")
     dist, root = base / "dist", base / "root"
     started = time.monotonic()
-    built = deploy("build", "--dist", dist, "--python", sys.executable, cwd=base)
+    built = deploy("build", "--wheelhouse", "--dist", dist, "--python", sys.executable, cwd=base)
     assert built.returncode == 0, built.stdout + built.stderr
     build_s = time.monotonic() - started
     wheels = list(dist.glob("replicatord-*-py3-none-any.whl"))
     assert len(wheels) == 1, wheels
     started = time.monotonic()
+    # The wheel from the wheelhouse (the one replicatord wheel in it), as on a host in China.
     done = deploy(
-        "install", "--wheel", wheels[0], "--root", root, "--region", CN, "--python", sys.executable, cwd=base
+        "install", "--wheelhouse", dist / "wheelhouse", "--root", root, "--region", CN, "--python", sys.executable,
+        cwd=base, env=_offline_env(),
     )
     assert done.returncode == 0, done.stdout + done.stderr
+    # pip never tried the index: it was told not to have one (--no-index), not merely lucky.
+    assert "127.0.0.1:9" not in done.stdout + done.stderr, done.stderr
     print(f"\ndeploy.sh build {build_s:.1f}s, install {time.monotonic() - started:.1f}s")  # shown with -s
     yield Install(root, dist)
     shutil.rmtree(base, ignore_errors=True)
@@ -100,6 +140,80 @@ def install(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Install]:
 def assert_clean(result: subprocess.CompletedProcess[str], status: int = 0) -> None:
     assert result.returncode == status, (result.returncode, result.stdout, result.stderr)
     assert "Traceback" not in result.stdout + result.stderr, result.stderr
+
+
+def test_the_wheelhouse_holds_the_locked_files_and_the_lock(install: Install) -> None:
+    house = install.wheelhouse
+    assert (house / "requirements.lock").read_text() == LOCK.read_text()
+    assert (house / "BUILT-FOR").read_text().startswith(f"cp{sys.version_info[0]}{sys.version_info[1]} linux-")
+    pins = locked()
+    seen = set()
+    for wheel in house.glob("*.whl"):
+        name, version = wheel.name.split("-")[:2]
+        if name == "replicatord":
+            continue
+        assert _canonical(name) in pins, f"{wheel.name} is not in the lock"
+        pinned, hashes = pins[_canonical(name)]
+        assert version == pinned, wheel.name
+        assert hashlib.sha256(wheel.read_bytes()).hexdigest() in hashes, f"{wheel.name}: not the file locked"
+        seen.add(_canonical(name))
+    assert seen == set(pins), f"locked but not in the wheelhouse: {set(pins) - seen}"
+    assert len(list(house.glob("replicatord-*.whl"))) == 1
+
+
+def test_the_venv_holds_exactly_the_locked_releases(install: Install) -> None:
+    listed = install.python(
+        "import importlib.metadata as m\nfor d in m.distributions(): print(f\"{d.metadata['Name']}=={d.version}\")"
+    )
+    assert_clean(listed)
+    installed = {_canonical(n): v for n, v in (line.split("==") for line in listed.stdout.split())}
+    # What a venv starts with, and the package itself (not in the lock: built after it).
+    for own in ("pip", "setuptools", "wheel", "replicatord"):
+        installed.pop(own, None)
+    assert installed == {name: version for name, (version, _) in locked().items()}
+
+
+def test_a_file_that_is_not_the_one_locked_is_refused(install: Install, tmp_path: Path) -> None:
+    house = tmp_path / "wheelhouse"
+    shutil.copytree(install.wheelhouse, house)
+    tampered = next(house.glob("six-*.whl"))
+    tampered.write_bytes(tampered.read_bytes() + b"\0")  # still a readable zip, another sha256
+    root = tmp_path / "root"
+    result = deploy("install", "--wheelhouse", house, "--root", root, "--python", sys.executable,
+                    cwd=tmp_path, env=_offline_env())
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "DO NOT MATCH THE HASHES" in result.stderr and tampered.name in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("scripts/deploy.sh: error:")]
+    assert len(errors) == 1 and "could not install the locked dependencies" in errors[0], result.stderr
+    assert not list(root.glob("opt/replicatord/.venv/lib/python3*/site-packages/replicatord"))
+    assert not (root / "etc").exists()
+
+
+def test_a_wheelhouse_without_its_lock_is_refused(tmp_path: Path) -> None:
+    house = tmp_path / "wheelhouse"
+    house.mkdir()
+    (house / "replicatord-0.1.0-py3-none-any.whl").write_bytes(b"")
+    result = deploy("install", "--wheelhouse", house, "--root", tmp_path, cwd=tmp_path, timeout=60)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert result.stderr == (
+        f"scripts/deploy.sh: error: wheelhouse {house} has no requirements.lock: build it again with this "
+        "scripts/deploy.sh\n"
+    )
+    assert not (tmp_path / "opt").exists()
+
+
+def test_a_wheelhouse_for_another_architecture(tmp_path: Path) -> None:
+    """Built on this machine for hosts of the other architecture: their wheels, the same lock."""
+    arch = "aarch64" if os.uname().machine == "x86_64" else "x86_64"
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    result = deploy("build", "--wheelhouse", "--target-arch", arch, "--target-python", version,
+                    "--dist", tmp_path, "--python", sys.executable, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    house = tmp_path / "wheelhouse"
+    assert (house / "BUILT-FOR").read_text() == f"cp{version.replace('.', '')} linux-{arch}\n"
+    compiled = [w.name for w in house.glob("*.whl") if not w.name.endswith("-any.whl")]
+    assert compiled and all(w.endswith(f"_{arch}.whl") for w in compiled), compiled
+    assert len(list(house.glob("*.whl"))) == len(locked()) + 1
 
 
 def test_the_install_is_the_wheel_not_the_source_tree(install: Install) -> None:
@@ -247,9 +361,12 @@ def test_deploy_install_again_upgrades_and_keeps_the_config(install: Install) ->
         (("install", "--root", "{tmp}", "--wheel", "{tmp}/nope.whl"), 1, "--wheel: {tmp}/nope.whl: no such file"),
         (("install", "--root", "{tmp}", "--wheelhouse", "{tmp}"), 1, "no replicatord wheel in {tmp}"),
         (("build", "--python", "python2.7-nonexistent"), 1, "python2.7-nonexistent: not found"),
+        (("build", "--wheelhouse", "--target-arch", "sparc"), 2, "--target-arch: sparc is not x86_64 or aarch64"),
+        (("build", "--target-arch", "aarch64"), 2, "--target-python and --target-arch are for --wheelhouse"),
         (("frobnicate",), 2, "unknown command frobnicate"),
     ],
-    ids=["missing-value", "bad-region", "no-topology", "no-wheel", "empty-wheelhouse", "no-python", "unknown"],
+    ids=["missing-value", "bad-region", "no-topology", "no-wheel", "empty-wheelhouse", "no-python", "bad-arch",
+         "arch-without-wheelhouse", "unknown"],
 )
 def test_deploy_errors_are_one_line(tmp_path: Path, args: tuple[str, ...], status: int, needle: str) -> None:
     args = tuple(a.replace("{tmp}", str(tmp_path)) for a in args)
