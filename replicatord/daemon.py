@@ -147,6 +147,11 @@ class Daemon:
         for peer in s.peers:
             await self.aws.open_peer(peer)
         for pair in topology.pairs:
+            # Series that otherwise appear only with their first problem: a healthy daemon shows 0
+            # (a dashboard panel says "No data" for a series that does not exist).
+            self.metrics.stream_problem.labels(pair.name).set(0)
+            for peer in s.peers:
+                self.metrics.paused.labels(pair.name, f"{s.region}:{peer}").set(0)
             await self._start_pair(pair, tombstones, dlq)
         for peer in s.peers:
             # Not fatal: the peer may come back; readiness and the metric say it is not there.
