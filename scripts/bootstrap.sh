@@ -6,13 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-# squid: the real proxy of the border path in tests; promtool (Debian's prometheus package): the
-# alert rules' checks and unit tests. The demo needs neither (NEED_SQUID=0, NEED_PROMTOOL=0).
+# squid: the real proxy of the border path in tests; Debian's prometheus package: promtool for the
+# alert rules' checks and unit tests, and the server that scrapes daemons in tests/test_prometheus_e2e.py. The demo needs neither (NEED_SQUID=0, NEED_PROMTOOL=0).
 packages=()
 if [ "${NEED_SQUID:-1}" = 1 ] && ! command -v squid >/dev/null && [ ! -x /usr/sbin/squid ]; then
   packages+=(squid)
 fi
-if [ "${NEED_PROMTOOL:-1}" = 1 ] && ! command -v promtool >/dev/null; then
+if [ "${NEED_PROMTOOL:-1}" = 1 ] && { ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; }; then
   packages+=(prometheus)
 fi
 if [ ${#packages[@]} -gt 0 ]; then
