@@ -131,8 +131,12 @@ def test_both_directions_through_squid_converge(regions: LocalRegions, squid: Sq
             assert applied + stale == forwarded
         # The EACH new items all applied; the shared writes count as applied or stale.
         # replicated_count is written at most every 2 s (applier.STATS_INTERVAL_S): wait for it.
-        wait_for(lambda: read_counter(ddb[dst], "replicator_stats", "replicated_count") == applied, 30,  # noqa: B023
+        # An ADD answered with a 5xx after it took effect is sent again by botocore and counted
+        # twice (best effort, as README says); without such a fault the counts match.
+        wait_for(lambda: read_counter(ddb[dst], "replicator_stats", "replicated_count") >= applied, 30,  # noqa: B023
                  f"replicated_count in {dst} to reach the applied count")
+        if not regions.control(dst).stats()["faults"].get("dynamodb.error_after", 0):
+            assert read_counter(ddb[dst], "replicator_stats", "replicated_count") == applied
         assert applied >= EACH
         assert metric_sum(metrics[src], "replicatord_records_skipped_total", reason="replicated") >= EACH
 

@@ -29,3 +29,14 @@ def test_a_port_taken_by_another_process_is_replaced_not_shared(tmp_path: Path) 
                                  AttributeDefinitions=[{"AttributeName": "PK", "AttributeType": "S"}],
                                  BillingMode="PAY_PER_REQUEST")
                 assert ddb.list_tables()["TableNames"] == [f"t-{region}"]
+
+
+def test_a_client_that_sends_nothing_does_not_hold_the_others(tmp_path: Path) -> None:
+    """The emulator serves one request at a time: a connection that never sends its request (a
+    TLS handshake or a request cut by a black-holed link) is given up after
+    EMULATOR_SOCKET_TIMEOUT_S, as AWS gives up on it, and the next caller is answered."""
+    region = REGIONS[0]
+    with emulators.running({region: emulators.free_port()}, tmp_path) as emus, \
+            socket.create_connection(("127.0.0.1", emus[region].port)):  # connected, silent
+        ddb = client("dynamodb", region, emus[region].endpoint_url)  # before: no answer, ever
+        assert ddb.list_tables()["TableNames"] == []

@@ -126,6 +126,9 @@ def _request_handler() -> type[Any]:
     return RequestHandler
 
 
+EMULATOR_SOCKET_TIMEOUT_S = 10.0
+
+
 def serve(host: str, port: int, behaviour: dict[str, Any] | None = None, tls: TLS | None = None,
           ready_file: str | None = None) -> None:
     """Serve one region; with `behaviour` (aws_behaviour.Behaviour settings), as AWS behaves; with
@@ -148,6 +151,10 @@ def serve(host: str, port: int, behaviour: dict[str, Any] | None = None, tls: TL
         app = install(app, settings)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request costs the emulator
     _spare_per_request_work()
+    # One request at a time (moto's Kinesis loses records under concurrent puts), so a client that
+    # connects and then sends nothing (a TLS handshake cut by a black-holed link) would hold every
+    # other caller: AWS gives up on such a connection, and so does every socket here after 10 s.
+    socket.setdefaulttimeout(EMULATOR_SOCKET_TIMEOUT_S)
     server = make_server(host, port, app, threaded=False, request_handler=_request_handler(), ssl_context=tls)
     if ready_file:
         Path(ready_file).write_text(str(server.port))
