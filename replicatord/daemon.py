@@ -195,6 +195,8 @@ class Daemon:
         for applier in self.appliers:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(applier.flush_stats(), RELEASE_TIMEOUT_S)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.outbox_count.flush(), RELEASE_TIMEOUT_S)
         await self.http.stop()
         log.info("stopped")
 
@@ -370,6 +372,7 @@ class Daemon:
         """Each outbox's oldest unshipped record (one read per shard after its checkpoint): the
         age and time-to-loss gauges, and a draining peer whose outbox holds nothing is direct."""
         assert self.shared is not None
+        await self.outbox_count.flush()
         now = time.time()
         for key, pipeline in self.shippers.items():
             route = self.routes[key]

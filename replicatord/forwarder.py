@@ -340,7 +340,7 @@ class Forwarder:
         if left:
             await self.producer.put(Target(peer, outbox, outbox=True), left)
             if self.outbox_count is not None:
-                await self.outbox_count.add(self.pair, peer, "diverted", len(left))
+                self.outbox_count.note(self.pair, peer, "diverted", len(left))
 
     def _resurrections(
         self, keyed: list[tuple[dict[str, Any], Item, Version, Arrival]], tombstones: Tombstones

@@ -46,8 +46,14 @@ class OutboxCount:
     def key(pair: str, peer: str) -> dict[str, Any]:
         return {"PK": {"S": f"outbox/{pair}/{peer}"}}
 
-    async def add(self, pair: str, peer: str, event: str, count: int) -> None:
+    def note(self, pair: str, peer: str, event: str, count: int) -> None:
+        """Count records diverted into or shipped from an outbox; written by the next flush (no
+        call on the page's path)."""
         self.unsent[pair, peer, event] += count
+
+    async def flush(self) -> None:
+        """Add what was noted since the last flush to the stats table; what cannot be written
+        is kept for the next."""
         async with self.writing:
             for (p, q, e), n in list(self.unsent.items()):
                 try:
@@ -93,4 +99,4 @@ class Shipper:
         await self.producer.put(self.target, outgoing, self.route, wait=True)
         self.metrics.outbox_records.labels(self.pair, self.target.peer, "shipped").inc(len(records))
         if self.count is not None:
-            await self.count.add(self.pair, self.target.peer, "shipped", len(records))
+            self.count.note(self.pair, self.target.peer, "shipped", len(records))

@@ -230,3 +230,53 @@ async def test_a_shippers_dead_letter_is_redriven_onto_the_peers_stream() -> Non
     await dead_letters._redrive(t, ops, letter)  # type: ignore[arg-type]
     assert [(kw["StreamName"], kw["Records"][0]["Data"]) for op, kw in aws.accepted if op == "put_records"] == [
         ("s-cn", data)]
+
+
+class CountingTable:
+    """The stats table's outbox items, at the client seam: ADDs applied, a refusal on demand."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, dict[str, int]] = {}
+        self.calls = 0
+        self.refuse = False
+
+    async def call(self, service: str, operation: str, **kwargs: object) -> dict[str, object]:
+        self.calls += 1
+        key = kwargs["Key"]["PK"]["S"]  # type: ignore[index]
+        if operation == "get_item":
+            item = self.items.get(key)
+            return {"Item": {k: {"N": str(v)} for k, v in item.items()}} if item else {}
+        if self.refuse:
+            raise classify(botocore_error("InternalServerError", "update_item"))
+        name = str(kwargs["UpdateExpression"]).split()[1]
+        amount = int(kwargs["ExpressionAttributeValues"][":n"]["N"])  # type: ignore[index]
+        self.items.setdefault(key, {}).setdefault(name, 0)
+        self.items[key][name] += amount
+        return {}
+
+
+def botocore_error(code: str, operation: str) -> Exception:
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": code}}, operation)
+
+
+async def test_the_outbox_count_is_noted_off_the_page_path_and_flushed_and_kept_when_refused() -> None:
+    from replicatord.shipper import OutboxCount
+
+    table = CountingTable()
+    count = OutboxCount(table, "replicator_stats")  # type: ignore[arg-type]
+    count.note("user", SG, "diverted", 10)
+    count.note("user", SG, "diverted", 5)
+    assert table.calls == 0  # nothing written on the page's path
+    table.refuse = True
+    await count.flush()
+    assert await count.depth("user", SG) == 0  # not written, kept for the next flush
+    table.refuse = False
+    count.note("user", SG, "shipped", 4)
+    await count.flush()
+    assert table.items["outbox/user/" + SG] == {"diverted": 15, "shipped": 4}
+    assert await count.depth("user", SG) == 11
+    count.note("user", SG, "shipped", 20)  # a replayed page counted again: never below 0
+    await count.flush()
+    assert await count.depth("user", SG) == 0
